@@ -1,0 +1,7 @@
+"""``python -m dirio`` is the ``dirio`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

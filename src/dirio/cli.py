@@ -1,0 +1,288 @@
+"""Command line: a thin layer over :mod:`dirio.workflow` and :mod:`dirio.api`.
+
+``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate`` and ``dirio demo``.
+User errors print one line ``dirio: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DirioError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _key_values(text: str) -> dict:
+    """``"window=7,kernel=gaussian"`` -> ``{"window": 7, "kernel": "gaussian"}`` (numbers parsed)."""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected key=value pairs, got {item!r}")
+        key, value = item.split("=", 1)
+        result[key.strip()] = _parse_scalar(value.strip())
+    return result
+
+
+def _parse_scalar(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _regularizers(text: str) -> dict:
+    """``"diffusion"`` or ``"diffusion=2,bending=0.5"`` -> ``{name: weight}`` (weight 1 when omitted)."""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, weight = item.partition("=")
+        try:
+            result[name.strip()] = float(weight) if weight else None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"regularizer weight must be a number, got {item!r}") from None
+    return result
+
+
+def _label_ids(text: str) -> list[int]:
+    """Comma-separated label ids, or a file: ``.npz`` (first array), ``.txt``/``.csv`` of integers."""
+    path = Path(text)
+    if path.exists():
+        import numpy as np
+
+        try:
+            if path.suffix == ".npz":
+                with np.load(path) as archive:
+                    values = archive[archive.files[0]]
+            else:
+                values = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None)
+        except Exception as error:  # noqa: BLE001 - any parse failure is a user error here
+            raise argparse.ArgumentTypeError(f"cannot read label ids from {text}: {error}") from None
+        return [int(v) for v in np.ravel(values)]
+    return list(_int_list(text))
+
+
+def add_registration_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that registers (same names as the settings keys)."""
+    group = parser.add_argument_group("method")
+    group.add_argument("--preset", choices=["brain-mri", "lung-ct"], help="named defaults (see README)")
+    group.add_argument("--similarity", choices=["lncc", "ncc", "mse", "mind", "nmi"])
+    group.add_argument("--similarity-options", type=_key_values, metavar="K=V,...",
+                       help="e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND)")
+    group.add_argument("--regularizer", type=_regularizers, metavar="NAME[=W],...",
+                       help="diffusion, l1, tv or bending, each with an optional weight")
+    group.add_argument("--weight", type=float, help="weight of the regularizer(s) given without one")
+    group.add_argument("--normalise", choices=["none", "minmax", "percentile", "clip"])
+    group.add_argument("--clip-range", type=_float_list, metavar="LO,HI", help="window of --normalise clip")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--levels", type=_int_list, metavar="F,...", help="pyramid shrink factors, coarse to fine")
+    opt.add_argument("--iterations", type=_int_list, metavar="N,...", help="iterations per level")
+    opt.add_argument("--grid-spacing", type=_float_list, metavar="S[,...]",
+                     help="parameter grid spacing in voxels of each level (one value or one per level)")
+    opt.add_argument("--lr", type=float, help="learning rate, voxels of the level grid per step")
+    opt.add_argument("--optimizer", choices=["adam", "amsgrad", "sgd"])
+    opt.add_argument("--schedule", choices=["constant", "cosine", "piecewise"])
+    opt.add_argument("--schedule-options", type=_key_values, metavar="K=V,...",
+                     help="e.g. constant_until=0.26,cosine_until=0.67 for piecewise")
+    opt.add_argument("--diffeomorphic", action="store_true", default=None,
+                     help="optimise a stationary velocity field (scaling and squaring)")
+    opt.add_argument("--seed", type=int)
+    opt.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Build :class:`dirio.settings.Settings` from parsed options over the chosen preset."""
+    from .settings import make_settings
+
+    regularizers = args.regularizer
+    if regularizers is not None:
+        default = 1.0 if args.weight is None else args.weight
+        regularizers = {name: (default if weight is None else weight) for name, weight in regularizers.items()}
+    elif args.weight is not None:
+        from .settings import PRESETS
+
+        base = PRESETS.get(args.preset, {}).get("regularizers", {"diffusion": 1.0})
+        regularizers = {name: args.weight for name in base}
+    grid_spacing = args.grid_spacing
+    if grid_spacing is not None and len(grid_spacing) == 1:
+        grid_spacing = grid_spacing[0]
+    try:
+        return make_settings(
+            args.preset,
+            similarity=args.similarity,
+            similarity_options=args.similarity_options,
+            regularizers=regularizers,
+            normalise=args.normalise,
+            clip_range=args.clip_range,
+            levels=args.levels,
+            iterations=args.iterations,
+            grid_spacing=grid_spacing,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            schedule=args.schedule,
+            schedule_options=args.schedule_options,
+            diffeomorphic=args.diffeomorphic,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    except (ValueError, TypeError) as error:
+        raise DirioError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dirio", description="Deformable image registration by instance optimisation.")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    reg = commands.add_parser("register", help="register MOVING to FIXED and write field, warped image, metrics, figure")
+    reg.add_argument("fixed")
+    reg.add_argument("moving")
+    reg.add_argument("-o", "--output", required=True, help="output directory")
+    inputs = reg.add_argument_group("inputs")
+    inputs.add_argument("--fixed-labels")
+    inputs.add_argument("--moving-labels")
+    inputs.add_argument("--fixed-mask")
+    inputs.add_argument("--moving-mask")
+    inputs.add_argument("--fixed-keypoints", help="CSV of voxel coordinates (i,j,k), one point per row")
+    inputs.add_argument("--moving-keypoints")
+    inputs.add_argument("--label-ids", type=_label_ids, help="labels scored by Dice/HD95: 2,3,4 or a .npz/.txt file")
+    inputs.add_argument("--resample", action="store_true", help="resample moving-side inputs onto the fixed grid")
+    inputs.add_argument("--ndim", type=int, choices=[2, 3], default=3, help="spatial dimensions of the images")
+    add_registration_options(reg)
+    out = reg.add_argument_group("output")
+    out.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    out.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
+    out.add_argument("--tre-order", type=int, choices=[1, 3], default=3, help="interpolation of u at keypoints")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    warp = commands.add_parser("warp", help="apply a displacement field to an image or label map")
+    warp.add_argument("image")
+    warp.add_argument("field", help="disp_*.nii.gz in the Learn2Reg layout")
+    warp.add_argument("-o", "--output", required=True, help="output image file")
+    warp.add_argument("--labels", action="store_true", help="nearest-neighbour warping of a label map")
+    warp.add_argument("--ndim", type=int, choices=[2, 3], default=3)
+    warp.add_argument("--overwrite", action="store_true")
+
+    ev = commands.add_parser("evaluate", help="score an existing displacement field")
+    ev.add_argument("field")
+    ev.add_argument("fixed", help="fixed image (grid and spacing)")
+    ev.add_argument("--fixed-labels")
+    ev.add_argument("--moving-labels")
+    ev.add_argument("--fixed-keypoints")
+    ev.add_argument("--moving-keypoints")
+    ev.add_argument("--label-ids", type=_label_ids)
+    ev.add_argument("--ndim", type=int, choices=[2, 3], default=3)
+    ev.add_argument("--tre-order", type=int, choices=[1, 3], default=3)
+    ev.add_argument("-o", "--output", help="write the metrics JSON here (else print it)")
+    ev.add_argument("--overwrite", action="store_true")
+
+    demo = commands.add_parser("demo", help="register a known synthetic warp of the MNI152 template (shipped with nilearn)")
+    demo.add_argument("-o", "--output", default="demo-out", help="output directory (default demo-out)")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"dirio {__version__}"
+
+
+def run_register(args) -> int:
+    from .workflow import register_files
+
+    settings = settings_from_args(args)
+    record = register_files(
+        args.fixed, args.moving, args.output,
+        settings=settings,
+        fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+        fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+        fixed_keypoints=args.fixed_keypoints, moving_keypoints=args.moving_keypoints,
+        label_ids=args.label_ids, resample=args.resample, overwrite=args.overwrite,
+        figure=not args.no_figure, device=args.device, ndim=args.ndim, tre_order=args.tre_order,
+    )
+    if not args.quiet:
+        print(summary_line(record))
+    return 0
+
+
+def summary_line(record: dict) -> str:
+    """One human line: metrics before -> after, folding and time."""
+    before, after = record["before"], record["after"]
+    parts = []
+    if "dice_mean" in after:
+        parts.append(f"Dice {before['dice_mean']:.3f} -> {after['dice_mean']:.3f}")
+    if "tre_mm_mean" in after:
+        parts.append(f"TRE {before['tre_mm_mean']:.2f} -> {after['tre_mm_mean']:.2f} mm")
+    parts.append(f"det<=0 {after['percent_nonpositive_jacobian']:.4f}%")
+    parts.append(f"SDlogJ {after['sdlogj_l2r']:.3f}")
+    parts.append(f"{record['optimisation_seconds']:.1f} s optimisation, {record['total_seconds']:.1f} s total")
+    return "; ".join(parts) + f"; outputs in {Path(record['outputs']['disp']).parent}"
+
+
+def run_warp(args) -> int:
+    from .workflow import warp_file
+
+    warp_file(args.image, args.field, args.output, labels=args.labels, overwrite=args.overwrite, ndim=args.ndim)
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from .files import write_json
+    from .workflow import evaluate_files
+
+    metrics = evaluate_files(
+        args.field, args.fixed, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+        fixed_keypoints=args.fixed_keypoints, moving_keypoints=args.moving_keypoints,
+        label_ids=args.label_ids, ndim=args.ndim, tre_order=args.tre_order,
+    )
+    if args.output:
+        write_json(args.output, metrics, overwrite=args.overwrite)
+    else:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def run_demo(args) -> int:
+    from .demo import run_demo as demo
+
+    demo(args.output, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"register": run_register, "warp": run_warp, "evaluate": run_evaluate, "demo": run_demo}
+    try:
+        return handlers[args.command](args)
+    except DirioError as error:
+        print(f"dirio: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dirio: interrupted; no partial output was left under a final name", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Displacement fields: identity grids, warping, composition, resizing, Jacobians, conversions.
+
+Conventions (binding, see DESIGN.md):
+
+* A displacement field ``u`` has shape ``(B, ndim, *S)`` with ``S = (D, H, W)`` in 3D or
+  ``(H, W)`` in 2D, float32, in **voxel units of the fixed grid**, component order = axis order
+  ``(i, j, k)``. It means ``warped(x) = moving(x + u(x))`` (backward / pull warping), the
+  Learn2Reg convention.
+* This module is the only place that converts voxel coordinates into the normalised, reversed
+  ``(x, y, z)`` coordinates of :func:`torch.nn.functional.grid_sample` (``align_corners=True``).
+* Resampling between grids of different sizes uses ``align_corners=True`` semantics: the first
+  and last voxel centres of both grids coincide, so a grid of ``n'`` voxels covering a grid of
+  ``n`` voxels has spacing ``(n - 1) / (n' - 1)`` fine voxels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_INTERPOLATION_MODES = ("linear", "nearest")
+_PADDING_MODES = ("border", "zeros", "reflection")
+
+
+def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of every voxel of a grid.
+
+    Args:
+        shape: spatial shape ``S`` (2 or 3 ints).
+    Returns:
+        ``(ndim, *S)`` tensor whose component ``d`` at voxel ``x`` is ``x[d]`` (voxel units).
+    """
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def voxel_to_grid_sample(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Convert voxel coordinates to ``grid_sample`` coordinates (the one conversion of dirio).
+
+    Args:
+        coords: ``(B, ndim, *S_out)`` voxel coordinates ``(i, j, k)`` into an image of spatial
+            shape ``shape``.
+        shape: spatial shape of the image that will be sampled.
+    Returns:
+        ``(B, *S_out, ndim)`` coordinates in ``[-1, 1]`` (``align_corners=True``), last axis in
+        reversed order ``(x, y, z) = (k, j, i)``.
+    """
+    ndim = coords.shape[1]
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=coords.device, dtype=coords.dtype)
+    normalised = coords * scale.view(1, ndim, *([1] * ndim)) - 1.0
+    return normalised.movedim(1, -1).flip(-1)
+
+
+def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
+    """Sample ``image`` at voxel coordinates ``coords``.
+
+    Args:
+        image: ``(B, C, *S_in)`` image.
+        coords: ``(B, ndim, *S_out)`` voxel coordinates into ``image`` (``B`` may be 1 and broadcast).
+        mode: ``"linear"`` (bi/trilinear) or ``"nearest"``.
+        padding: ``"border"`` (repeat edge values), ``"zeros"`` or ``"reflection"``.
+    Returns:
+        ``(B, C, *S_out)`` sampled values.
+    """
+    if mode not in _INTERPOLATION_MODES:
+        raise ValueError(f"interpolation mode must be one of {_INTERPOLATION_MODES}, got {mode!r}")
+    if padding not in _PADDING_MODES:
+        raise ValueError(f"padding must be one of {_PADDING_MODES}, got {padding!r}")
+    grid = voxel_to_grid_sample(coords, image.shape[2:])
+    if grid.shape[0] != image.shape[0]:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    torch_mode = "bilinear" if mode == "linear" else "nearest"
+    return F.grid_sample(image, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
+
+
+def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
+    """Pull-warp an image: ``out(x) = image(x + disp(x))``.
+
+    Args:
+        image: ``(B, C, *S)`` image on the moving grid (same spatial shape as ``disp``).
+        disp: ``(B, ndim, *S)`` displacement in voxels of that grid.
+        mode: ``"linear"`` for intensities, ``"nearest"`` for label maps.
+    Returns:
+        ``(B, C, *S)`` warped image, same dtype as a float ``image``. Integer label maps are
+        warped with nearest neighbour whatever ``mode`` says and keep their dtype.
+    """
+    if image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"image grid {tuple(image.shape[2:])} differs from field grid {tuple(disp.shape[2:])}")
+    coords = identity_grid(disp.shape[2:], device=disp.device, dtype=disp.dtype).unsqueeze(0) + disp
+    if not torch.is_floating_point(image):
+        warped = sample(image.to(disp.dtype), coords, mode="nearest", padding=padding)
+        return warped.round().to(image.dtype)
+    return sample(image.to(disp.dtype), coords, mode=mode, padding=padding)
+
+
+def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of warping by ``first`` and then warping the result by ``second``.
+
+    With pull warps, ``warp(warp(m, first), second)(x) = m(x + second(x) + first(x + second(x)))``,
+    so the composite field is ``second + first ∘ (id + second)``.
+
+    Args:
+        first, second: ``(B, ndim, *S)`` fields on the same grid.
+    Returns:
+        ``(B, ndim, *S)`` composite field.
+    """
+    return second + warp(first, second, mode="linear", padding="border")
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Exponentiate a stationary velocity field by scaling and squaring.
+
+    Args:
+        velocity: ``(B, ndim, *S)`` velocity in voxels per unit time.
+        steps: number of squarings ``N``; the field is scaled by ``2**-N`` first.
+    Returns:
+        ``(B, ndim, *S)`` displacement of the time-1 flow (diffeomorphic for smooth velocities).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    disp = velocity / (2.0**steps)
+    for _ in range(steps):
+        disp = compose(disp, disp)
+    return disp
+
+
+def resize_field(disp: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a field to another grid covering the same extent, rescaling its values.
+
+    Uses (bi/tri)linear interpolation with ``align_corners=True``; component ``d`` is multiplied
+    by ``(shape[d] - 1) / (S[d] - 1)`` so that displacements stay in voxels of the new grid.
+
+    Args:
+        disp: ``(B, ndim, *S)`` field.
+        shape: new spatial shape.
+    Returns:
+        ``(B, ndim, *shape)`` field.
+    """
+    old = disp.shape[2:]
+    ndim = len(old)
+    if tuple(old) == tuple(shape):
+        return disp
+    mode = "trilinear" if ndim == 3 else "bilinear"
+    resized = F.interpolate(disp, size=tuple(shape), mode=mode, align_corners=True)
+    factors = torch.tensor(
+        [(n_new - 1) / max(n_old - 1, 1) for n_new, n_old in zip(shape, old)], device=disp.device, dtype=disp.dtype
+    )
+    return resized * factors.view(1, ndim, *([1] * ndim))
+
+
+def resize_image(image: torch.Tensor, shape: Sequence[int], antialias: bool = True) -> torch.Tensor:
+    """Resample an image to another grid covering the same extent (``align_corners=True``).
+
+    When shrinking and ``antialias`` is true, a Gaussian of standard deviation
+    ``0.5 * factor`` (in fine voxels, per axis) is applied first, the usual anti-aliasing choice
+    of image pyramids.
+
+    Args:
+        image: ``(B, C, *S)`` float image.
+        shape: new spatial shape.
+    Returns:
+        ``(B, C, *shape)`` image.
+    """
+    old = image.shape[2:]
+    if tuple(old) == tuple(shape):
+        return image
+    ndim = len(old)
+    if antialias:
+        sigmas = [0.5 * (n_old - 1) / max(n_new - 1, 1) for n_new, n_old in zip(shape, old)]
+        if any(s > 0.5 for s in sigmas):
+            image = gaussian_smooth(image, [s if s > 0.5 else 0.0 for s in sigmas])
+    mode = "trilinear" if ndim == 3 else "bilinear"
+    return F.interpolate(image, size=tuple(shape), mode=mode, align_corners=True)
+
+
+def gaussian_kernel_1d(sigma: float, truncate: float = 3.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1D Gaussian of standard deviation ``sigma`` voxels, radius ``ceil(truncate*sigma)``."""
+    radius = max(int(np.ceil(truncate * sigma)), 1)
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def separable_filter(image: torch.Tensor, kernels: Sequence[torch.Tensor | None], padding: str = "replicate") -> torch.Tensor:
+    """Filter every channel of an image with one 1D kernel per spatial axis.
+
+    Args:
+        image: ``(B, C, *S)``.
+        kernels: one odd-length 1D kernel per spatial axis, or ``None`` to skip that axis.
+        padding: ``"replicate"``, ``"reflect"`` or ``"zeros"`` boundary handling.
+    Returns:
+        ``(B, C, *S)`` filtered image.
+    """
+    ndim = image.dim() - 2
+    b, c = image.shape[:2]
+    out = image.reshape(b * c, 1, *image.shape[2:])
+    conv = F.conv3d if ndim == 3 else F.conv2d
+    for axis, kernel in enumerate(kernels):
+        if kernel is None:
+            continue
+        radius = kernel.numel() // 2
+        shape = [1, 1] + [1] * ndim
+        shape[2 + axis] = kernel.numel()
+        weight = kernel.to(out).view(shape)
+        pad = [0, 0] * ndim
+        # F.pad lists the last axis first.
+        pad[2 * (ndim - 1 - axis)] = radius
+        pad[2 * (ndim - 1 - axis) + 1] = radius
+        if padding == "zeros":
+            out = F.pad(out, pad)
+        else:
+            out = F.pad(out, pad, mode=padding)
+        out = conv(out, weight)
+    return out.reshape(b, c, *image.shape[2:])
+
+
+def gaussian_smooth(image: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
+    """Gaussian smoothing with standard deviation ``sigma`` voxels (scalar or one per axis; 0 skips)."""
+    ndim = image.dim() - 2
+    sigmas = [float(sigma)] * ndim if np.isscalar(sigma) else [float(s) for s in sigma]
+    kernels = [gaussian_kernel_1d(s, device=image.device, dtype=image.dtype) if s > 0 else None for s in sigmas]
+    return separable_filter(image, kernels)
+
+
+def spatial_gradient(field: torch.Tensor) -> torch.Tensor:
+    """Central-difference derivatives of every channel along every axis (one-sided at the border).
+
+    Args:
+        field: ``(B, C, *S)``.
+    Returns:
+        ``(B, C, ndim, *S)`` where ``[:, c, a]`` is ``d field_c / d x_a`` in voxel units.
+    """
+    ndim = field.dim() - 2
+    grads = torch.gradient(field, dim=tuple(range(2, 2 + ndim)))
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_matrix(disp: torch.Tensor) -> torch.Tensor:
+    """Jacobian of the transformation ``x -> x + u(x)`` by central differences.
+
+    Args:
+        disp: ``(B, ndim, *S)`` displacement in voxels.
+    Returns:
+        ``(B, ndim, ndim, *S)`` with ``[:, c, a] = delta_ca + d u_c / d x_a``.
+    """
+    ndim = disp.shape[1]
+    jac = spatial_gradient(disp)
+    eye = torch.eye(ndim, device=disp.device, dtype=disp.dtype).view(1, ndim, ndim, *([1] * ndim))
+    return jac + eye
+
+
+def determinant(jac: torch.Tensor) -> torch.Tensor:
+    """Determinant of ``(B, n, n, *S)`` matrices, returned as ``(B, *S)`` (n = 2 or 3)."""
+    if jac.shape[1] == 2:
+        return jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+    a, b, c = jac[:, 0, 0], jac[:, 0, 1], jac[:, 0, 2]
+    d, e, f = jac[:, 1, 0], jac[:, 1, 1], jac[:, 1, 2]
+    g, h, i = jac[:, 2, 0], jac[:, 2, 1], jac[:, 2, 2]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """Jacobian determinant of ``x -> x + u(x)`` by central differences: ``(B, ndim, *S) -> (B, *S)``."""
+    return determinant(jacobian_matrix(disp))
+
+
+# --- numpy / on-disk layouts -------------------------------------------------------------------
+
+
+def field_to_numpy(disp: torch.Tensor) -> np.ndarray:
+    """``(1, ndim, *S)`` or ``(ndim, *S)`` tensor -> Learn2Reg on-disk array ``(*S, ndim)`` float32."""
+    if disp.dim() in (4, 5) and disp.shape[0] == 1 and disp.shape[1] == disp.dim() - 2:
+        disp = disp[0]
+    return np.ascontiguousarray(disp.detach().cpu().float().numpy().transpose(*range(1, disp.dim()), 0))
+
+
+def field_from_numpy(array: np.ndarray) -> torch.Tensor:
+    """Learn2Reg on-disk array ``(*S, ndim)`` -> ``(1, ndim, *S)`` float32 tensor."""
+    ndim = array.shape[-1]
+    if array.ndim != ndim + 1:
+        raise ValueError(f"expected a field of shape (*S, {ndim}) with {ndim} spatial axes, got {array.shape}")
+    moved = np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0)
+    return torch.from_numpy(np.ascontiguousarray(moved)).unsqueeze(0)
+
+
+def field_to_world(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel displacement ``(*S, 3)`` -> world (scanner RAS, mm) displacement ``(*S, 3)``.
+
+    A voxel step ``u`` is the world vector ``A[:3, :3] @ u`` for the image affine ``A``.
+    """
+    return np.einsum("ij,...j->...i", np.asarray(affine, dtype=np.float64)[:3, :3], disp).astype(np.float32)
+
+
+def world_to_itk_lps(disp_world_ras: np.ndarray) -> np.ndarray:
+    """World RAS displacement -> ITK/LPS displacement (x and y flip sign), for ITK displacement-field transforms."""
+    out = np.array(disp_world_ras, dtype=np.float32, copy=True)
+    out[..., 0] *= -1.0
+    out[..., 1] *= -1.0
+    return out

@@ -1,0 +1,681 @@
+"""Images on disk and in memory: load, check, save, resample, keypoints, intensity normalisation.
+
+An :class:`Image` is a numpy array in the voxel order nibabel gives for the file (axes
+``i, j, k``) together with its 4x4 affine (voxel index -> world RAS+ millimetres, the NIfTI /
+nibabel convention). NIfTI files are read and written with nibabel. MetaImage (``.mha``,
+``.mhd``) and NRRD (``.nrrd``, ``.nhdr``) files go through SimpleITK when it is installed (the
+``itk`` extra); they are converted to the same axis order and RAS+ affine, so one image read
+from a ``.mha`` file and from a NIfTI file written by SimpleITK gives the same array and affine.
+
+Every problem with a user's file raises :class:`dirio.errors.DirioError` with a one-line
+message that names the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import scipy.ndimage
+import torch
+
+from dirio.errors import DirioError
+from dirio.files import atomic_output
+
+PathLike = str | os.PathLike
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+# Single-file ITK formats only: a .mhd/.nhdr header names a separate data file, which would
+# keep the temporary name of the atomic write.
+ITK_WRITE_SUFFIXES = (".mha", ".nrrd")
+
+# Two grids are "the same" when their affines agree to this many millimetres. NIfTI stores the
+# affine as float32, whose relative precision (6e-8) on coordinates of a few hundred mm gives
+# errors of about 1e-5 mm, well below this tolerance.
+GRID_TOLERANCE_MM = 1e-4
+
+# NIfTI sform/qform code 1 = "scanner anatomical" coordinates (NIfTI-1 standard, nifti1.h).
+NIFTI_XFORM_SCANNER = 1
+
+# ITK physical space is LPS+, NIfTI/nibabel world space is RAS+: x and y change sign.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+NORMALISATION_MODES = ("minmax", "percentile", "clip")
+
+
+# --- the in-memory image -------------------------------------------------------------------------
+
+
+@dataclass
+class Image:
+    """A 2D or 3D image with its affine.
+
+    Attributes:
+        data: ``S``-shaped array (``(D, H, W)`` = ``(i, j, k)`` or ``(H, W)``): float32 for
+            intensities, an integer dtype for label maps.
+        affine: ``(4, 4)`` float64, voxel index ``(i, j, k, 1)`` -> world RAS+ mm. A 2D image
+            keeps a 4x4 affine; its third column is the (unused) slice direction.
+        path: the file it was read from, for messages; ``None`` for an image made in memory.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"affine must be 4x4, got shape {self.affine.shape}")
+        if self.data.ndim not in (2, 3):
+            raise ValueError(f"image data must be 2D or 3D, got shape {self.data.shape}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape ``S``."""
+        return tuple(self.data.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return self.data.ndim
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each voxel axis: norms of the affine's first ``ndim`` columns."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, : self.ndim], axis=0))
+
+    @property
+    def name(self) -> str:
+        """The file path for messages, or ``"<in-memory image>"``."""
+        return self.path if self.path is not None else "<in-memory image>"
+
+    def to_tensor(self, device=None) -> torch.Tensor:
+        """The data as a ``(1, 1, *S)`` float32 tensor on ``device`` (label values become floats)."""
+        array = np.ascontiguousarray(self.data, dtype=np.float32)
+        return torch.from_numpy(array).to(device).view(1, 1, *self.shape)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _suffix(path: Path) -> str:
+    """Lower-case format suffix, ``.nii.gz`` counted as one."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    """``"TypeName: message"`` of an exception, on one line."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise DirioError(f"{path}: no such file")
+    if path.is_dir():
+        raise DirioError(f"{path}: is a directory, expected an image file")
+
+
+def _import_simpleitk(path: Path, action: str):
+    """Import SimpleITK or explain how to install it."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise DirioError(
+            f"{path}: {action} {_suffix(path)} files needs SimpleITK, which is not installed; "
+            "run `pip install SimpleITK` (or install dirio with the `itk` extra: `pip install dirio[itk]`)"
+        ) from None
+    return sitk
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Raw array (scaled by scl_slope/inter when set) and affine of a NIfTI file."""
+    try:
+        img = nib.load(str(path), mmap=False)
+        # Read the data here: a truncated .nii.gz usually loads its header fine and only
+        # fails when the voxels are decompressed.
+        data = np.asanyarray(img.dataobj)
+        affine = np.array(img.affine, dtype=np.float64)
+    except Exception as exc:
+        # nibabel reports corrupt files with assorted types: ImageFileError (not NIfTI),
+        # gzip.BadGzipFile / OSError, EOFError and zlib.error (truncated), ValueError (bad
+        # header or short data), HeaderDataError... Only nibabel calls are inside this block.
+        raise DirioError(f"{path}: cannot read as a NIfTI image ({_one_line(exc)})") from None
+    return np.asarray(data), affine
+
+
+def itk_to_ras_affine(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+    """4x4 RAS+ voxel -> world affine from ITK image geometry (LPS+).
+
+    ITK maps index ``n`` to LPS point ``origin + direction @ diag(spacing) @ n``; flipping the
+    x and y rows gives RAS+. 2D geometry (2 spacings, 2x2 direction) is embedded with a unit
+    slice axis.
+    """
+    ndim = len(spacing)
+    lps = np.eye(4)
+    lps[:ndim, :ndim] = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim) @ np.diag(spacing)
+    lps[:ndim, 3] = origin
+    return _LPS_TO_RAS @ lps
+
+
+def ras_affine_to_itk(affine: np.ndarray, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Inverse of :func:`itk_to_ras_affine`: ``(spacing, origin, direction)`` in ITK's LPS+ terms.
+
+    Raises:
+        ValueError: when the affine has shear (ITK directions must be orthonormal).
+    """
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    matrix = lps[:ndim, :ndim]
+    spacing = np.linalg.norm(matrix, axis=0)
+    direction = matrix / spacing
+    if not np.allclose(direction.T @ direction, np.eye(ndim), atol=1e-4):
+        raise ValueError("the affine has shear, which ITK image formats cannot store")
+    return tuple(spacing.tolist()), tuple(lps[:ndim, 3].tolist()), tuple(direction.ravel().tolist())
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Array in ``(i, j, k)`` order and RAS+ affine of a file SimpleITK can read."""
+    sitk = _import_simpleitk(path, "reading")
+    try:
+        img = sitk.ReadImage(str(path))
+        data = sitk.GetArrayFromImage(img)
+    except RuntimeError as exc:
+        raise DirioError(f"{path}: cannot read as an image ({_one_line(exc)})") from None
+    ndim = img.GetDimension()
+    if ndim not in (2, 3):
+        raise DirioError(f"{path}: has {ndim} dimensions {img.GetSize()}; expected a 2D or 3D image")
+    # SimpleITK arrays are (k, j, i) (+ a trailing component axis for vector images).
+    spatial_order = tuple(range(ndim))[::-1] + tuple(range(ndim, data.ndim))
+    data = np.ascontiguousarray(data.transpose(spatial_order))
+    affine = itk_to_ras_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    return data, affine
+
+
+def _squeeze_to_ndim(data: np.ndarray, ndim: int, path: Path) -> np.ndarray:
+    """Drop trailing singleton axes beyond ``ndim``; error on any other dimensionality."""
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim:
+        raise DirioError(
+            f"{path}: has {data.ndim} dimensions {tuple(data.shape)}; expected a {ndim}D image"
+        )
+    return data
+
+
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise DirioError(f"{path}: contains {bad} NaN/Inf voxels")
+
+
+def _as_label_map(data: np.ndarray, path: Path) -> np.ndarray:
+    """Check a label map (integer values >= 0) and return it with an integer dtype.
+
+    Integer files keep their dtype; float files whose values are all integers become uint8
+    when every label fits (<= 255) and int32 otherwise.
+    """
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.issubdtype(data.dtype, np.floating):
+            raise DirioError(f"{path}: has voxel type {data.dtype}; expected an integer label map")
+        fractional = data != np.round(data)
+        if fractional.any():
+            example = data[fractional].flat[0]
+            raise DirioError(
+                f"{path}: is not an integer label map: found non-integer values such as {example:g}"
+            )
+    if data.size and data.min() < 0:
+        raise DirioError(f"{path}: is not a label map: found negative values such as {data.min():g}")
+    if np.issubdtype(data.dtype, np.integer):
+        return data
+    top = data.max() if data.size else 0
+    return data.astype(np.uint8 if top <= np.iinfo(np.uint8).max else np.int32)
+
+
+def load_image(path: PathLike, *, labels: bool = False, ndim: int = 3) -> Image:
+    """Read and check a 2D or 3D image or label map.
+
+    NIfTI (``.nii``, ``.nii.gz``) is read with nibabel, keeping its affine (sform when its code is
+    set, else qform, as nibabel decides). ``.mha``, ``.mhd``, ``.nrrd`` and ``.nhdr`` are read with
+    SimpleITK and converted to axis order ``(i, j, k)`` and a RAS+ affine.
+
+    Args:
+        path: the file.
+        labels: read a label map: values must be integers >= 0; the result has an integer dtype.
+            Otherwise the result is float32 intensities (NIfTI scaling applied).
+        ndim: expected spatial dimensions (2 or 3). Trailing singleton axes are dropped, so
+            ``(H, W, 1)`` is accepted for ``ndim=2`` and ``(D, H, W, 1)`` for ``ndim=3``.
+    Returns:
+        The :class:`Image`, with ``path`` set.
+    Raises:
+        DirioError: naming the file, when it is missing, unreadable (truncated, not an image),
+            of another dimensionality, contains NaN/Inf voxels, or (``labels=True``) holds
+            non-integer or negative values.
+    """
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+    path = Path(path)
+    _check_exists(path)
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        data, affine = _read_nifti(path)
+    elif suffix in ITK_SUFFIXES:
+        data, affine = _read_itk(path)
+    else:
+        raise DirioError(
+            f"{path}: unsupported image format {suffix or '(no suffix)'!r}; "
+            f"expected one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}"
+        )
+    data = _squeeze_to_ndim(data, ndim, path)
+    _check_finite(data, path)
+    if labels:
+        data = _as_label_map(data, path)
+    else:
+        if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+            raise DirioError(f"{path}: has voxel type {data.dtype}; expected numeric intensities")
+        data = data.astype(np.float32, copy=False)
+    return Image(data=np.ascontiguousarray(data), affine=affine, path=str(path))
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _to_numpy(data) -> np.ndarray:
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu().numpy()
+    return np.asarray(data)
+
+
+def _output_dtype(data: np.ndarray, dtype) -> np.dtype:
+    """The dtype written: ``dtype`` if given, else float64 -> float32, bool -> uint8, else kept."""
+    if dtype is not None:
+        return np.dtype(dtype)
+    if data.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if np.issubdtype(data.dtype, np.floating):
+        return np.dtype(np.float32)
+    return data.dtype
+
+
+def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast, rounding floats to the nearest integer when the target type is an integer."""
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(data.dtype, np.floating):
+        data = np.rint(data)
+    return data.astype(dtype, copy=False)
+
+
+def save_image(path: PathLike, data, affine: np.ndarray, *, overwrite: bool = False, dtype=None) -> None:
+    """Write a 2D or 3D image atomically (see :func:`dirio.files.atomic_output`).
+
+    NIfTI (``.nii``, ``.nii.gz``): the affine is written to the sform and the qform, both with
+    code 1 (scanner). The sform is stored exactly up to float32 precision (NIfTI stores it as
+    float32); the qform is a rotation + zooms + translation, so an affine with shear is kept only
+    by the sform, which nibabel and ITK read first when its code is set.
+    ``.mha`` and ``.nrrd`` are written with SimpleITK (LPS+ geometry converted from the RAS+
+    affine; an affine with shear cannot be stored).
+
+    Args:
+        path: output file; its suffix chooses the format.
+        data: ``S``-shaped array or tensor in ``(i, j, k)`` order.
+        affine: ``(4, 4)`` voxel -> world RAS+ mm.
+        overwrite: allow replacing an existing file.
+        dtype: voxel type written. Default: float arrays as float32, bool as uint8, integer
+            arrays keep their type (label maps). Floats are rounded when cast to an integer type.
+    Raises:
+        DirioError: existing file without ``overwrite``, unsupported suffix, or a format limit.
+    """
+    path = Path(path)
+    array = _to_numpy(data)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"image data must be 2D or 3D, got shape {array.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    array = _cast(array, _output_dtype(array, dtype))
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        _write_nifti(path, array, affine, overwrite)
+    elif suffix in ITK_WRITE_SUFFIXES:
+        _write_itk(path, array, affine, overwrite)
+    else:
+        raise DirioError(
+            f"{path}: cannot write format {suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES)}"
+        )
+
+
+def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, overwrite: bool) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.set_sform(affine, code=NIFTI_XFORM_SCANNER)
+    img.set_qform(affine, code=NIFTI_XFORM_SCANNER)
+    img.header.set_data_dtype(array.dtype)
+    img.header.set_xyzt_units(xyz="mm")
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
+
+
+def _write_itk(path: Path, array: np.ndarray, affine: np.ndarray, overwrite: bool) -> None:
+    sitk = _import_simpleitk(path, "writing")
+    ndim = array.ndim
+    try:
+        spacing, origin, direction = ras_affine_to_itk(affine, ndim)
+    except ValueError as exc:
+        raise DirioError(f"{path}: {exc}; save it as .nii.gz instead") from None
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(tuple(range(ndim))[::-1])))
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+
+
+# --- displacement fields -------------------------------------------------------------------------
+
+
+def save_field(path: PathLike, disp: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> None:
+    """Write a displacement field in the Learn2Reg layout: NIfTI array ``(*S, ndim)`` float32.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file (Learn2Reg names it ``disp_<fixed>_<moving>.nii.gz``).
+        disp: ``(*S, ndim)`` displacement in voxels of the fixed grid, components ``(i, j, k)``
+            (see :func:`dirio.field.field_to_numpy` for the tensor conversion).
+        affine: the fixed image's ``(4, 4)`` affine.
+        overwrite: allow replacing an existing file.
+    """
+    path = Path(path)
+    array = _to_numpy(disp)
+    if array.ndim not in (3, 4) or array.shape[-1] != array.ndim - 1:
+        raise ValueError(f"a displacement field must have shape (*S, ndim) with ndim = 2 or 3, got {array.shape}")
+    if _suffix(path) not in NIFTI_SUFFIXES:
+        raise DirioError(f"{path}: displacement fields are written as NIfTI; use a .nii.gz name")
+    field32 = np.ascontiguousarray(array, dtype=np.float32)
+    _write_nifti(path, field32, np.asarray(affine, dtype=np.float64), overwrite)
+
+
+def load_field(path: PathLike, ndim: int = 3) -> np.ndarray:
+    """Read a Learn2Reg displacement field.
+
+    Accepts NIfTI arrays ``(*S, ndim)`` and the NIfTI vector layout ``(*S, 1, ndim)``.
+
+    Args:
+        path: ``.nii`` / ``.nii.gz`` file.
+        ndim: spatial dimensions (2 or 3).
+    Returns:
+        ``(*S, ndim)`` float32 displacement in voxels of the fixed grid.
+    Raises:
+        DirioError: naming the file, when it is missing, unreadable, of the wrong shape, or
+            contains NaN/Inf.
+    """
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+    path = Path(path)
+    _check_exists(path)
+    if _suffix(path) not in NIFTI_SUFFIXES:
+        raise DirioError(f"{path}: displacement fields are read from NIfTI (.nii, .nii.gz) files")
+    data, _ = _read_nifti(path)
+    if data.ndim == ndim + 2 and data.shape[ndim] == 1:
+        data = data[..., 0, :]
+    if data.ndim != ndim + 1 or data.shape[-1] != ndim:
+        expected = "(D, H, W, 3)" if ndim == 3 else "(H, W, 2)"
+        raise DirioError(f"{path}: has shape {tuple(data.shape)}; expected a displacement field {expected}")
+    if not np.issubdtype(data.dtype, np.number):
+        raise DirioError(f"{path}: has voxel type {data.dtype}; expected a numeric displacement field")
+    data = data.astype(np.float32, copy=False)
+    _check_finite(data, path)
+    return np.ascontiguousarray(data)
+
+
+# --- grids ---------------------------------------------------------------------------------------
+
+
+def check_same_grid(fixed: Image, moving: Image, what: str = "moving") -> None:
+    """Require ``moving`` to lie on the fixed image's grid (same shape, affines within 1e-4 mm).
+
+    Raises:
+        DirioError: naming both files and saying how to resample.
+    """
+    same_shape = fixed.shape == moving.shape
+    if same_shape:
+        difference = float(np.abs(fixed.affine - moving.affine).max())
+        if difference <= GRID_TOLERANCE_MM:
+            return
+        detail = f"affines differ by up to {difference:.4g} mm"
+    else:
+        detail = f"shape {moving.shape} vs {fixed.shape}"
+    raise DirioError(
+        f"{what} image {moving.name!r} is on a different grid from the fixed image {fixed.name!r} "
+        f"({detail}); pass --resample to resample it onto the fixed grid"
+    )
+
+
+def resample_to_grid(image: Image, target: Image, labels: bool = False) -> Image:
+    """Resample ``image`` onto ``target``'s grid through the two affines (world coordinates).
+
+    The target voxel ``x`` takes the value of ``image`` at voxel ``inv(A_image) @ A_target @ x``.
+    Intensities use (bi/tri)linear interpolation and, outside ``image``, the nearest edge value
+    (so CT air stays air rather than becoming 0 HU). Label maps use nearest neighbour and 0
+    (background) outside.
+
+    Args:
+        image: the image to resample (2D or 3D).
+        target: the grid (shape and affine) to resample onto; its data is not used.
+        labels: nearest neighbour, keep the integer dtype, 0 outside.
+    Returns:
+        A new :class:`Image` with ``target``'s shape and affine and ``image``'s path.
+    """
+    if image.ndim != target.ndim:
+        raise DirioError(f"{image.name!r} is {image.ndim}D but the target grid {target.name!r} is {target.ndim}D")
+    ndim = image.ndim
+    target_to_image = np.linalg.inv(image.affine) @ target.affine
+    axes = list(range(ndim))
+    matrix = target_to_image[np.ix_(axes, axes)]
+    offset = target_to_image[axes, 3]
+    if labels:
+        resampled = scipy.ndimage.affine_transform(
+            image.data, matrix, offset=offset, output_shape=target.shape, order=0, mode="grid-constant", cval=0
+        )
+    else:
+        resampled = scipy.ndimage.affine_transform(
+            image.data.astype(np.float32, copy=False), matrix, offset=offset, output_shape=target.shape, order=1,
+            mode="nearest",
+        )
+    return Image(data=resampled, affine=target.affine.copy(), path=image.path)
+
+
+# --- keypoints -----------------------------------------------------------------------------------
+
+
+def _parse_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def load_keypoints(
+    path: PathLike,
+    shape: Sequence[int] | None = None,
+    ndim: int = 3,
+    columns: Sequence[int | str] | None = None,
+) -> np.ndarray:
+    """Read keypoints from a CSV file: one point per row, voxel coordinates ``(i, j, k)``.
+
+    The Learn2Reg NLST layout is comma separated without a header, exactly ``ndim`` columns.
+    A first row of non-numeric names is taken as a header and skipped; blank lines are ignored.
+    Files with more columns (an id column, physical coordinates...) are read by naming the
+    coordinate columns with ``columns`` (0-based indices, or header names); without ``columns``
+    every row must have exactly ``ndim`` values.
+
+    Args:
+        path: the CSV file.
+        shape: the image's spatial shape; when given, every point must lie inside the image's
+            voxel extent ``-0.5 <= p[d] <= shape[d] - 0.5`` (voxel centres are integers).
+        ndim: coordinates per point (2 or 3).
+        columns: the ``ndim`` columns that hold ``(i, j, k)``, as 0-based indices or header names.
+    Returns:
+        ``(N, ndim)`` float64 voxel coordinates, in file order.
+    Raises:
+        DirioError: naming the file, when it is missing or unreadable, is empty, has the wrong
+            number of columns or a non-numeric value, contains NaN/Inf, or (with ``shape``) a
+            point lies outside the image.
+    """
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+    if columns is not None and len(columns) != ndim:
+        raise ValueError(f"columns must name {ndim} columns, got {list(columns)}")
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [(number, row) for number, row in enumerate(csv.reader(handle), start=1) if any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DirioError(f"{path}: cannot read as a keypoint CSV file ({_one_line(exc)})") from None
+
+    header: list[str] | None = None
+    if rows and all(_parse_float(cell) is None for cell in rows[0][1]):
+        header = [cell.strip() for cell in rows[0][1]]
+        rows = rows[1:]
+    if not rows:
+        raise DirioError(f"{path}: contains no keypoints")
+
+    if columns is None:
+        indices = list(range(ndim))
+    else:
+        indices = []
+        for column in columns:
+            if isinstance(column, str):
+                if header is None or column not in header:
+                    raise DirioError(f"{path}: has no column named {column!r} (header: {header})")
+                indices.append(header.index(column))
+            else:
+                indices.append(int(column))
+
+    points = np.empty((len(rows), ndim), dtype=np.float64)
+    for index, (line, row) in enumerate(rows):
+        if columns is None and len(row) != ndim:
+            raise DirioError(
+                f"{path}: line {line} has {len(row)} columns; expected {ndim} voxel coordinates per point"
+            )
+        if max(indices) >= len(row):
+            raise DirioError(f"{path}: line {line} has {len(row)} columns; column {max(indices)} is missing")
+        for axis, column in enumerate(indices):
+            value = _parse_float(row[column])
+            if value is None:
+                raise DirioError(f"{path}: line {line} column {column}: {row[column]!r} is not a number")
+            points[index, axis] = value
+
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise DirioError(f"{path}: keypoint {bad} (line {rows[bad][0]}) has NaN/Inf coordinates")
+    if shape is not None:
+        _check_inside(points, shape, path, [line for line, _ in rows])
+    return points
+
+
+def _check_inside(points: np.ndarray, shape: Sequence[int], path: Path, lines: Sequence[int]) -> None:
+    """Error for the first point outside the voxel extent ``[-0.5, n - 0.5]`` of each axis."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != points.shape[1]:
+        raise ValueError(f"shape {shape} has {len(shape)} axes but the keypoints have {points.shape[1]}")
+    upper = np.asarray(shape, dtype=np.float64) - 0.5
+    outside = ((points < -0.5) | (points > upper)).any(axis=1)
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
+        coords = ", ".join(f"{v:g}" for v in points[bad])
+        raise DirioError(
+            f"{path}: keypoint {bad} (line {lines[bad]}) at ({coords}) lies outside the image of shape {shape}"
+        )
+
+
+def _format_coordinate(value: float) -> str:
+    """Integers without a decimal point (NLST style), other values with full float precision."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def save_keypoints(path: PathLike, points: np.ndarray, overwrite: bool = False) -> None:
+    """Write ``(N, ndim)`` voxel coordinates as a header-less comma-separated file, atomically.
+
+    Values are written losslessly (integers as integers), so :func:`load_keypoints` reads back
+    the same array.
+    """
+    points = _to_numpy(points)
+    if points.ndim != 2 or points.shape[1] not in (2, 3):
+        raise ValueError(f"points must have shape (N, 2) or (N, 3), got {points.shape}")
+    lines = [",".join(_format_coordinate(v) for v in point) for point in points]
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+# --- intensity normalisation ---------------------------------------------------------------------
+
+# Percentiles of the nonzero voxels used by mode "percentile": the robust range also used by
+# nnU-Net's CT normalisation (0.5th / 99.5th percentile of foreground), which ignores a few hot
+# or cold outlier voxels.
+DEFAULT_PERCENTILES = (0.5, 99.5)
+
+
+def _rescale(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip to ``[lo, hi]`` and map linearly to ``[0, 1]``; all zeros when ``hi <= lo``."""
+    if hi <= lo:
+        return np.zeros(data.shape, dtype=np.float32)
+    scaled = (data.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    # Clip after scaling: float32 rounding could otherwise give 1.0000001 at ``hi``.
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
+
+
+def normalise_intensity(
+    data: np.ndarray,
+    mode: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+) -> np.ndarray:
+    """Map intensities to ``[0, 1]`` (float32 out, input unchanged).
+
+    Modes:
+        ``"minmax"``: ``(x - min) / (max - min)``.
+        ``"percentile"``: clip to the ``percentiles`` (default 0.5th and 99.5th) of the nonzero
+            voxels (all voxels if none is nonzero), then map that range to ``[0, 1]``.
+        ``"clip"``: clip to ``[lo, hi]`` (both required, in the image's units, e.g. a CT window
+            ``lo=-1000, hi=1500`` HU), then map to ``[0, 1]``.
+    A constant image (empty range) becomes all zeros.
+
+    Args:
+        data: array of any shape.
+        mode: one of ``NORMALISATION_MODES``.
+    Returns:
+        float32 array of the same shape, values in ``[0, 1]``.
+    """
+    data = np.asarray(data)
+    if mode == "minmax":
+        if data.size == 0:
+            return data.astype(np.float32)
+        return _rescale(data, float(data.min()), float(data.max()))
+    if mode == "percentile":
+        nonzero = data[data != 0]
+        sample = nonzero if nonzero.size else data.ravel()
+        if sample.size == 0:
+            return data.astype(np.float32)
+        low, high = np.percentile(sample, percentiles)
+        return _rescale(data, float(low), float(high))
+    if mode == "clip":
+        if lo is None or hi is None:
+            raise ValueError("normalise_intensity mode 'clip' needs both lo and hi")
+        if hi <= lo:
+            raise ValueError(f"normalise_intensity mode 'clip' needs lo < hi, got lo={lo}, hi={hi}")
+        return _rescale(data, float(lo), float(hi))
+    raise ValueError(f"normalisation mode must be one of {NORMALISATION_MODES}, got {mode!r}")

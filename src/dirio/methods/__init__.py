@@ -1,0 +1,1 @@
+"""What is optimised: transformation models (parameterisations) for the engine."""

@@ -1,0 +1,1 @@
+"""The instance-optimisation machinery: learning-rate schedules, gradient combination rules, the engine."""

@@ -1,0 +1,604 @@
+"""Figures a person looks at: registration summaries, overlays and loss curves, as PNG files.
+
+Rendering uses matplotlib's object API (:class:`matplotlib.figure.Figure` drawn by the Agg
+canvas) and never imports :mod:`matplotlib.pyplot`: no global backend is switched, no figure is
+registered in pyplot's figure manager (so there is nothing left open to close), and the
+functions work on machines without a display. Every PNG is written atomically through
+:func:`dirio.files.atomic_output`, so a failed rendering never leaves a partial file behind.
+
+Display conventions (the same in every figure):
+
+* 3D volumes ``(D, H, W)`` (axes ``i, j, k``) are shown as three central slices, one per
+  orthogonal plane: the plane normal to ``i`` shows ``j`` horizontally and ``k`` vertically; the
+  plane normal to ``j`` shows ``i`` / ``k``; the plane normal to ``k`` shows ``i`` / ``j``. The
+  vertical axis increases upwards (``origin="lower"``), which is the usual radiological display
+  for RAS-like voxel orders. 2D images ``(H, W)`` are shown as arrays usually are: ``i`` down,
+  ``j`` across.
+* Pixels are square voxels (aspect equal in voxel units; the spacing is not known here).
+* Displacements are in voxel units, component order ``(i, j, k)``, pull convention
+  ``warped(x) = moving(x + u(x))`` (see :mod:`dirio.field`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.colors import ListedColormap, Normalize
+from matplotlib.figure import Figure
+
+from dirio import field
+from dirio.errors import DirioError
+from dirio.files import atomic_output, check_writable
+
+PathLike = str | os.PathLike
+
+# Figure geometry. One image panel is PANEL_INCHES wide; at DPI 100 a 3D registration figure is
+# about 1400 x 1100 pixels, enough to see single voxels of a 224-voxel axis.
+PANEL_INCHES = 2.3
+CURVE_PANEL_HEIGHT_INCHES = 2.2
+MAX_CURVE_PANELS_PER_ROW = 6
+DPI = 100
+
+# A deformation grid line every GRID_STEP_VOXELS voxels: dense enough to show local
+# deformation, sparse enough that neighbouring lines stay distinguishable at the panel size.
+GRID_STEP_VOXELS = 6
+
+# Robust display windows: intensities are clipped to these percentiles of the shown slices so
+# that a few bright voxels (vessels, bone, artefacts) do not wash out the anatomy.
+INTENSITY_PERCENTILES = (1.0, 99.0)
+# The difference and Jacobian colour ranges use this percentile of the absolute deviation.
+DEVIATION_PERCENTILE = 99.0
+# Smallest half-range of the Jacobian colour scale around 1, so that an almost rigid field is
+# not drawn with amplified noise; largest, so that the scale never goes below det = 0.
+JACOBIAN_MIN_HALF_RANGE = 0.05
+JACOBIAN_MAX_HALF_RANGE = 1.0
+
+# Number of checkerboard tiles along the shorter in-plane axis of an overlay panel.
+CHECKER_TILES = 8
+
+AXIS_NAMES = "ijk"
+IMAGE_CMAP = "gray"
+DIFFERENCE_CMAP = "PuOr_r"
+JACOBIAN_CMAP = "RdBu_r"  # blue: compression (det < 1), red: expansion (det > 1)
+FOLD_COLOR = "lime"  # voxels with det <= 0 (folding), drawn over the Jacobian map
+GRID_COLOR = "#ffb000"
+LABEL_CMAP = "tab20"  # qualitative colours for label contours, label value modulo 20
+
+
+# --- views and slices ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _View:
+    """How one plane is displayed: the axis normal to it (None in 2D), the array axes shown
+    horizontally and vertically, and matplotlib's ``origin`` for the vertical direction."""
+
+    normal: int | None
+    horizontal: int
+    vertical: int
+    origin: str
+
+
+_VIEWS_3D = (
+    _View(normal=0, horizontal=1, vertical=2, origin="lower"),
+    _View(normal=1, horizontal=0, vertical=2, origin="lower"),
+    _View(normal=2, horizontal=0, vertical=1, origin="lower"),
+)
+_VIEW_2D = _View(normal=None, horizontal=1, vertical=0, origin="upper")
+
+
+def _views(shape: Sequence[int]) -> list[tuple[_View, int | None]]:
+    """The displayed planes of a grid and the index of each central slice (None in 2D)."""
+    if len(shape) == 2:
+        return [(_VIEW_2D, None)]
+    return [(view, shape[view.normal] // 2) for view in _VIEWS_3D]
+
+
+def _plane(volume: np.ndarray, view: _View, index: int | None) -> np.ndarray:
+    """The slice of ``volume`` (spatial shape first, then optional trailing axes) shown in a view.
+
+    Returns:
+        Array ``(n_vertical, n_horizontal, *trailing)``: rows run along ``view.vertical``,
+        columns along ``view.horizontal``, ready for ``imshow(..., origin=view.origin)``.
+    """
+    if view.normal is None:
+        spatial = (0, 1)
+        plane = volume
+    else:
+        spatial = tuple(a for a in range(3) if a != view.normal)
+        plane = np.take(volume, index, axis=view.normal)
+    if spatial.index(view.vertical) == 1:  # stored as (horizontal, vertical, ...): swap
+        plane = np.swapaxes(plane, 0, 1)
+    return plane
+
+
+def _plane_label(view: _View, index: int | None) -> str:
+    """Row label such as ``"i = 80"`` (3D) or ``"2D"``."""
+    if view.normal is None:
+        return "2D"
+    return f"{AXIS_NAMES[view.normal]} = {index}"
+
+
+# --- input checks --------------------------------------------------------------------------------
+
+
+def _as_array(value: Any, dtype=None) -> np.ndarray:
+    """numpy view of an array-like; torch tensors are detached and moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=dtype)
+
+
+def _check_png_path(path: PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise DirioError(f"{path}: figures are written as PNG; use a file name ending in .png")
+    return path
+
+
+def _check_images(path: Path, **images: np.ndarray) -> tuple[int, ...]:
+    """Check that all images share one 2D or 3D shape; return it."""
+    shapes = {name: image.shape for name, image in images.items()}
+    shape = next(iter(shapes.values()))
+    if len(shape) not in (2, 3):
+        raise DirioError(f"{path}: images must be 2D (H, W) or 3D (D, H, W) arrays, got shape {shape}")
+    if len(set(shapes.values())) != 1:
+        listed = ", ".join(f"{name} {s}" for name, s in shapes.items())
+        raise DirioError(f"{path}: images must have one shape, got {listed}")
+    if min(shape) < 2:
+        raise DirioError(f"{path}: every image axis needs at least 2 voxels, got shape {shape}")
+    return tuple(shape)
+
+
+# --- value ranges --------------------------------------------------------------------------------
+
+
+def _window(*planes: np.ndarray) -> tuple[float, float]:
+    """Display range ``(low, high)`` from INTENSITY_PERCENTILES of the finite values shown."""
+    values = np.concatenate([p[np.isfinite(p)].ravel() for p in planes])
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, INTENSITY_PERCENTILES)
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def _half_range(deviations: Sequence[np.ndarray], minimum: float) -> float:
+    """DEVIATION_PERCENTILE of ``|deviation|`` over the shown planes, at least ``minimum``."""
+    values = np.concatenate([np.abs(d[np.isfinite(d)]).ravel() for d in deviations])
+    if values.size == 0:
+        return max(minimum, 1.0)
+    return max(float(np.percentile(values, DEVIATION_PERCENTILE)), minimum)
+
+
+def _normalised(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Intensities mapped linearly from ``window`` to ``[0, 1]`` and clipped."""
+    low, high = window
+    return np.clip((np.nan_to_num(plane, nan=low) - low) / (high - low), 0.0, 1.0)
+
+
+# --- Jacobian determinant --------------------------------------------------------------------------
+
+
+def _jacobian_planes(disp: np.ndarray, views: list[tuple[_View, int | None]]) -> list[np.ndarray]:
+    """Jacobian determinant of ``x -> x + u(x)`` on the shown planes only.
+
+    The determinant is computed with :func:`dirio.field.jacobian_determinant` on a slab of at
+    most three slices around each shown slice; central differences only reach one voxel, so
+    the middle slice equals the slice of the whole-volume computation while costing a few
+    percent of it (the whole 160 x 192 x 224 volume takes about 2 s on 2 CPU cores).
+    """
+    planes = []
+    for view, index in views:
+        if view.normal is None:
+            slab, centre = disp, None
+        else:
+            n = disp.shape[view.normal]
+            low, high = max(index - 1, 0), min(index + 2, n)
+            slab = np.take(disp, np.arange(low, high), axis=view.normal)
+            centre = index - low
+        det = field.jacobian_determinant(field.field_from_numpy(slab))[0].numpy()
+        planes.append(_plane(det, view, centre))
+    return planes
+
+
+# --- panel painters -------------------------------------------------------------------------------
+
+
+def _bare(ax) -> None:
+    """Image panel without ticks (voxel indices are given by the row label instead)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show_image(ax, plane: np.ndarray, view: _View, window: tuple[float, float]):
+    return ax.imshow(
+        plane, cmap=IMAGE_CMAP, vmin=window[0], vmax=window[1], origin=view.origin, interpolation="nearest"
+    )
+
+
+def _label_edges_rgba(labels: np.ndarray) -> np.ndarray:
+    """RGBA image of the inner boundary of every non-zero label of a 2D label plane.
+
+    A voxel is on the boundary of its label when one of its 4 neighbours has another label.
+    Drawing boundary voxels (rather than matplotlib contours of every label) costs one pass
+    whatever the number of labels, which keeps atlases with 100+ structures fast.
+    """
+    labels = np.asarray(labels)
+    edge = np.zeros(labels.shape, dtype=bool)
+    differs_vertical = labels[1:, :] != labels[:-1, :]
+    differs_horizontal = labels[:, 1:] != labels[:, :-1]
+    edge[1:, :] |= differs_vertical
+    edge[:-1, :] |= differs_vertical
+    edge[:, 1:] |= differs_horizontal
+    edge[:, :-1] |= differs_horizontal
+    edge &= labels != 0
+    cmap = colormaps[LABEL_CMAP]
+    rgba = np.zeros((*labels.shape, 4))
+    rgba[edge] = cmap((labels[edge].astype(np.int64) % cmap.N) / cmap.N)  # exact colour bins
+    rgba[..., 3] = edge
+    return rgba
+
+
+def _draw_label_edges(ax, labels_plane: np.ndarray, view: _View) -> None:
+    ax.imshow(_label_edges_rgba(labels_plane), origin=view.origin, interpolation="nearest")
+
+
+def _draw_deformation_grid(ax, disp_h: np.ndarray, disp_v: np.ndarray) -> None:
+    """Deformed grid ``x + u(x)`` for every GRID_STEP_VOXELS-th row and column of the plane.
+
+    ``disp_h`` / ``disp_v`` are the in-plane displacement components (voxels) along the
+    horizontal and vertical display axes, arrays ``(n_vertical, n_horizontal)``. A point on the
+    fixed grid at column ``c`` and row ``r`` is drawn at ``(c + u_h, r + u_v)``: the position in
+    the moving image it pulls its value from.
+    """
+    n_v, n_h = disp_h.shape
+    columns = np.arange(n_h, dtype=np.float64)
+    rows = np.arange(n_v, dtype=np.float64)
+    lines = []
+    for r in range(0, n_v, GRID_STEP_VOXELS):
+        lines.append(np.stack([columns + disp_h[r, :], r + disp_v[r, :]], axis=-1))
+    for c in range(0, n_h, GRID_STEP_VOXELS):
+        lines.append(np.stack([c + disp_h[:, c], rows + disp_v[:, c]], axis=-1))
+    ax.add_collection(LineCollection(lines, colors=GRID_COLOR, linewidths=0.6))
+
+
+def _draw_jacobian(ax, det: np.ndarray, view: _View, norm: Normalize):
+    image = ax.imshow(det, cmap=JACOBIAN_CMAP, norm=norm, origin=view.origin, interpolation="nearest")
+    folds = np.ma.masked_where(~(det <= 0), np.ones_like(det))
+    ax.imshow(folds, cmap=ListedColormap([FOLD_COLOR]), vmin=0, vmax=1, origin=view.origin, interpolation="nearest")
+    return image
+
+
+# --- loss history ---------------------------------------------------------------------------------
+
+
+def _as_number(value: Any) -> float | None:
+    """``float(value)`` for real scalars (Python, numpy, 0-d / 1-element tensors); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    single_numpy = isinstance(value, np.ndarray) and value.size == 1
+    single_tensor = isinstance(value, torch.Tensor) and value.numel() == 1
+    if single_numpy or single_tensor:
+        item = value.item()
+        return float(item) if isinstance(item, numbers.Real) and not isinstance(item, bool) else None
+    return None
+
+
+_HISTORY_INDEX_KEYS = ("level", "iteration")
+
+
+def history_series(history: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Curves of a per-iteration history, indexed by a global iteration counter.
+
+    Args:
+        history: one mapping per iteration, in the order they ran, e.g.
+            ``{"level": 0, "iteration": 3, "loss": 0.8, "similarity": 0.7, "lr": 0.01}``.
+    Returns:
+        ``(series, boundaries)``: ``series[name]`` is an array with one value per history entry
+        (NaN where that entry has no numeric value for ``name``), for every key except
+        ``level`` and ``iteration`` that is numeric somewhere, in order of first appearance;
+        ``boundaries`` are the global indices ``t`` where ``history[t]["level"]`` differs from
+        ``history[t - 1]["level"]`` (the first iteration of a new pyramid level).
+    """
+    names: list[str] = []
+    for entry in history:
+        for key, value in entry.items():
+            if key not in _HISTORY_INDEX_KEYS and key not in names and _as_number(value) is not None:
+                names.append(key)
+    series = {}
+    for name in names:
+        values = [_as_number(entry.get(name)) for entry in history]
+        series[name] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    levels = [entry.get("level") for entry in history]
+    boundaries = [t for t in range(1, len(levels)) if levels[t] != levels[t - 1]]
+    return series, boundaries
+
+
+def _draw_curves(fig, spec, history: Sequence[Mapping[str, Any]]) -> None:
+    """One panel per history term inside the gridspec cell ``spec``."""
+    series, boundaries = history_series(history)
+    count = len(series)
+    columns = min(count, MAX_CURVE_PANELS_PER_ROW)
+    rows = math.ceil(count / columns)
+    grid = spec.subgridspec(rows, columns)
+    steps = np.arange(len(history))
+    for number, (name, values) in enumerate(series.items()):
+        ax = fig.add_subplot(grid[number // columns, number % columns])
+        finite = np.isfinite(values)
+        # plotting only the finite points joins terms that are logged every n-th iteration
+        ax.plot(steps[finite], values[finite], color="tab:blue", linewidth=1.2, marker="." if finite.sum() < 30 else None)
+        if finite.any() and np.all(values[finite] > 0):
+            ax.set_yscale("log")
+        for t in boundaries:
+            ax.axvline(t - 0.5, color="0.5", linestyle="--", linewidth=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="major", alpha=0.3)
+        if number // columns == rows - 1 or number + columns >= count:
+            label = "iteration (all levels)"
+            if boundaries:
+                label += "; dashed: next level"
+            ax.set_xlabel(label, fontsize=8)
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure drawn by the Agg canvas, outside pyplot (nothing global to close)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path, overwrite: bool) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically, then release its artists."""
+    try:
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
+    finally:
+        fig.clear()
+    return path
+
+
+# --- public figures --------------------------------------------------------------------------------
+
+
+def registration_figure(
+    path: PathLike,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    warped: np.ndarray,
+    disp: np.ndarray,
+    *,
+    history: Sequence[Mapping[str, Any]] | None = None,
+    title: str | None = None,
+    overwrite: bool = False,
+    jacobian: np.ndarray | None = None,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
+    """Write a one-page PNG summary of a registration result.
+
+    Rows: one per displayed plane (three central orthogonal slices in 3D, one in 2D). Columns:
+    fixed, moving, warped, signed difference ``fixed - warped`` (diverging colours, symmetric
+    range), the deformation grid ``x + u(x)`` drawn every GRID_STEP_VOXELS voxels over the
+    warped image, and the Jacobian determinant of ``x -> x + u(x)`` (diverging colours centred
+    at 1: blue compresses, red expands; voxels with ``det <= 0`` in FOLD_COLOR). A bottom row
+    holds one loss curve per term of ``history`` when given.
+
+    Args:
+        path: output file, must end in ``.png``.
+        fixed, moving, warped: images of one shape ``S``, ``(D, H, W)`` or ``(H, W)``.
+        disp: displacement ``(*S, ndim)`` in voxels (Learn2Reg layout, pull convention).
+        history: per-iteration mappings, see :func:`history_series`.
+        title: figure title.
+        overwrite: replace an existing ``path``.
+        jacobian: precomputed determinant, shape ``S``. When given, the figure also reports the
+            number of folding voxels of the whole volume; otherwise the determinant is computed
+            on the shown slices only (fast) and the counts are per slice.
+        labels: ``(fixed_labels, warped_labels)`` integer maps of shape ``S``; the boundaries
+            of their non-zero labels are drawn on the fixed and the warped panels.
+    Returns:
+        ``Path(path)``.
+    Raises:
+        DirioError: wrong shapes, a non-PNG name, or ``path`` exists and ``overwrite`` is false.
+    """
+    path = _check_png_path(path)
+    fixed, moving, warped = (_as_array(a, np.float32) for a in (fixed, moving, warped))
+    shape = _check_images(path, fixed=fixed, moving=moving, warped=warped)
+    ndim = len(shape)
+    disp = _as_array(disp, np.float32)
+    if disp.shape != (*shape, ndim):
+        raise DirioError(f"{path}: displacement must have shape {(*shape, ndim)} (*S, ndim), got {disp.shape}")
+    if jacobian is not None:
+        jacobian = _as_array(jacobian, np.float32)
+        if jacobian.shape != shape:
+            raise DirioError(f"{path}: Jacobian determinant must have shape {shape}, got {jacobian.shape}")
+    if labels is not None:
+        if len(labels) != 2:
+            raise DirioError(f"{path}: labels must be a pair (fixed_labels, warped_labels)")
+        labels = tuple(_as_array(lab) for lab in labels)
+        if any(lab.shape != shape for lab in labels):
+            raise DirioError(f"{path}: label maps must have shape {shape}, got {[lab.shape for lab in labels]}")
+    if history is not None and len(history) == 0:
+        history = None
+    check_writable(path, overwrite)  # fail before rendering, not after
+
+    views = _views(shape)
+    planes = {
+        name: [_plane(image, view, index) for view, index in views]
+        for name, image in (("fixed", fixed), ("moving", moving), ("warped", warped))
+    }
+    differences = [f - w for f, w in zip(planes["fixed"], planes["warped"])]
+    if jacobian is not None:
+        det_planes = [_plane(jacobian, view, index) for view, index in views]
+        volume_folds = int(np.count_nonzero(jacobian <= 0))
+    else:
+        det_planes = _jacobian_planes(disp, views)
+        volume_folds = None
+
+    fixed_window = _window(*planes["fixed"])
+    moving_window = _window(*planes["moving"], *planes["warped"])
+    difference_limit = _half_range(differences, minimum=1e-6)
+    jacobian_half = min(_half_range([d - 1.0 for d in det_planes], JACOBIAN_MIN_HALF_RANGE), JACOBIAN_MAX_HALF_RANGE)
+    jacobian_norm = Normalize(vmin=1.0 - jacobian_half, vmax=1.0 + jacobian_half)
+
+    # one row per plane, heights proportional to the plane's aspect, then the curves
+    ratios = [_plane(fixed, view, index).shape[0] / _plane(fixed, view, index).shape[1] for view, index in views]
+    heights = [PANEL_INCHES * r for r in ratios]
+    if history is not None:
+        curve_rows = math.ceil(len(history_series(history)[0]) / MAX_CURVE_PANELS_PER_ROW) or 1
+        heights.append(CURVE_PANEL_HEIGHT_INCHES * curve_rows)
+    columns = 6
+    fig = _new_figure(PANEL_INCHES * columns + 1.0, sum(heights) + 1.6 + (0.4 if title else 0.0))
+    grid = fig.add_gridspec(len(heights), columns, height_ratios=heights)
+
+    column_axes: list[list] = [[] for _ in range(columns)]
+    difference_image = jacobian_image = None
+    for row, (view, index) in enumerate(views):
+        axes = [fig.add_subplot(grid[row, c]) for c in range(columns)]
+        for c, ax in enumerate(axes):
+            column_axes[c].append(ax)
+            _bare(ax)
+        _show_image(axes[0], planes["fixed"][row], view, fixed_window)
+        _show_image(axes[1], planes["moving"][row], view, moving_window)
+        _show_image(axes[2], planes["warped"][row], view, moving_window)
+        difference_image = axes[3].imshow(
+            differences[row],
+            cmap=DIFFERENCE_CMAP,
+            vmin=-difference_limit,
+            vmax=difference_limit,
+            origin=view.origin,
+            interpolation="nearest",
+        )
+        background = _normalised(planes["warped"][row], moving_window)
+        axes[4].imshow(background, cmap=IMAGE_CMAP, vmin=0.0, vmax=1.6, origin=view.origin, interpolation="nearest")
+        _draw_deformation_grid(
+            axes[4], _plane(disp[..., view.horizontal], view, index), _plane(disp[..., view.vertical], view, index)
+        )
+        n_v, n_h = planes["fixed"][row].shape
+        axes[4].set_xlim(-0.5, n_h - 0.5)
+        axes[4].set_ylim(*((-0.5, n_v - 0.5) if view.origin == "lower" else (n_v - 0.5, -0.5)))
+        jacobian_image = _draw_jacobian(axes[5], det_planes[row], view, jacobian_norm)
+        slice_folds = int(np.count_nonzero(det_planes[row] <= 0))
+        axes[5].set_xlabel(f"det ≤ 0 in this slice: {slice_folds}", fontsize=8)
+        if labels is not None:
+            _draw_label_edges(axes[0], _plane(labels[0], view, index), view)
+            _draw_label_edges(axes[2], _plane(labels[1], view, index), view)
+
+        axes[0].set_ylabel(
+            f"{_plane_label(view, index)}\n{AXIS_NAMES[view.vertical]} {'↑' if view.origin == 'lower' else '↓'}",
+            fontsize=9,
+        )
+        axes[0].set_xlabel(f"{AXIS_NAMES[view.horizontal]} →", fontsize=9)
+
+    headings = ["fixed", "moving", "warped", "fixed − warped", f"grid x + u(x), every {GRID_STEP_VOXELS} vox"]
+    for c, heading in enumerate(headings):
+        column_axes[c][0].set_title(heading, fontsize=10)
+    jac_heading = f"det J ({FOLD_COLOR}: det ≤ 0)"
+    if volume_folds is not None:
+        jac_heading += f"\nvolume: {volume_folds} ≤ 0 ({100.0 * volume_folds / jacobian.size:.3g}%)"
+    column_axes[5][0].set_title(jac_heading, fontsize=10)
+
+    fig.colorbar(difference_image, ax=column_axes[3], location="bottom", shrink=0.9, extend="both", aspect=15)
+    jac_bar = fig.colorbar(jacobian_image, ax=column_axes[5], location="bottom", shrink=0.9, extend="both", aspect=15)
+    jac_bar.set_label("Jacobian determinant", fontsize=8)
+    for bar in fig.axes[-2:]:
+        bar.tick_params(labelsize=7)
+
+    if history is not None:
+        _draw_curves(fig, grid[len(views), :], history)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return _save(fig, path, overwrite)
+
+
+def loss_curve_figure(path: PathLike, history: Sequence[Mapping[str, Any]], overwrite: bool = False) -> Path:
+    """Write a PNG with one curve panel per numeric history term (see :func:`history_series`).
+
+    Each term gets its own panel because their scales differ; the y axis is logarithmic when
+    every logged value of the term is positive; pyramid level changes are dashed vertical lines.
+
+    Raises:
+        DirioError: an empty history, a history without numeric terms, a non-PNG name, or
+            ``path`` exists and ``overwrite`` is false.
+    """
+    path = _check_png_path(path)
+    if not history:
+        raise DirioError(f"{path}: the loss history is empty; nothing to plot")
+    series, _ = history_series(history)
+    if not series:
+        raise DirioError(f"{path}: the loss history has no numeric terms besides level/iteration")
+    check_writable(path, overwrite)
+    columns = min(len(series), MAX_CURVE_PANELS_PER_ROW)
+    rows = math.ceil(len(series) / columns)
+    fig = _new_figure(max(2.8 * columns, 4.0), CURVE_PANEL_HEIGHT_INCHES * rows + 0.4)
+    _draw_curves(fig, fig.add_gridspec(1, 1)[0, 0], history)
+    return _save(fig, path, overwrite)
+
+
+def _checkerboard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Tiles alternating between ``a`` and ``b`` (2D planes of one shape), CHECKER_TILES along
+    the shorter axis."""
+    tile = max(1, min(a.shape) // CHECKER_TILES)
+    rows, cols = np.indices(a.shape)
+    return np.where((rows // tile + cols // tile) % 2 == 0, a, b)
+
+
+def overlay_figure(path: PathLike, fixed: np.ndarray, warped: np.ndarray, overwrite: bool = False) -> Path:
+    """Write a PNG comparing ``fixed`` and ``warped`` on every displayed plane.
+
+    Column 1: checkerboard alternating fixed and warped tiles (edges that continue across
+    tiles mean good alignment). Column 2: colour overlay, fixed in red and warped in green, each
+    scaled to its own intensity window: aligned structures are yellow.
+
+    Args:
+        fixed, warped: images of one shape ``(D, H, W)`` or ``(H, W)``.
+    Raises:
+        DirioError: shapes differ, a non-PNG name, or ``path`` exists and ``overwrite`` is false.
+    """
+    path = _check_png_path(path)
+    fixed, warped = _as_array(fixed, np.float32), _as_array(warped, np.float32)
+    shape = _check_images(path, fixed=fixed, warped=warped)
+    check_writable(path, overwrite)
+    views = _views(shape)
+    fixed_planes = [_plane(fixed, view, index) for view, index in views]
+    warped_planes = [_plane(warped, view, index) for view, index in views]
+    fixed_window, warped_window = _window(*fixed_planes), _window(*warped_planes)
+
+    ratios = [p.shape[0] / p.shape[1] for p in fixed_planes]
+    fig = _new_figure(2 * PANEL_INCHES + 0.6, sum(PANEL_INCHES * r for r in ratios) + 0.8)
+    grid = fig.add_gridspec(len(views), 2, height_ratios=ratios)
+    for row, (view, index) in enumerate(views):
+        f = _normalised(fixed_planes[row], fixed_window)
+        w = _normalised(warped_planes[row], warped_window)
+        checker_ax, colour_ax = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
+        checker_ax.imshow(_checkerboard(f, w), cmap=IMAGE_CMAP, vmin=0, vmax=1, origin=view.origin, interpolation="nearest")
+        colour_ax.imshow(np.stack([f, w, np.zeros_like(f)], axis=-1), origin=view.origin, interpolation="nearest")
+        for ax in (checker_ax, colour_ax):
+            _bare(ax)
+        checker_ax.set_ylabel(
+            f"{_plane_label(view, index)}\n{AXIS_NAMES[view.vertical]} {'↑' if view.origin == 'lower' else '↓'}",
+            fontsize=9,
+        )
+        checker_ax.set_xlabel(f"{AXIS_NAMES[view.horizontal]} →", fontsize=9)
+        if row == 0:
+            checker_ax.set_title("checkerboard fixed / warped", fontsize=9)
+            colour_ax.set_title("red: fixed, green: warped", fontsize=9)
+    return _save(fig, path, overwrite)
