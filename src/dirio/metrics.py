@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -485,6 +484,16 @@ def hd95_per_label(
 # --- target registration error -----------------------------------------------------------------
 
 
+def _as_points(points, ndim: int, name: str) -> np.ndarray:
+    """Validate ``(N, ndim)`` voxel coordinates (an empty input gives ``(0, ndim)``)."""
+    array = np.asarray(points, dtype=np.float64)
+    if array.size == 0:
+        return np.zeros((0, ndim))
+    if array.ndim != 2 or array.shape[1] != ndim:
+        raise ValueError(f"{name} must have shape (N, {ndim}), got {array.shape}")
+    return array
+
+
 def tre(
     fixed_points: np.ndarray,
     moving_points: np.ndarray,
@@ -510,10 +519,8 @@ def tre(
     """
     field = _as_field(disp)
     ndim = field.shape[-1]
-    fixed = np.asarray(fixed_points, dtype=np.float64).reshape(-1, ndim) if np.size(fixed_points) else np.zeros((0, ndim))
-    moving = np.asarray(moving_points, dtype=np.float64).reshape(-1, ndim) if np.size(moving_points) else np.zeros((0, ndim))
-    if np.ndim(fixed_points) != 2 and np.size(fixed_points):
-        raise ValueError(f"fixed_points must have shape (N, {ndim}), got {np.shape(fixed_points)}")
+    fixed = _as_points(fixed_points, ndim, "fixed_points")
+    moving = _as_points(moving_points, ndim, "moving_points")
     _check_same_shape("fixed_points", fixed, "moving_points", moving)
     if order not in range(6):
         raise ValueError(f"interpolation order must be an integer from 0 to 5, got {order!r}")
@@ -580,12 +587,13 @@ def sdlogj_l2r(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
     Returns:
         The standard deviation; NaN when the mask keeps no voxel.
     """
-    det = jacobian_determinant_l2r(disp)
+    field = _as_field(disp)
+    det = jacobian_determinant_l2r(field)
     log_det = np.log(np.clip(det + L2R_SDLOGJ_OFFSET, *L2R_SDLOGJ_CLIP))
     if mask is not None:
         mask_array = np.asarray(mask)
-        if mask_array.shape != det.shape[:0] + tuple(n + 2 * L2R_JACOBIAN_CROP for n in det.shape):
-            raise ValueError(f"mask of shape {mask_array.shape} does not match the field grid")
+        if mask_array.shape != field.shape[:-1]:
+            raise ValueError(f"mask of shape {mask_array.shape} does not match the field grid {field.shape[:-1]}")
         crop = (slice(L2R_JACOBIAN_CROP, -L2R_JACOBIAN_CROP),) * det.ndim
         log_det = log_det[mask_array[crop] == 1]
         if log_det.size == 0:
@@ -799,11 +807,10 @@ def evaluate_field(
     if fixed_points is not None:
         errors = tre(fixed_points, moving_points, field, tuple(scale), order=tre_order)
         result["tre_mm"] = [float(e) for e in errors]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # empty point lists give NaN summaries
-            result["tre_mm_mean"] = float(np.mean(errors)) if errors.size else float("nan")
-            result["tre_mm_median"] = float(np.median(errors)) if errors.size else float("nan")
-            result["tre_mm_std"] = float(np.std(errors)) if errors.size else float("nan")
+        empty = errors.size == 0  # no points: NaN summaries rather than numpy's warnings
+        result["tre_mm_mean"] = float("nan") if empty else float(np.mean(errors))
+        result["tre_mm_median"] = float("nan") if empty else float(np.median(errors))
+        result["tre_mm_std"] = float("nan") if empty else float(np.std(errors))
         result["tre_order"] = int(tre_order)
     result["sdlogj_l2r"] = sdlogj_l2r(field)
     result["sdlogj"] = sdlogj(field)
