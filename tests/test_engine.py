@@ -147,6 +147,7 @@ def test_inconsistent_settings_are_rejected(kwargs, message):
 def test_each_optimizer_lowers_the_similarity(name):
     fixed, moving, _ = known_pair((32, 32))
     lr = 0.5 if name != "sgd" else 200.0
-    config = EngineConfig(levels=(1,), iterations=(30,), lr=lr, optimizer=name, progress=False)
+    config = EngineConfig(levels=(1,), iterations=(30,), lr=lr, optimizer=name, schedule="constant", smoothing=0,
+                          progress=False)
     history = optimise(fixed, moving, objectives(), config).history
     assert history[-1]["mse"] < 0.7 * history[0]["mse"]

@@ -124,8 +124,10 @@ def settings_from_args(args: argparse.Namespace):
     grid_spacing = args.grid_spacing
     if grid_spacing is not None and len(grid_spacing) == 1:
         grid_spacing = grid_spacing[0]
+    if args.clip_range is not None and (len(args.clip_range) != 2 or not args.clip_range[0] < args.clip_range[1]):
+        raise DirioError(f"--clip-range needs two numbers LO,HI with LO < HI, got {','.join(map(str, args.clip_range))}")
     try:
-        return make_settings(
+        settings = make_settings(
             args.preset,
             similarity=args.similarity,
             similarity_options=args.similarity_options,
@@ -145,6 +147,29 @@ def settings_from_args(args: argparse.Namespace):
         )
     except (ValueError, TypeError) as error:
         raise DirioError(str(error)) from None
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings) -> None:
+    """Reject, before any file is read, settings the run would fail on (one-line :class:`DirioError`).
+
+    Builds the similarity and the regularisers (unknown names or options), validates the engine
+    configuration and builds the learning-rate schedule (unknown or inconsistent options).
+    """
+    from .api import build_objectives
+    from .optim.schedules import make_schedule
+
+    build_objectives(settings)
+    engine = settings.engine
+    try:
+        engine.validate()
+    except ValueError as error:
+        raise DirioError(str(error)) from None
+    try:
+        make_schedule(engine.schedule, **engine.schedule_options)
+    except (ValueError, TypeError) as error:
+        raise DirioError(f"--schedule-options for schedule {engine.schedule!r}: {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

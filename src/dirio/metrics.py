@@ -89,8 +89,9 @@ def warp_labels(moving_labels: np.ndarray, disp: np.ndarray) -> np.ndarray:
     """Warp a label map with nearest neighbour, as the Learn2Reg evaluator does.
 
     ``warped[x] = moving[round(x + u(x))]`` through ``scipy.ndimage.map_coordinates(order=0)``
-    on ``identity + disp``, with the evaluator's boundary handling: points that fall outside the
-    moving grid get label 0 (``mode="constant"``, ``cval=0``).
+    on ``identity + disp``, with the evaluator's boundary handling (``mode="constant"``,
+    ``cval=0``): every point outside ``[0, n - 1]`` along some axis gets label 0, even one that is
+    less than half a voxel past the outermost voxel centre.
 
     Args:
         moving_labels: ``S`` label map on the same grid as the field (integer, bool or float).
@@ -728,9 +729,11 @@ def ndv(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 def ndv_fraction(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """:func:`ndv` divided by the total volume (number of voxels in the mask), in ``[0, 1]``-ish.
+    """:func:`ndv` divided by the total volume (number of voxels in the mask).
 
-    Multiply by 100 for Liu et al.'s ``NDV %``. NaN for an empty mask.
+    >= 0: 0 for a digitally diffeomorphic field, usually far below 1, but severe folding can push
+    it past 1 (folded tetrahedra may be larger than the cell). Multiply by 100 for Liu et al.'s
+    ``NDV %``. NaN for an empty mask.
     """
     volume = _non_diffeomorphic_volume_map(disp)
     keep = _ndv_mask(mask, volume.shape)

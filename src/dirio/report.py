@@ -46,7 +46,10 @@ PathLike = str | os.PathLike
 # about 1400 x 1100 pixels, enough to see single voxels of a 224-voxel axis.
 PANEL_INCHES = 2.3
 CURVE_PANEL_HEIGHT_INCHES = 2.2
+COLORBAR_ROW_INCHES = 0.18
 MAX_CURVE_PANELS_PER_ROW = 6
+# Curves with fewer logged points than this are drawn with point markers too.
+FEW_POINTS = 30
 DPI = 100
 
 # A deformation grid line every GRID_STEP_VOXELS voxels: dense enough to show local
@@ -72,7 +75,7 @@ DIFFERENCE_CMAP = "PuOr_r"
 JACOBIAN_CMAP = "RdBu_r"  # blue: compression (det < 1), red: expansion (det > 1)
 FOLD_COLOR = "lime"  # voxels with det <= 0 (folding), drawn over the Jacobian map
 GRID_COLOR = "#ffb000"
-LABEL_CMAP = "tab20"  # qualitative colours for label contours, label value modulo 20
+LABEL_CMAP = "tab10"  # qualitative, all saturated colours for label contours, label value modulo 10
 
 
 # --- views and slices ----------------------------------------------------------------------------
@@ -120,6 +123,18 @@ def _plane(volume: np.ndarray, view: _View, index: int | None) -> np.ndarray:
     if spatial.index(view.vertical) == 1:  # stored as (horizontal, vertical, ...): swap
         plane = np.swapaxes(plane, 0, 1)
     return plane
+
+
+def _in_plane_displacement(disp: np.ndarray, view: _View, index: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The displacement components along a view's horizontal and vertical axes on its plane.
+
+    Args:
+        disp: ``(*S, ndim)`` displacement in voxels, component order = axis order.
+    Returns:
+        ``(u_horizontal, u_vertical)``, each ``(n_vertical, n_horizontal)`` like :func:`_plane`.
+        The component along the plane normal is not drawn.
+    """
+    return _plane(disp[..., view.horizontal], view, index), _plane(disp[..., view.vertical], view, index)
 
 
 def _plane_label(view: _View, index: int | None) -> str:
@@ -200,19 +215,29 @@ def _jacobian_planes(disp: np.ndarray, views: list[tuple[_View, int | None]]) ->
     most three slices around each shown slice; central differences only reach one voxel, so
     the middle slice equals the slice of the whole-volume computation while costing a few
     percent of it (the whole 160 x 192 x 224 volume takes about 2 s on 2 CPU cores).
+
+    The slabs are small (about 10^5 voxels), where torch's intra-op threads cost more than they
+    save (measured: 0.3 s per slab with 2 threads on a busy 2-core machine, 0.01 s with one),
+    so torch runs single-threaded here; the previous thread count is restored afterwards.
     """
-    planes = []
-    for view, index in views:
-        if view.normal is None:
-            slab, centre = disp, None
-        else:
-            n = disp.shape[view.normal]
-            low, high = max(index - 1, 0), min(index + 2, n)
-            slab = np.take(disp, np.arange(low, high), axis=view.normal)
-            centre = index - low
-        det = field.jacobian_determinant(field.field_from_numpy(slab))[0].numpy()
-        planes.append(_plane(det, view, centre))
-    return planes
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [_jacobian_plane(disp, view, index) for view, index in views]
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _jacobian_plane(disp: np.ndarray, view: _View, index: int | None) -> np.ndarray:
+    """Jacobian determinant on one shown plane, from a slab of at most 3 slices (see above)."""
+    if view.normal is None:
+        slab, centre = disp, None
+    else:
+        low, high = max(index - 1, 0), min(index + 2, disp.shape[view.normal])
+        slab = np.take(disp, np.arange(low, high), axis=view.normal)
+        centre = index - low
+    det = field.jacobian_determinant(field.field_from_numpy(slab))[0].numpy()
+    return _plane(det, view, centre)
 
 
 # --- panel painters -------------------------------------------------------------------------------
@@ -342,13 +367,14 @@ def _draw_curves(fig, spec, history: Sequence[Mapping[str, Any]]) -> None:
         ax = fig.add_subplot(grid[number // columns, number % columns])
         finite = np.isfinite(values)
         # plotting only the finite points joins terms that are logged every n-th iteration
-        ax.plot(steps[finite], values[finite], color="tab:blue", linewidth=1.2, marker="." if finite.sum() < 30 else None)
+        marker = "." if finite.sum() < FEW_POINTS else None  # single points would be invisible
+        ax.plot(steps[finite], values[finite], color="tab:blue", linewidth=1.2, marker=marker)
         if finite.any() and np.all(values[finite] > 0):
             ax.set_yscale("log")
         for t in boundaries:
             ax.axvline(t - 0.5, color="0.5", linestyle="--", linewidth=0.8)
         ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
         ax.grid(True, which="major", alpha=0.3)
         if number // columns == rows - 1 or number + columns >= count:
             label = "iteration (all levels)"
@@ -436,8 +462,8 @@ def registration_figure(
         labels = tuple(_as_array(lab) for lab in labels)
         if any(lab.shape != shape for lab in labels):
             raise DirioError(f"{path}: label maps must have shape {shape}, got {[lab.shape for lab in labels]}")
-    if history is not None and len(history) == 0:
-        history = None
+    if history is not None and not history_series(history)[0]:
+        history = None  # nothing numeric to plot: no curve row
     check_writable(path, overwrite)  # fail before rendering, not after
 
     views = _views(shape)
@@ -459,14 +485,15 @@ def registration_figure(
     jacobian_half = min(_half_range([d - 1.0 for d in det_planes], JACOBIAN_MIN_HALF_RANGE), JACOBIAN_MAX_HALF_RANGE)
     jacobian_norm = Normalize(vmin=1.0 - jacobian_half, vmax=1.0 + jacobian_half)
 
-    # one row per plane, heights proportional to the plane's aspect, then the curves
-    ratios = [_plane(fixed, view, index).shape[0] / _plane(fixed, view, index).shape[1] for view, index in views]
-    heights = [PANEL_INCHES * r for r in ratios]
+    # one row per plane, heights proportional to the plane's aspect, a thin row of colour bars
+    # (own axes, so that they do not shrink the image panels above), then the curves
+    heights = [PANEL_INCHES * p.shape[0] / p.shape[1] for p in planes["fixed"]]
+    heights.append(COLORBAR_ROW_INCHES)
     if history is not None:
         curve_rows = math.ceil(len(history_series(history)[0]) / MAX_CURVE_PANELS_PER_ROW) or 1
         heights.append(CURVE_PANEL_HEIGHT_INCHES * curve_rows)
     columns = 6
-    fig = _new_figure(PANEL_INCHES * columns + 1.0, sum(heights) + 1.6 + (0.4 if title else 0.0))
+    fig = _new_figure(PANEL_INCHES * columns + 1.0, sum(heights) + 1.2 + (0.4 if title else 0.0))
     grid = fig.add_gridspec(len(heights), columns, height_ratios=heights)
 
     column_axes: list[list] = [[] for _ in range(columns)]
@@ -489,9 +516,7 @@ def registration_figure(
         )
         background = _normalised(planes["warped"][row], moving_window)
         axes[4].imshow(background, cmap=IMAGE_CMAP, vmin=0.0, vmax=1.6, origin=view.origin, interpolation="nearest")
-        _draw_deformation_grid(
-            axes[4], _plane(disp[..., view.horizontal], view, index), _plane(disp[..., view.vertical], view, index)
-        )
+        _draw_deformation_grid(axes[4], *_in_plane_displacement(disp, view, index))
         n_v, n_h = planes["fixed"][row].shape
         axes[4].set_xlim(-0.5, n_h - 0.5)
         axes[4].set_ylim(*((-0.5, n_v - 0.5) if view.origin == "lower" else (n_v - 0.5, -0.5)))
@@ -513,17 +538,17 @@ def registration_figure(
         column_axes[c][0].set_title(heading, fontsize=10)
     jac_heading = f"det J ({FOLD_COLOR}: det ≤ 0)"
     if volume_folds is not None:
-        jac_heading += f"\nvolume: {volume_folds} ≤ 0 ({100.0 * volume_folds / jacobian.size:.3g}%)"
+        jac_heading += f"\ndet ≤ 0 in volume: {volume_folds} ({100.0 * volume_folds / jacobian.size:.3g}%)"
     column_axes[5][0].set_title(jac_heading, fontsize=10)
 
-    fig.colorbar(difference_image, ax=column_axes[3], location="bottom", shrink=0.9, extend="both", aspect=15)
-    jac_bar = fig.colorbar(jacobian_image, ax=column_axes[5], location="bottom", shrink=0.9, extend="both", aspect=15)
-    jac_bar.set_label("Jacobian determinant", fontsize=8)
-    for bar in fig.axes[-2:]:
-        bar.tick_params(labelsize=7)
+    bar_row = len(views)
+    for c, image, label in ((3, difference_image, "fixed − warped"), (5, jacobian_image, "Jacobian determinant")):
+        bar = fig.colorbar(image, cax=fig.add_subplot(grid[bar_row, c]), orientation="horizontal", extend="both")
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
 
     if history is not None:
-        _draw_curves(fig, grid[len(views), :], history)
+        _draw_curves(fig, grid[bar_row + 1, :], history)
     if title:
         fig.suptitle(title, fontsize=12)
     return _save(fig, path, overwrite)
@@ -589,7 +614,9 @@ def overlay_figure(path: PathLike, fixed: np.ndarray, warped: np.ndarray, overwr
         f = _normalised(fixed_planes[row], fixed_window)
         w = _normalised(warped_planes[row], warped_window)
         checker_ax, colour_ax = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
-        checker_ax.imshow(_checkerboard(f, w), cmap=IMAGE_CMAP, vmin=0, vmax=1, origin=view.origin, interpolation="nearest")
+        checker_ax.imshow(
+            _checkerboard(f, w), cmap=IMAGE_CMAP, vmin=0, vmax=1, origin=view.origin, interpolation="nearest"
+        )
         colour_ax.imshow(np.stack([f, w, np.zeros_like(f)], axis=-1), origin=view.origin, interpolation="nearest")
         for ax in (checker_ax, colour_ax):
             _bare(ax)

@@ -64,6 +64,25 @@ def output_paths(out_dir: Path, fixed: str | Path, moving: str | Path, with_labe
     return paths
 
 
+def check_given_in_pairs(**paths) -> None:
+    """Require label maps and keypoint files for both images or for neither.
+
+    ``paths`` are ``fixed_<kind>`` / ``moving_<kind>`` keywords (``None`` when not given).
+
+    Raises:
+        DirioError: naming the one file given and the option that is missing.
+    """
+    kinds = sorted({name.split("_", 1)[1] for name in paths})
+    for kind in kinds:
+        fixed_path, moving_path = paths.get(f"fixed_{kind}"), paths.get(f"moving_{kind}")
+        if (fixed_path is None) != (moving_path is None):
+            side, other = ("fixed", "moving") if moving_path is None else ("moving", "fixed")
+            raise DirioError(
+                f"{fixed_path or moving_path}: {kind} given for the {side} image only; "
+                f"pass --{other}-{kind} too (metrics compare the two)"
+            )
+
+
 def load_inputs(
     fixed: str | Path,
     moving: str | Path,
@@ -82,8 +101,10 @@ def load_inputs(
     Raises:
         DirioError: naming the file, for unreadable files, wrong dimensionality, NaN/Inf voxels,
             non-integer label maps, grids that differ (without ``resample``), keypoints outside
-            the image, or a keypoint file given for one image only.
+            the image, or a label map or keypoint file given for one image only.
     """
+    check_given_in_pairs(fixed_labels=fixed_labels, moving_labels=moving_labels,
+                         fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints)
     fixed_image = load_image(fixed, ndim=ndim)
     moving_image = load_image(moving, ndim=ndim)
     inputs = Inputs(fixed_image, moving_image)
@@ -112,8 +133,6 @@ def load_inputs(
             else:
                 image = resample_to_grid(image, fixed_image, labels=True)
         setattr(inputs, attribute, image)
-    if (fixed_keypoints is None) != (moving_keypoints is None):
-        raise DirioError("keypoints need both --fixed-keypoints and --moving-keypoints")
     if fixed_keypoints is not None:
         inputs.fixed_points = load_keypoints(fixed_keypoints, shape=fixed_image.shape, ndim=ndim)
         # Moving keypoints are in the moving image's voxel coordinates (the Learn2Reg convention);
@@ -228,16 +247,19 @@ def register_files(
         moving_mask=None if inputs.moving_mask is None else inputs.moving_mask.data,
         device=device,
     )
+    # Everything that can fail on the inputs (warping, scoring) runs before the first file is
+    # written, so that an error leaves no output behind.
+    warped_labels = None
+    if inputs.moving_labels is not None:
+        warped_labels = apply_field(inputs.moving_labels.data, result.disp, labels=True)
+    before = evaluate(inputs, np.zeros_like(result.disp), label_ids, tre_order)
+    after = evaluate(inputs, result.disp, label_ids, tre_order)
     out_dir.mkdir(parents=True, exist_ok=True)
     affine = inputs.fixed.affine
     save_field(paths["disp"], result.disp, affine, overwrite=overwrite)
     save_image(paths["warped"], result.warped, affine, overwrite=overwrite)
-    warped_labels = None
-    if inputs.moving_labels is not None:
-        warped_labels = apply_field(inputs.moving_labels.data, result.disp, labels=True)
+    if warped_labels is not None:
         save_image(paths["warped_labels"], warped_labels, affine, overwrite=overwrite)
-    before = evaluate(inputs, np.zeros_like(result.disp), label_ids, tre_order)
-    after = evaluate(inputs, result.disp, label_ids, tre_order)
     record = {
         "fixed": str(fixed),
         "moving": str(moving),

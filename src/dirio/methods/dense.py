@@ -16,12 +16,36 @@ from typing import Sequence
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from ..field import integrate_velocity, resize_field
 
 
 def grid_shape(shape: Sequence[int], spacing: float) -> tuple[int, ...]:
     """Shape of a grid covering ``shape`` voxels with ``spacing`` voxels per grid point (at least 2 per axis)."""
     return tuple(max(int(round(n / spacing)), 2) for n in shape)
+
+
+def smooth_parameters(param: torch.Tensor, passes: int) -> torch.Tensor:
+    """``passes`` rounds of a 3-voxel moving average along every axis.
+
+    Two passes give the kernel ``[1, 2, 3, 2, 1] / 9`` per axis, a compact approximation of a
+    cubic B-spline: the field is a smooth function of the parameters and the optimiser's per-voxel
+    steps are spread over neighbours (ConvexAdam smooths its Adam field the same way with two
+    3x3x3 average poolings). At the border the average is over the voxels inside the grid.
+    Implemented with 1D average pooling along each axis, several times faster on the CPU than a
+    convolution with the same kernel.
+    """
+    ndim = param.dim() - 2
+    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    out = param
+    for _ in range(passes):
+        for axis in range(ndim):
+            kernel = [1] * ndim
+            kernel[axis] = 3
+            padding = [k // 2 for k in kernel]
+            out = pool(out, kernel, stride=1, padding=padding, count_include_pad=False)
+    return out
 
 
 class DenseDisplacement(nn.Module):
@@ -34,8 +58,9 @@ class DenseDisplacement(nn.Module):
 
     kind = "displacement"
 
-    def __init__(self, param_shape: Sequence[int], init: torch.Tensor | None = None, device=None):
+    def __init__(self, param_shape: Sequence[int], init: torch.Tensor | None = None, device=None, smoothing: int = 0):
         super().__init__()
+        self.smoothing = smoothing
         ndim = len(param_shape)
         if init is None:
             value = torch.zeros(1, ndim, *param_shape, device=device)
@@ -49,7 +74,7 @@ class DenseDisplacement(nn.Module):
 
     def grid_displacement(self) -> torch.Tensor:
         """``(1, ndim, *P)`` displacement on the parameter grid, in parameter-grid voxels."""
-        return self.param
+        return smooth_parameters(self.param, self.smoothing)
 
     def displacement(self, shape: Sequence[int]) -> torch.Tensor:
         """``(1, ndim, *shape)`` displacement on an image grid of ``shape``, in voxels of that grid."""
@@ -74,18 +99,21 @@ class StationaryVelocity(DenseDisplacement):
 
     kind = "velocity"
 
-    def __init__(self, param_shape: Sequence[int], init: torch.Tensor | None = None, device=None, steps: int = 7):
+    def __init__(self, param_shape: Sequence[int], init: torch.Tensor | None = None, device=None, steps: int = 7,
+                 smoothing: int = 0):
         # An initial displacement is used as the initial velocity: exact for translations and a
         # first-order approximation (exp(v) ~ id + v) otherwise.
-        super().__init__(param_shape, init=init, device=device)
+        super().__init__(param_shape, init=init, device=device, smoothing=smoothing)
         self.steps = steps
 
     def grid_displacement(self) -> torch.Tensor:
-        return integrate_velocity(self.param, self.steps)
+        return integrate_velocity(smooth_parameters(self.param, self.smoothing), self.steps)
 
 
-def make_dense_model(diffeomorphic: bool, param_shape, init=None, device=None, steps: int = 7) -> DenseDisplacement:
+def make_dense_model(
+    diffeomorphic: bool, param_shape, init=None, device=None, steps: int = 7, smoothing: int = 0
+) -> DenseDisplacement:
     """The dense transformation model: a velocity field when ``diffeomorphic`` else a displacement field."""
     if diffeomorphic:
-        return StationaryVelocity(param_shape, init=init, device=device, steps=steps)
-    return DenseDisplacement(param_shape, init=init, device=device)
+        return StationaryVelocity(param_shape, init=init, device=device, steps=steps, smoothing=smoothing)
+    return DenseDisplacement(param_shape, init=init, device=device, smoothing=smoothing)

@@ -41,6 +41,8 @@ class EngineConfig:
         schedule: ``"constant"``, ``"cosine"`` or ``"piecewise"``; ``schedule_options`` are its options.
         diffeomorphic: optimise a stationary velocity field integrated by scaling and squaring
             with ``integration_steps`` squarings.
+        smoothing: passes of a 3-voxel box filter applied to the parameters to form the field
+            (see :func:`dirio.methods.dense.smooth_parameters`); 0 uses the parameters as they are.
         combine: gradient combination rule name, ``combine_options`` its options.
         seed: seeds the run's generator (every random choice of a rule goes through it).
         progress: show a progress bar on stderr.
@@ -49,12 +51,13 @@ class EngineConfig:
     levels: Sequence[int] = (4, 2)
     iterations: Sequence[int] = (80, 40)
     grid_spacing: float | Sequence[float] = 1.0
-    lr: float = 1.0
+    lr: float = 0.5
     optimizer: str = "adam"
-    schedule: str = "constant"
+    schedule: str = "cosine"
     schedule_options: dict = field(default_factory=dict)
     diffeomorphic: bool = False
     integration_steps: int = 7
+    smoothing: int = 2
     combine: str = "sum"
     combine_options: dict = field(default_factory=dict)
     seed: int = 0
@@ -200,7 +203,8 @@ def optimise(
         param_shape = grid_shape(shape, spacing)
         if model is None:
             model = make_dense_model(
-                config.diffeomorphic, param_shape, init=init, device=device, steps=config.integration_steps
+                config.diffeomorphic, param_shape, init=init, device=device,
+                steps=config.integration_steps, smoothing=config.smoothing,
             )
         else:
             model.resample(param_shape)

@@ -1,0 +1,210 @@
+"""Specification of dirio.regularizers: diffusion, L1, total variation and bending energy.
+
+Fields with constant first derivatives (linear, u = A x) or constant second derivatives
+(quadratic, u_c = x^T H_c x / 2) have energies known in closed form, on any grid size. Shapes
+are anisotropic so that a swapped axis or component shows up as a wrong value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dirio import field
+from dirio import regularizers
+from dirio.regularizers import (
+    BendingEnergy,
+    Diffusion,
+    L1,
+    TotalVariation,
+    bending_reference,
+    diffusion_reference,
+    forward_differences,
+    l1_reference,
+    make_regularizer,
+    tv_reference,
+)
+
+SHAPES = {3: (6, 7, 8), 2: (7, 9)}
+NAMES = ["diffusion", "l1", "tv", "bending"]
+
+
+def _linear_field(matrix: np.ndarray, shape, batch: int = 1) -> torch.Tensor:
+    """(batch, ndim, *shape) field u_c(x) = sum_a A[c, a] x_a + c (the offset c must not matter)."""
+    ndim = len(shape)
+    grid = field.identity_grid(shape, dtype=torch.float64)
+    a = torch.as_tensor(matrix, dtype=torch.float64)
+    u = torch.einsum("ca,a...->c...", a, grid) + torch.arange(ndim, dtype=torch.float64).view(ndim, *([1] * ndim))
+    return u.unsqueeze(0).expand(batch, *u.shape).contiguous()
+
+
+def _quadratic_field(hessians: np.ndarray, shape) -> torch.Tensor:
+    """(1, ndim, *shape) field u_c(x) = x^T H_c x / 2 + linear term (which must not matter)."""
+    ndim = len(shape)
+    grid = field.identity_grid(shape, dtype=torch.float64)
+    h = torch.as_tensor(hessians, dtype=torch.float64)
+    u = 0.5 * torch.einsum("a...,cab,b...->c...", grid, h, grid) + 0.3 * grid.sum(0)
+    return u.unsqueeze(0)
+
+
+def _random_matrix(ndim: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(ndim, ndim))
+
+
+def _random_hessians(ndim: int, seed: int = 0) -> np.ndarray:
+    m = np.random.default_rng(seed).normal(size=(ndim, ndim, ndim))
+    return m + m.transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_constant_field_has_zero_energy(name, ndim):
+    """A translation is perfectly smooth: every regulariser gives exactly 0."""
+    offsets = torch.arange(1.0, ndim + 1, dtype=torch.float64).view(1, ndim, *([1] * ndim))
+    disp = torch.ones((2, ndim, *SHAPES[ndim]), dtype=torch.float64) * offsets
+    assert float(make_regularizer(name)(disp)) == 0.0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_linear_field_energies_match_closed_form(ndim):
+    """u = A x: diffusion = ||A||_F^2, l1 = sum |A|, tv = sqrt(||A||_F^2 + eps) - sqrt(eps), bending = 0."""
+    a = _random_matrix(ndim)
+    disp = _linear_field(a, SHAPES[ndim], batch=2)
+    assert float(Diffusion()(disp)) == pytest.approx((a**2).sum(), rel=1e-12)
+    assert float(L1()(disp)) == pytest.approx(np.abs(a).sum(), rel=1e-12)
+    eps = 1e-6
+    assert float(TotalVariation(eps=eps)(disp)) == pytest.approx(math.sqrt((a**2).sum() + eps) - math.sqrt(eps), rel=1e-12)
+    assert float(BendingEnergy()(disp)) == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_quadratic_field_bending_energy_is_sum_of_squared_hessians(ndim):
+    """u_c = x^T H_c x / 2: d2u_c/dx_a dx_b = H_c[a, b] exactly, so bending = sum_c ||H_c||_F^2
+    (diagonal terms once, mixed terms twice = both (a, b) and (b, a) entries)."""
+    h = _random_hessians(ndim)
+    disp = _quadratic_field(h, SHAPES[ndim])
+    assert float(BendingEnergy()(disp)) == pytest.approx((h**2).sum(), rel=1e-10)
+
+
+def test_diffusion_hand_computed_on_a_tiny_field():
+    """One component varying only along axis 0 as [0, 1, 3]: differences 1 and 2, mean square 2.5."""
+    disp = torch.zeros((1, 2, 3, 2), dtype=torch.float64)
+    disp[0, 0] = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64).view(3, 1)
+    assert float(Diffusion()(disp)) == pytest.approx(2.5)
+    assert float(L1()(disp)) == pytest.approx(1.5)
+    # Second difference along axis 0 is 3 - 2 + 0 = 1 on the single interior voxel row.
+    assert float(BendingEnergy()(disp)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_spacing_scaling_law(ndim):
+    """Spacing h divides derivatives by h: diffusion / h^2, l1 / h, bending / h^4."""
+    disp = torch.randn((1, ndim, *SHAPES[ndim]), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert float(Diffusion()(disp, spacing=2)) == pytest.approx(float(Diffusion()(disp)) / 4, rel=1e-12)
+    assert float(L1()(disp, spacing=2.0)) == pytest.approx(float(L1()(disp)) / 2, rel=1e-12)
+    assert float(BendingEnergy()(disp, spacing=(2,) * ndim)) == pytest.approx(float(BendingEnergy()(disp)) / 16, rel=1e-12)
+
+
+def test_per_axis_spacing_applies_to_its_own_axis_only():
+    """A field varying only along axis 1: spacing (1, 2, 1) divides diffusion by 4, spacing (2, 1, 1) changes nothing."""
+    disp = torch.zeros((1, 3, *SHAPES[3]), dtype=torch.float64)
+    disp[0, 2] = field.identity_grid(SHAPES[3], dtype=torch.float64)[1] ** 2
+    base = float(Diffusion()(disp))
+    assert float(Diffusion()(disp, spacing=(1, 2, 1))) == pytest.approx(base / 4, rel=1e-12)
+    assert float(Diffusion()(disp, spacing=(2, 1, 1))) == pytest.approx(base, rel=1e-12)
+    assert float(BendingEnergy()(disp, spacing=(1, 2, 1))) == pytest.approx(float(BendingEnergy()(disp)) / 16, rel=1e-12)
+
+
+def test_coarse_grid_of_the_same_linear_map_has_the_same_diffusion():
+    """The same fine-grid map u = A x sampled on a grid of spacing 2 (values still in fine voxels)
+    has derivative 2A per coarse voxel; dividing by the spacing gives the fine-grid energy."""
+    a = _random_matrix(3, seed=2)
+    coarse = _linear_field(2 * a, (4, 5, 6))
+    assert float(Diffusion()(coarse, spacing=2)) == pytest.approx((a**2).sum(), rel=1e-12)
+
+
+def test_total_variation_is_isotropic_per_voxel_norm_of_the_jacobian():
+    """tv = mean_x sqrt(sum_{c,a} (D_a u_c)^2 + eps) - sqrt(eps) on the voxels where all forward differences exist."""
+    disp = torch.randn((1, 2, 5, 6), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    d = disp[0].numpy()
+    d0 = d[:, 1:, :-1] - d[:, :-1, :-1]
+    d1 = d[:, :-1, 1:] - d[:, :-1, :-1]
+    eps = 1e-3
+    expected = np.mean(np.sqrt((d0**2).sum(0) + (d1**2).sum(0) + eps) - math.sqrt(eps))
+    assert float(TotalVariation(eps=eps)(disp)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_energies_are_nonnegative_and_differentiable(name):
+    """Random fields give finite energies >= 0 with finite, non-zero gradients."""
+    disp = torch.randn((1, 3, *SHAPES[3]), generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
+    value = make_regularizer(name)(disp)
+    value.backward()
+    assert float(value.detach()) > 0.0
+    assert torch.isfinite(disp.grad).all() and float(disp.grad.abs().max()) > 0.0
+
+
+REFERENCES = {
+    "diffusion": diffusion_reference,
+    "l1": l1_reference,
+    "tv": tv_reference,
+    "bending": bending_reference,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("slab_voxels", [1, 40, 1 << 18])
+def test_slab_implementation_equals_autograd_reference(monkeypatch, name, ndim, slab_voxels):
+    """The cache-blocked analytic-gradient energies equal the plain-autograd formulas in value and
+    gradient, for one-row slabs, a few rows per slab and a single slab, with anisotropic spacing."""
+    monkeypatch.setattr(regularizers, "_SLAB_VOXELS", slab_voxels)
+    shape = SHAPES[ndim]
+    spacing = (1.0, 2.0, 0.5)[:ndim]
+    disp = torch.randn((2, ndim, *shape), generator=torch.Generator().manual_seed(6), dtype=torch.float64, requires_grad=True)
+    fast = make_regularizer(name)(disp, spacing)
+    (grad_fast,) = torch.autograd.grad(3.0 * fast, disp)
+    reference = REFERENCES[name](disp, spacing)
+    (grad_reference,) = torch.autograd.grad(3.0 * reference, disp)
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_fast, grad_reference, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():
+        torch.testing.assert_close(make_regularizer(name)(disp, spacing), reference.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "tv", "bending"])
+def test_energy_gradients_pass_gradcheck(monkeypatch, name):
+    """Finite differences confirm the analytic gradients (two-row slabs)."""
+    monkeypatch.setattr(regularizers, "_SLAB_VOXELS", 2 * 5 * 6)
+    disp = torch.randn((1, 3, 4, 5, 6), generator=torch.Generator().manual_seed(7), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: make_regularizer(name)(u, (1.0, 1.5, 2.0)), (disp,))
+
+
+def test_forward_differences_shapes_and_values():
+    """Axis a's difference has one voxel fewer along a and equals u[x + e_a] - u[x] divided by the spacing."""
+    disp = torch.randn((1, 3, *SHAPES[3]), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    diffs = forward_differences(disp, spacing=(1, 2, 4))
+    assert [tuple(d.shape[2:]) for d in diffs] == [(5, 7, 8), (6, 6, 8), (6, 7, 7)]
+    torch.testing.assert_close(diffs[2], (disp[..., 1:] - disp[..., :-1]) / 4)
+
+
+def test_invalid_inputs_and_factory_errors():
+    """Wrong field shapes, bad spacings, unknown names and options raise ValueError naming the valid choices."""
+    with pytest.raises(ValueError):
+        Diffusion()(torch.zeros((1, 2, 4, 4, 4)))
+    with pytest.raises(ValueError):
+        Diffusion()(torch.zeros((1, 3, 4, 4, 4)), spacing=(1, 1))
+    with pytest.raises(ValueError):
+        Diffusion()(torch.zeros((1, 3, 4, 4, 4)), spacing=0)
+    with pytest.raises(ValueError, match="diffusion, l1, tv, bending"):
+        make_regularizer("elastic")
+    with pytest.raises(ValueError, match="eps"):
+        make_regularizer("tv", weight=2.0)
+    with pytest.raises(ValueError):
+        make_regularizer("tv", eps=0.0)
+    assert make_regularizer("tv", eps=1e-4).eps == 1e-4
+    for name in NAMES:
+        assert make_regularizer(name).name == name
