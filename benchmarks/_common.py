@@ -165,6 +165,37 @@ def process_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def reset_peak_rss() -> float | None:
+    """Reset this process's peak-RSS record to its current resident size; return that size in MiB.
+
+    On CPU, ``RegistrationResult.peak_memory_mb`` is the process's ``ru_maxrss``, which otherwise
+    never decreases: a second registration in the same process (or one after the metrics of the
+    first) would report the earlier peak. Writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0)
+    resets the high-water mark that ``ru_maxrss`` reads, so the peak reported after the next
+    registration is its own (plus the data this process already holds, the returned baseline).
+    Returns ``None`` where the reset is not available (the peak is then cumulative).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return None
+    return process_peak_rss_mb()
+
+
+def peak_memory_note(rows: Sequence[dict]) -> str:
+    """The table note that says what ``peak MB`` measures on the device used."""
+    if rows and str(rows[0].get("device", "")).startswith("cuda"):
+        return "peak MB: torch's peak allocated CUDA memory during the optimisation (reset at its start)."
+    baselines = [r.get("rss_at_register_start_mb") for r in rows]
+    if any(b is None for b in baselines):
+        return ("peak MB: the process's peak resident set size (ru_maxrss); it could not be reset between runs here, "
+                "so it is cumulative over everything this script did before.")
+    return ("peak MB: the process's peak resident set size (ru_maxrss) during register(), reset just before each call "
+            "(/proc/self/clear_refs), so it includes what the script already held then: "
+            + ", ".join(f"{b:.0f}" for b in baselines) + " MB at the start of each call.")
+
+
 def machine_info(device: str) -> dict:
     """Where the numbers were taken: host, CPU count, torch threads, GPU name."""
     info = {

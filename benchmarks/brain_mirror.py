@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     moving = np.ascontiguousarray(np.flip(image, axis=axis))
     moving_labels = swap_left_right_labels(np.ascontiguousarray(np.flip(seg, axis=axis)))
 
-    rss_before = C.process_peak_rss_mb()
+    rss_baseline = C.reset_peak_rss()
     result = register(image, moving, preset=args.preset, device=args.device, **C.overrides_from_args(args))
 
     labels = [int(v) for v in label_ids]
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
         "optimisation_seconds": result.seconds,
         "levels": C.level_timings(result.levels),
         "peak_memory_mb": result.peak_memory_mb,
-        "process_peak_rss_before_mb": rss_before,
+        "rss_at_register_start_mb": rss_baseline,
         "device": result.device,
         "settings": result.settings.to_dict(),
     }
@@ -119,9 +119,8 @@ def main(argv=None) -> None:
         f"{distances[axis]:.1f} voxels from the label-{AXIS_PROBE[1]} centroid), with the {len(LEFT_RIGHT_PAIRS)} "
         f"FreeSurfer left/right label pairs swapped. Preset {args.preset}, device {row['device']}.",
         f"Dice: mean over the {len(labels)} labels of labels.npz; HD95 in voxels; SDlogJ: Learn2Reg variant.",
-        "s/it per level = level wall time / iterations (set-up included), keyed by shrink factor. peak MB: on CPU "
-        f"the process's peak RSS (ru_maxrss; it was already {rss_before:.0f} MB before register() from loading the "
-        "data), on CUDA the peak allocated GPU memory of the run.",
+        "s/it per level = level wall time / iterations (set-up included), keyed by shrink factor.",
+        C.peak_memory_note([row]),
     ]
     C.finish(NAME, "Brain vs its left-right mirror (voxelmorph test_scan)", args, {"device": row["device"],
              "preset": args.preset, "rows": [row]}, [C.markdown_table(header, body)], notes)

@@ -77,7 +77,7 @@ def run_seed(args, seed: int, image, seg, label_ids, labels_path) -> dict:
     folder = Path(args.out) / f"seed{seed}"
     paths = write_pair(folder / "inputs", pair)  # outside every timing
 
-    rss_before = C.process_peak_rss_mb()
+    rss_baseline = C.reset_peak_rss()
     result = register(pair.fixed, pair.moving, preset=args.preset, device=args.device, **C.overrides_from_args(args))
 
     labels = [int(v) for v in label_ids]
@@ -107,7 +107,7 @@ def run_seed(args, seed: int, image, seg, label_ids, labels_path) -> dict:
         "optimisation_seconds": result.seconds,
         "levels": C.level_timings(result.levels),
         "peak_memory_mb": result.peak_memory_mb,
-        "process_peak_rss_before_mb": rss_before,
+        "rss_at_register_start_mb": rss_baseline,
         "device": result.device,
         "settings": result.settings.to_dict(),
     }
@@ -165,10 +165,8 @@ def main(argv=None) -> None:
         + "; % det<=0 " + ", ".join(C.fmt(r["true_field_percent_nonpositive_jacobian"], 4) for r in rows) + ".",
         "opt s: optimisation wall time inside register(); s/it per level = level wall time / iterations "
         "(level set-up included), keyed by pyramid shrink factor.",
-        "peak MB (API): on CPU the process's peak RSS so far (ru_maxrss), which never decreases, so after the first "
-        "seed it also covers earlier seeds and metric computations; on CUDA the peak allocated GPU memory of the run. "
-        "CLI peak MB is the same measure inside the fresh `dirio register` process (started from a small launcher, "
-        "because Linux keeps ru_maxrss across fork/exec), so on CPU it is the cleaner number.",
+        C.peak_memory_note(rows) + " CLI peak MB: the same measure inside the `dirio register` process (started "
+        "from a small launcher, because Linux keeps ru_maxrss across fork/exec).",
         "CLI wall s: perf_counter around the whole `dirio register` subprocess (start-up, imports, reading NIfTI, "
         "registration, writing outputs, metrics, figure); the NIfTI pair was written before the timing.",
     ]

@@ -68,7 +68,7 @@ def similarity_in_union(fixed: np.ndarray, moving_on_fixed: np.ndarray, moving_m
 def run_direction(args, moving_name: str, fixed_name: str, subjects: dict) -> dict:
     fixed, fixed_labels = subjects[fixed_name]
     moving, moving_labels = subjects[moving_name]
-    rss_before = C.process_peak_rss_mb()
+    rss_baseline = C.reset_peak_rss()
     result = register(fixed, moving, preset=args.preset, device=args.device, **C.overrides_from_args(args))
 
     warped_mask = warp_labels(brain_mask(moving).astype(np.uint8), result.disp) > 0
@@ -100,7 +100,7 @@ def run_direction(args, moving_name: str, fixed_name: str, subjects: dict) -> di
         "optimisation_seconds": result.seconds,
         "levels": C.level_timings(result.levels),
         "peak_memory_mb": result.peak_memory_mb,
-        "process_peak_rss_before_mb": rss_before,
+        "rss_at_register_start_mb": rss_baseline,
         "device": result.device,
         "settings": result.settings.to_dict(),
     }
@@ -132,8 +132,8 @@ def main(argv=None) -> None:
         "*Dice/HD95 of the 2 coarse labels (1, 2): NOT meaningful for ranking -- the label maps are shifted "
         "against their images by about (2, 4, 0) voxels (data README; every tool tried reaches only 0.64-0.66). "
         "HD95 in voxels; SDlogJ: Learn2Reg variant.",
-        "peak MB: on CPU the process's peak RSS (ru_maxrss, never decreases, so the second direction also covers "
-        "the first); on CUDA the peak allocated GPU memory of the run.",
+        "s/it per level = level wall time / iterations (set-up included), keyed by shrink factor.",
+        C.peak_memory_note(rows),
     ]
     C.finish(NAME, "OASIS pair (LapIRN demo subjects A and B)", args,
              {"device": rows[0]["device"], "preset": args.preset, "rows": rows}, [C.markdown_table(header, body)], notes)

@@ -669,3 +669,25 @@ def test_python_dash_m_dirio_register_runs_in_a_subprocess(tiny, tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout == "" and completed.stderr == ""  # -q
     assert nib.load(str(out / "disp_fixed_moving.nii.gz")).shape == TINY + (3,)
+
+
+def test_malformed_arguments_give_one_dirio_error_line(capsys):
+    """argparse's own errors follow the same one-line ``dirio: error:`` rule (exit 2)."""
+    from dirio.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["register", "a.nii.gz", "b.nii.gz", "-o", "out", "--levels", "a,b"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dirio: error: register: argument --levels")
+
+
+def test_api_rejects_bad_schedule_options_with_a_one_line_error():
+    from dirio.api import register
+    from dirio.errors import DirioError
+
+    image = np.zeros((8, 8, 8), dtype=np.float32)
+    with pytest.raises(DirioError, match="schedule options"):
+        register(image, image, schedule="cosine", schedule_options={"bogus": 1}, progress=False)
+    with pytest.raises(DirioError, match="clip range"):
+        register(image, image, normalise="clip", clip_range=(5.0, 1.0), progress=False)

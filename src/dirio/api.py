@@ -7,7 +7,6 @@ the Learn2Reg layout together with the warped image and the optimisation log.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +86,26 @@ def build_objectives(settings: Settings) -> list[Objective]:
     return objectives
 
 
+def check_settings(settings: Settings) -> None:
+    """Reject settings a run would fail on, with a one-line :class:`DirioError`, before any work.
+
+    Builds the similarity and the regularisers (unknown names or options), validates the engine
+    configuration and builds the learning-rate schedule (unknown or inconsistent options).
+    """
+    from .optim.schedules import make_schedule
+
+    build_objectives(settings)
+    engine = settings.engine
+    try:
+        engine.validate()
+    except ValueError as error:
+        raise DirioError(str(error)) from None
+    try:
+        make_schedule(engine.schedule, **engine.schedule_options)
+    except (ValueError, TypeError) as error:
+        raise DirioError(f"schedule options for schedule {engine.schedule!r}: {error}") from None
+
+
 def register(
     fixed,
     moving,
@@ -135,11 +154,8 @@ def register(
     init_tensor = None
     if init is not None:
         init_tensor = torch.from_numpy(np.moveaxis(np.asarray(init, dtype=np.float32), -1, 0).copy())[None].to(device)
+    check_settings(settings)
     objectives = build_objectives(settings)
-    try:
-        settings.engine.validate()
-    except ValueError as error:
-        raise DirioError(str(error)) from None
     result: EngineResult = optimise(
         fixed_tensor, moving_tensor, objectives, settings.engine,
         fixed_mask=masks[0], moving_mask=masks[1], init=init_tensor,
@@ -174,4 +190,4 @@ def apply_field(image: np.ndarray, disp: np.ndarray, labels: bool = False, devic
     return warp(source, disp_tensor)[0, 0].cpu().numpy()
 
 
-__all__ = ["register", "apply_field", "RegistrationResult", "resolve_device", "make_settings", "Settings"]
+__all__ = ["register", "apply_field", "check_settings", "RegistrationResult", "resolve_device", "make_settings", "Settings"]

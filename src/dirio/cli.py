@@ -152,28 +152,23 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def check_settings(settings) -> None:
-    """Reject, before any file is read, settings the run would fail on (one-line :class:`DirioError`).
+    """Reject, before any file is read, settings the run would fail on (see :func:`dirio.api.check_settings`)."""
+    from .api import check_settings as check
 
-    Builds the similarity and the regularisers (unknown names or options), validates the engine
-    configuration and builds the learning-rate schedule (unknown or inconsistent options).
-    """
-    from .api import build_objectives
-    from .optim.schedules import make_schedule
+    check(settings)
 
-    build_objectives(settings)
-    engine = settings.engine
-    try:
-        engine.validate()
-    except ValueError as error:
-        raise DirioError(str(error)) from None
-    try:
-        make_schedule(engine.schedule, **engine.schedule_options)
-    except (ValueError, TypeError) as error:
-        raise DirioError(f"--schedule-options for schedule {engine.schedule!r}: {error}") from None
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with dirio's one-line error format (``dirio: error: ...``, exit status 2)."""
+
+    def error(self, message):
+        command = self.prog.split()[-1]
+        where = "" if command == "dirio" else f"{command}: "
+        self.exit(2, f"dirio: error: {where}{message} (see dirio {'' if not where else command + ' '}--help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dirio", description="Deformable image registration by instance optimisation.")
+    parser = _Parser(prog="dirio", description="Deformable image registration by instance optimisation.")
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -273,9 +268,11 @@ def run_warp(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from .files import write_json
+    from .files import check_writable, write_json
     from .workflow import evaluate_files
 
+    if args.output:
+        check_writable([args.output], args.overwrite)
     metrics = evaluate_files(
         args.field, args.fixed, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
         fixed_keypoints=args.fixed_keypoints, moving_keypoints=args.moving_keypoints,

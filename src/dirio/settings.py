@@ -111,6 +111,11 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
                 raise ValueError(f"unknown setting {key!r}")
     if values.get("normalise", "percentile") not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {values['normalise']!r}; choose one of {', '.join(NORMALISATIONS)}")
-    if values.get("normalise") == "clip" and values.get("clip_range") is None:
+    clip_range = values.get("clip_range")
+    if clip_range is not None:
+        if len(clip_range) != 2 or not float(clip_range[0]) < float(clip_range[1]):
+            raise ValueError(f"clip range needs two numbers LO,HI with LO < HI, got {tuple(clip_range)}")
+        values["clip_range"] = (float(clip_range[0]), float(clip_range[1]))
+    if values.get("normalise") == "clip" and clip_range is None:
         raise ValueError("normalisation 'clip' needs a clip range (low, high)")
     return Settings(**values, engine=EngineConfig(**engine_values))
