@@ -1,6 +1,7 @@
 """Command line: a thin layer over :mod:`dirio.workflow` and :mod:`dirio.api`.
 
-``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate`` and ``dirio demo``.
+``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate``, ``dirio demo`` and
+``dirio sweep`` (weights x combination rules on one pair, Pareto front; :mod:`dirio.sweep`).
 User errors print one line ``dirio: error: ...`` and exit with status 2.
 """
 
@@ -104,6 +105,15 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
                      help="e.g. constant_until=0.26,cosine_until=0.67 for piecewise")
     opt.add_argument("--diffeomorphic", action="store_true", default=None,
                      help="optimise a stationary velocity field (scaling and squaring)")
+    opt.add_argument("--combine", choices=["sum", "pcgrad", "surgery"],
+                     help="how similarity and regulariser gradients are combined (default sum)")
+    opt.add_argument("--combine-options", type=_key_values, metavar="K=V,...",
+                     help="e.g. scope=block,block_size=8 (pcgrad, surgery); project=random|similarity|regularizer|all "
+                          "(pcgrad); diagnose=true (sum)")
+    opt.add_argument("--early-stop", choices=["none", "plateau"],
+                     help="stop a level when the similarity plateaus (default none: fixed iteration counts)")
+    opt.add_argument("--early-stop-options", type=_key_values, metavar="K=V,...",
+                     help="e.g. window=10,tolerance=0.01,min_iterations=20 for plateau")
     opt.add_argument("--seed", type=int)
     opt.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
@@ -142,6 +152,10 @@ def settings_from_args(args: argparse.Namespace):
             schedule=args.schedule,
             schedule_options=args.schedule_options,
             diffeomorphic=args.diffeomorphic,
+            combine=args.combine,
+            combine_options=args.combine_options,
+            early_stop=args.early_stop,
+            early_stop_options=args.early_stop_options,
             seed=args.seed,
             progress=not args.quiet,
         )
@@ -219,6 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--device", default="auto")
     demo.add_argument("-q", "--quiet", action="store_true")
+
+    sweep = commands.add_parser("sweep", help="register one pair with several weights and combination rules; "
+                                              "plot the Pareto front and write the table")
+    sweep.add_argument("fixed")
+    sweep.add_argument("moving")
+    sweep.add_argument("-o", "--output", required=True, help="output directory (sweep.json, sweep.csv, sweep.md, pareto.png)")
+    sweep.add_argument("--weights", type=_float_list, required=True, metavar="W,...",
+                       help="regulariser weights to try (every regulariser gets the weight)")
+    sweep.add_argument("--rules", default="sum,pcgrad,surgery", metavar="RULE,...",
+                       type=lambda text: [r.strip() for r in text.split(",") if r.strip()],
+                       help="combination rules to try (default sum,pcgrad,surgery; surgery runs once)")
+    sweep_inputs = sweep.add_argument_group("inputs")
+    sweep_inputs.add_argument("--fixed-labels")
+    sweep_inputs.add_argument("--moving-labels")
+    sweep_inputs.add_argument("--fixed-mask")
+    sweep_inputs.add_argument("--moving-mask")
+    sweep_inputs.add_argument("--fixed-keypoints", help="CSV of voxel coordinates (i,j,k), one point per row")
+    sweep_inputs.add_argument("--moving-keypoints")
+    sweep_inputs.add_argument("--label-ids", type=_label_ids, help="labels scored by Dice/HD95")
+    sweep_inputs.add_argument("--resample", action="store_true", help="resample moving-side inputs onto the fixed grid")
+    sweep_inputs.add_argument("--ndim", type=int, choices=[2, 3], default=3)
+    add_registration_options(sweep)
+    sweep.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="no progress lines or table")
     return parser
 
 
@@ -292,10 +330,35 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_sweep(args) -> int:
+    from .sweep import sweep_files
+
+    # --combine-options are shared by the sweep's rules, each taking the ones it accepts (checked
+    # per rule by sweep_files), so they are not validated against the single --combine rule here
+    options, args.combine_options = args.combine_options or {}, None
+    settings = settings_from_args(args)
+    settings.engine.combine_options = options
+    settings.engine.progress = False  # one line per run instead of a bar per run
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    record = sweep_files(
+        args.fixed, args.moving, args.output, settings=settings, weights=args.weights, rules=args.rules,
+        fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+        fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+        fixed_keypoints=args.fixed_keypoints, moving_keypoints=args.moving_keypoints,
+        label_ids=args.label_ids, resample=args.resample, overwrite=args.overwrite,
+        device=args.device, ndim=args.ndim, log=log,
+    )
+    if not args.quiet:
+        print(record["table"], end="")
+        print(f"outputs in {args.output}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"register": run_register, "warp": run_warp, "evaluate": run_evaluate, "demo": run_demo}
+    handlers = {"register": run_register, "warp": run_warp, "evaluate": run_evaluate, "demo": run_demo,
+                "sweep": run_sweep}
     try:
         return handlers[args.command](args)
     except DirioError as error:

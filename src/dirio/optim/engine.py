@@ -22,6 +22,7 @@ from ..field import identity_grid, resize_field, resize_image, sample
 from ..methods.dense import grid_shape, make_dense_model
 from .combine import make_combine_rule
 from .schedules import make_schedule
+from .stopping import STOPPING_RULES, make_stopping_rule
 
 OPTIMIZERS = ("adam", "amsgrad", "sgd")
 
@@ -44,6 +45,9 @@ class EngineConfig:
         smoothing: passes of a 3-voxel box filter applied to the parameters to form the field
             (see :func:`dirio.methods.dense.smooth_parameters`); 0 uses the parameters as they are.
         combine: gradient combination rule name, ``combine_options`` its options.
+        early_stop: ``"none"`` (fixed iteration counts) or ``"plateau"`` (stop a level when the
+            similarity stops improving, see :mod:`dirio.optim.stopping`); ``early_stop_options``
+            its options. The level's iteration count stays the upper bound.
         seed: seeds the run's generator (every random choice of a rule goes through it).
         progress: show a progress bar on stderr.
     """
@@ -60,6 +64,8 @@ class EngineConfig:
     smoothing: int = 2
     combine: str = "sum"
     combine_options: dict = field(default_factory=dict)
+    early_stop: str = "none"
+    early_stop_options: dict = field(default_factory=dict)
     seed: int = 0
     progress: bool = True
 
@@ -78,6 +84,14 @@ class EngineConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.early_stop not in STOPPING_RULES:
+            raise ValueError(f"unknown early stopping rule {self.early_stop!r}; choose one of {', '.join(STOPPING_RULES)}")
+        # build the rule and the stopper once: unknown names, options and values fail here
+        try:
+            make_combine_rule(self.combine, **self.combine_options)
+            make_stopping_rule(self.early_stop, **self.early_stop_options)
+        except TypeError as error:
+            raise ValueError(f"combination or early-stopping options: {error}") from None
 
     def spacings(self) -> list[float]:
         if isinstance(self.grid_spacing, (int, float)):
@@ -103,7 +117,8 @@ class EngineResult:
         displacement: ``(1, ndim, *S)`` final displacement on the full image grid, in voxels.
         history: one dict per iteration: ``level``, ``iteration``, ``lr``, every term's value and
             the combination rule's diagnostics.
-        levels: one dict per level: shape, parameter grid, iterations, seconds, seconds per iteration.
+        levels: one dict per level: shape, parameter grid, iterations (asked and run), seconds
+            (in all, of set-up: pyramid images and features, and per iteration of the loop).
         peak_memory_mb: peak resident memory of the process (CPU) or peak allocated CUDA memory.
         seconds: wall time of the optimisation.
     """
@@ -131,10 +146,30 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement (CUDA statistics, or Linux's per-process VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the resident-set high-water mark (VmHWM).
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated (CUDA devices) or peak resident set size of the process, in MiB."""
+    """Peak CUDA memory allocated (CUDA devices), else the peak resident set size of the process
+    since :func:`reset_peak_memory` (Linux VmHWM; elsewhere the all-time ``ru_maxrss``), in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -156,6 +191,7 @@ def optimise(
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
+    model_factory: Callable | None = None,
 ) -> EngineResult:
     """Register ``moving`` to ``fixed`` by instance optimisation of a dense field.
 
@@ -167,6 +203,10 @@ def optimise(
         config: the run's settings.
         fixed_mask, moving_mask: optional ``(1, 1, *S)`` masks in [0, 1] restricting the similarity.
         init: optional ``(1, ndim, *S)`` initial displacement (voxels of the full grid).
+        model_factory: optional ``factory(param_shape) -> model`` replacing the dense model (e.g.
+            :class:`dirio.methods.affine.AffineTransform`); called once with the first level's
+            parameter grid. A model has ``param``, ``displacement(shape)``, ``regularised()`` and
+            ``resample(param_shape)``; ``init`` is then the factory's business.
     Returns:
         An :class:`EngineResult`; its displacement is in voxels of the full grid.
     Raises:
@@ -185,9 +225,9 @@ def optimise(
     ndim = len(full_shape)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     rule = make_combine_rule(config.combine, **_rule_options(config, generator))
+    stopper = make_stopping_rule(config.early_stop, **config.early_stop_options)
     schedule = make_schedule(config.schedule, **config.schedule_options)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
     total_iterations = sum(config.iterations)
     bar = _progress_bar(total_iterations, config.progress)
@@ -201,7 +241,9 @@ def optimise(
         level_start = time.perf_counter()
         shape = level_shape(full_shape, factor)
         param_shape = grid_shape(shape, spacing)
-        if model is None:
+        if model is None and model_factory is not None:
+            model = model_factory(param_shape)
+        elif model is None:
             model = make_dense_model(
                 config.diffeomorphic, param_shape, init=init, device=device,
                 steps=config.integration_steps, smoothing=config.smoothing,
@@ -216,6 +258,10 @@ def optimise(
         moving_mask_level = None if moving_mask is None else resize_image(moving_mask, shape, antialias=False)
         identity = identity_grid(shape, device=device).unsqueeze(0)
         optimizer = make_optimizer(config.optimizer, [model.param], config.lr / spacing)
+        if stopper is not None:
+            stopper.start_level()
+        ran = 0  # iterations run at this level (fewer than ``iterations`` after an early stop)
+        loop_start = time.perf_counter()
 
         for iteration in range(iterations):
             lr = config.lr * schedule(iteration, iterations)
@@ -244,7 +290,12 @@ def optimise(
             )
             bar.update(1)
             bar.set_postfix_str(f"level {level_index} loss {total:.4f}", refresh=False)
+            ran = iteration + 1
+            if stopper is not None and stopper.update(values[similarity.name]):
+                bar.update(iterations - ran)
+                break
         seconds = time.perf_counter() - level_start
+        loop_seconds = time.perf_counter() - loop_start
         level_stats.append(
             {
                 "level": level_index,
@@ -252,8 +303,10 @@ def optimise(
                 "shape": list(shape),
                 "grid": list(param_shape),
                 "iterations": iterations,
+                "iterations_run": ran,
                 "seconds": seconds,
-                "seconds_per_iteration": seconds / iterations if iterations else 0.0,
+                "setup_seconds": seconds - loop_seconds,
+                "seconds_per_iteration": loop_seconds / ran if ran else 0.0,
             }
         )
     bar.close()
