@@ -90,7 +90,10 @@ def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False,
     save_image(files["moving_labels"], pair.moving_labels, affine, overwrite=overwrite)
     save_field(files["true_disp"], pair.true_disp, affine, overwrite=overwrite)
 
-    settings = make_settings("brain-mri", progress=not quiet)
+    # The brain-mri preset's pyramid (4, 2) is meant for 1 mm images: its finest level has 2 mm
+    # voxels. Keep that physical resolution at the demo's voxel size.
+    finest = max(1, int(round(2.0 / resolution)))
+    settings = make_settings("brain-mri", levels=(2 * finest, finest), progress=not quiet)
     record = register_files(
         files["fixed"], files["moving"], out, settings=settings,
         fixed_labels=files["fixed_labels"], moving_labels=files["moving_labels"],
