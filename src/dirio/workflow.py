@@ -107,32 +107,25 @@ def load_inputs(
                          fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints)
     fixed_image = load_image(fixed, ndim=ndim)
     moving_image = load_image(moving, ndim=ndim)
-    inputs = Inputs(fixed_image, moving_image)
 
-    def moving_side(image: Image, labels: bool) -> Image:
-        if resample:
+    def on_fixed_grid(image: Image, what: str, labels: bool, moving_side: bool) -> Image:
+        """Moving-side files are resampled when asked; everything else must share the fixed grid."""
+        if moving_side and resample:
             return resample_to_grid(image, fixed_image, labels=labels)
-        check_same_grid(fixed_image, image, what="moving" if image is moving_image else f"moving-side file")
+        check_same_grid(fixed_image, image, what=what)
         return image
 
-    inputs.moving = moving_side(moving_image, labels=False)
-    for attribute, path, is_fixed in (
-        ("fixed_labels", fixed_labels, True),
-        ("moving_labels", moving_labels, False),
-        ("fixed_mask", fixed_mask, True),
-        ("moving_mask", moving_mask, False),
+    inputs = Inputs(fixed_image, on_fixed_grid(moving_image, "moving", labels=False, moving_side=True))
+    for attribute, path in (
+        ("fixed_labels", fixed_labels),
+        ("moving_labels", moving_labels),
+        ("fixed_mask", fixed_mask),
+        ("moving_mask", moving_mask),
     ):
-        if path is None:
-            continue
-        image = load_image(path, labels=True, ndim=ndim)
-        if is_fixed:
-            check_same_grid(fixed_image, image, what=f"{attribute.replace('_', ' ')}")
-        else:
-            if not resample:
-                check_same_grid(fixed_image, image, what=f"{attribute.replace('_', ' ')}")
-            else:
-                image = resample_to_grid(image, fixed_image, labels=True)
-        setattr(inputs, attribute, image)
+        if path is not None:
+            image = load_image(path, labels=True, ndim=ndim)
+            what = attribute.replace("_", " ")
+            setattr(inputs, attribute, on_fixed_grid(image, what, labels=True, moving_side=attribute.startswith("moving")))
     if fixed_keypoints is not None:
         inputs.fixed_points = load_keypoints(fixed_keypoints, shape=fixed_image.shape, ndim=ndim)
         # Moving keypoints are in the moving image's voxel coordinates (the Learn2Reg convention);

@@ -229,8 +229,6 @@ def cost_slab(fixed_cells: torch.Tensor, moving_padded: torch.Tensor, radius: in
         moving_norms = moving_padded[0].square().sum(0)
     cost = torch.empty((width**ndim, rows) + tuple(rest), device=fixed.device, dtype=torch.float32)
     k = 0
-    letters = "xyz"[: ndim - 1]
-    contract = f"cr{letters},cr{letters}w->r{letters}w"
     for leading in itertools.product(range(width), repeat=ndim - 1):
         window = moving_padded[0, :, lo + leading[0] : hi + leading[0]]
         norms = moving_norms[lo + leading[0] : hi + leading[0]]
@@ -239,7 +237,11 @@ def cost_slab(fixed_cells: torch.Tensor, moving_padded: torch.Tensor, radius: in
             norms = norms.narrow(axis, shift, rest[axis - 1])
         # The last axis: every shift at once as an unfolded view (C, rows, *rest, width).
         window = window.unfold(-1, width, 1)
-        cross = torch.einsum(contract, fixed, window)
+        # Channel by channel: one fused multiply-add per channel over (rows, *rest, width); an
+        # einsum here becomes thousands of tiny batched matrix products.
+        cross = fixed[0].unsqueeze(-1) * window[0]
+        for channel in range(1, fixed.shape[0]):
+            cross.addcmul_(fixed[channel].unsqueeze(-1), window[channel])
         # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, summed over channels.
         block = fixed_sq.unsqueeze(-1) + norms.unfold(-1, width, 1) - 2.0 * cross
         cost[k : k + width] = block.clamp_min(0).movedim(-1, 0)
