@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from dirio.metrics import mean_dice
 import torch
 
 from dirio.files import write_json, write_text
@@ -276,3 +278,31 @@ def finish(name: str, title: str, args: argparse.Namespace, results: dict, table
     write_json(out / "results.json", record, overwrite=True)
     write_text(out / "table.md", section, overwrite=True)
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+
+
+def regularity_and_run(after: dict, result, rss_baseline) -> dict:
+    """The row fields every benchmark reports: regularity of the field and the run's cost."""
+    return {
+        "sdlogj_l2r": after["sdlogj_l2r"],
+        "sdlogj": after["sdlogj"],
+        "percent_nonpositive_jacobian": after["percent_nonpositive_jacobian"],
+        "ndv_percent": after["ndv_percent"],
+        "optimisation_seconds": result.seconds,
+        "levels": level_timings(result.levels),
+        "peak_memory_mb": result.peak_memory_mb,
+        "rss_at_register_start_mb": rss_baseline,
+        "device": result.device,
+        "settings": result.settings.to_dict(),
+    }
+
+
+def overlap_before_after(dice_before: dict, hd95_before: dict, after: dict) -> dict:
+    """Dice and HD95 (voxels) before and after registration, as every labelled benchmark reports them."""
+    return {
+        "dice_before": mean_dice(dice_before),
+        "dice_after": after["dice_mean"],
+        "dice_per_label_before": {str(k): v for k, v in dice_before.items()},
+        "dice_per_label_after": after["dice_per_label"],
+        "hd95_before_voxels": float(np.nanmean(list(hd95_before.values()))),
+        "hd95_after_voxels": after["hd95_voxels"],
+    }

@@ -89,15 +89,10 @@ def run_seed(args, seed: int, image, seg, label_ids, labels_path) -> dict:
     epe_after = endpoint_error(result.disp, pair.true_disp, brain)
     row = {
         "seed": seed,
-        "dice_before": mean_dice(dice_before),
-        "dice_after": after["dice_mean"],
-        "dice_per_label_before": {str(k): v for k, v in dice_before.items()},
-        "dice_per_label_after": after["dice_per_label"],
+        **C.overlap_before_after(dice_before, hd95_before, after),
         "epe_before_voxels": epe_before,
         "epe_after_voxels": epe_after,
         "epe_ratio": epe_after / epe_before,
-        "hd95_before_voxels": float(np.nanmean(list(hd95_before.values()))),
-        "hd95_after_voxels": after["hd95_voxels"],
         "sdlogj_l2r": after["sdlogj_l2r"],
         "sdlogj": after["sdlogj"],
         "percent_nonpositive_jacobian": after["percent_nonpositive_jacobian"],

@@ -134,8 +134,6 @@ def settings_from_args(args: argparse.Namespace):
     grid_spacing = args.grid_spacing
     if grid_spacing is not None and len(grid_spacing) == 1:
         grid_spacing = grid_spacing[0]
-    if args.clip_range is not None and (len(args.clip_range) != 2 or not args.clip_range[0] < args.clip_range[1]):
-        raise DirioError(f"--clip-range needs two numbers LO,HI with LO < HI, got {','.join(map(str, args.clip_range))}")
     try:
         settings = make_settings(
             args.preset,

@@ -114,7 +114,7 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
     clip_range = values.get("clip_range")
     if clip_range is not None:
         if len(clip_range) != 2 or not float(clip_range[0]) < float(clip_range[1]):
-            raise ValueError(f"clip range needs two numbers LO,HI with LO < HI, got {tuple(clip_range)}")
+            raise ValueError(f"clip range (--clip-range) needs two numbers LO,HI with LO < HI, got {tuple(clip_range)}")
         values["clip_range"] = (float(clip_range[0]), float(clip_range[1]))
     if values.get("normalise") == "clip" and clip_range is None:
         raise ValueError("normalisation 'clip' needs a clip range (low, high)")
