@@ -589,12 +589,16 @@ def sdlogj_l2r(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
         The standard deviation; NaN when the mask keeps no voxel.
     """
     field = _as_field(disp)
-    det = jacobian_determinant_l2r(field)
+    return _sdlogj_l2r_of(jacobian_determinant_l2r(field), mask, field.shape[:-1])
+
+
+def _sdlogj_l2r_of(det: np.ndarray, mask, grid: tuple) -> float:
+    """:func:`sdlogj_l2r` from the cropped determinant of a field on ``grid``."""
     log_det = np.log(np.clip(det + L2R_SDLOGJ_OFFSET, *L2R_SDLOGJ_CLIP))
     if mask is not None:
         mask_array = np.asarray(mask)
-        if mask_array.shape != field.shape[:-1]:
-            raise ValueError(f"mask of shape {mask_array.shape} does not match the field grid {field.shape[:-1]}")
+        if mask_array.shape != tuple(grid):
+            raise ValueError(f"mask of shape {mask_array.shape} does not match the field grid {tuple(grid)}")
         crop = (slice(L2R_JACOBIAN_CROP, -L2R_JACOBIAN_CROP),) * det.ndim
         log_det = log_det[mask_array[crop] == 1]
         if log_det.size == 0:
@@ -612,7 +616,11 @@ def sdlogj(disp: np.ndarray) -> float:
     Returns:
         The standard deviation; NaN when no voxel has a positive determinant.
     """
-    det = jacobian_determinant_l2r(disp)
+    return _sdlogj_of(jacobian_determinant_l2r(disp))
+
+
+def _sdlogj_of(det: np.ndarray) -> float:
+    """:func:`sdlogj` from the cropped determinant."""
     positive = det[det > 0]
     if positive.size == 0:
         return float("nan")
@@ -625,7 +633,11 @@ def fraction_nonpositive_jacobian(disp: np.ndarray) -> float:
     Counted on the **cropped** grid of :func:`jacobian_determinant_l2r` (2 voxels removed on every
     side; central differences), so numerator and denominator both exclude that border.
     """
-    det = jacobian_determinant_l2r(disp)
+    return _fraction_nonpositive_of(jacobian_determinant_l2r(disp))
+
+
+def _fraction_nonpositive_of(det: np.ndarray) -> float:
+    """:func:`fraction_nonpositive_jacobian` from the cropped determinant."""
     return float(np.count_nonzero(det <= 0) / det.size)
 
 
@@ -823,9 +835,10 @@ def evaluate_field(
         result["tre_order"] = int(tre_order)
     if not regularity:
         return result
-    result["sdlogj_l2r"] = sdlogj_l2r(field)
-    result["sdlogj"] = sdlogj(field)
-    result["percent_nonpositive_jacobian"] = 100.0 * fraction_nonpositive_jacobian(field)
+    det = jacobian_determinant_l2r(field)  # once for the three Jacobian summaries
+    result["sdlogj_l2r"] = _sdlogj_l2r_of(det, None, field.shape[:-1])
+    result["sdlogj"] = _sdlogj_of(det)
+    result["percent_nonpositive_jacobian"] = 100.0 * _fraction_nonpositive_of(det)
     volume = _non_diffeomorphic_volume_map(field)
     result["ndv_voxels"] = float(volume.sum())
     result["ndv_percent"] = 100.0 * float(volume.sum() / volume.size)
