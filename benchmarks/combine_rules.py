@@ -3,9 +3,9 @@
 Stages (``--stages``, default all):
 
 * ``overhead``: seconds per iteration of each rule against ``sum`` on the voxelmorph brain at half
-  resolution (80x96x112 image and parameter grid, one pyramid level, LNCC + diffusion). The
-  machine may be shared, so the rules are run interleaved (sum, pcgrad, surgery, ..., sum,
-  pcgrad, ...) for ``--rounds`` rounds and the medians are reported.
+  resolution (80x96x112 image and parameter grid, LNCC + diffusion, the engine's loop body). The
+  machine may be shared, so the rules are interleaved iteration by iteration (sum, pcgrad,
+  surgery, ..., sum, pcgrad, ...) and medians are reported.
 * ``accuracy``: dense IO with each rule at 50 and 100 iterations per pyramid level on the brain
   pairs (voxelmorph scan vs a known synthetic warp of itself, vs its left-right mirror, and the
   OASIS pair A -> B; all at half resolution) and the lung pair (elastix baseline / follow-up,
@@ -13,6 +13,9 @@ Stages (``--stages``, default all):
   % det <= 0, time, conflict rate. The block scope (8 voxels) runs at 100 iterations.
 * ``earlystop``: the plateau stop against fixed iteration counts on the synthetic brain pair.
 * ``sweep``: a Pareto sweep (weights x rules) on the brain-mirror pair (pareto.png, sweep.md).
+* ``sweeplung``: a Pareto sweep on the lung pair (TRE against regularity).
+* ``sgd``: the three rules with plain SGD instead of Adam (several learning rates) on the synthetic brain pair.
+* ``blocksize``: block scope with blocks of 4, 8 and 16 voxels on the two voxelmorph brain pairs.
 
 Half resolution: images are resampled with :func:`dirio.field.resize_image` (anti-aliased,
 ``align_corners=True``), label maps by nearest-neighbour sampling at the same coordinates, so that
@@ -37,11 +40,11 @@ import torch
 import _common as C
 from dirio.api import register
 from dirio.field import identity_grid, resize_image, sample
-from dirio.metrics import dice_per_label, evaluate_field, mean_dice
+from dirio.metrics import evaluate_field
 from dirio.synthetic import endpoint_error, warped_pair
 
 NAME = "combine_rules"
-STAGES = ("overhead", "accuracy", "earlystop", "sweep")
+STAGES = ("overhead", "accuracy", "earlystop", "sweep", "blocksize", "sweeplung", "sgd")
 HALF = 2  # shrink factor of the half-resolution brain pairs
 # The synthetic warp of benchmarks/brain_synthetic.py (sigma 14, largest component 8 voxels at full
 # resolution), scaled to the half-resolution grid.
@@ -62,6 +65,8 @@ VARIANTS = {
 MAIN_VARIANTS = ("sum", "pcgrad", "surgery")
 BLOCK_VARIANTS = ("pcgrad-block", "surgery-block")
 SWEEP_WEIGHTS = (0.03, 0.1, 0.3, 1.0, 3.0)
+LUNG_SWEEP_WEIGHTS = (0.3, 1.0, 3.0, 10.0)
+SGD_LEARNING_RATES = (3e4, 1e5, 3e5)
 
 
 # --- pairs ----------------------------------------------------------------------------------------
@@ -184,33 +189,88 @@ def before_metrics(pair: dict) -> dict:
 # --- stages ----------------------------------------------------------------------------------------
 
 
+class IterationLoop:
+    """One rule's optimisation state and the engine's loop body (dirio.optim.engine.optimise), timed.
+
+    Every rule keeps its own field and optimiser, so each follows its own trajectory; the loop
+    body is the engine's: field from the parameters, warp the moving image, LNCC + diffusion,
+    ``rule.backward``, Adam step.
+    """
+
+    def __init__(self, variant: str, fixed: torch.Tensor, moving: torch.Tensor, settings):
+        from dirio.api import build_objectives
+        from dirio.methods.dense import make_dense_model
+        from dirio.optim.combine import make_combine_rule
+        from dirio.optim.engine import make_optimizer
+
+        rule, options = VARIANTS[variant]
+        self.shape = tuple(fixed.shape[2:])
+        self.model = make_dense_model(False, self.shape, smoothing=settings.engine.smoothing)
+        self.objectives = build_objectives(settings)
+        self.similarity = self.objectives[0].function
+        self.fixed_features = self.similarity.features(fixed)
+        self.moving_features = self.similarity.features(moving)
+        self.weights = {o.name: o.weight for o in self.objectives}
+        options = dict(options)
+        if rule != "sum":
+            options["generator"] = torch.Generator().manual_seed(0)
+        self.rule = make_combine_rule(rule, **options)
+        self.optimizer = make_optimizer("adam", [self.model.param], settings.engine.lr)
+        self.identity = identity_grid(self.shape).unsqueeze(0)
+
+    def step(self) -> float:
+        """One iteration; its wall time in seconds."""
+        start = time.perf_counter()
+        coords = self.identity + self.model.displacement(self.shape)
+        warped = sample(self.moving_features, coords)
+        losses = {self.objectives[0].name: self.similarity(self.fixed_features, warped, None)}
+        for objective in self.objectives[1:]:
+            losses[objective.name] = objective.function(self.model.regularised())
+        self.rule.backward(losses, self.weights, [self.model.param])
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
 def stage_overhead(args, pairs) -> dict:
+    from dirio.api import normalised
+    from dirio.settings import make_settings
+
     pair = pairs["brain-synthetic"]
-    iterations = 3 if args.quick else args.overhead_iterations
+    settings = make_settings("brain-mri")
+    fixed = torch.from_numpy(normalised(pair["fixed"], settings))[None, None]
+    moving = torch.from_numpy(normalised(pair["moving"], settings))[None, None]
     variants = ("sum", "pcgrad", "surgery", "pcgrad-block", "surgery-block")
+    loops = {v: IterationLoop(v, fixed, moving, settings) for v in variants}
+    iterations = 3 if args.quick else args.overhead_iterations
     times: dict[str, list[float]] = {v: [] for v in variants}
-    rounds = 1 if args.quick else args.rounds
-    for round_index in range(rounds):
-        for variant in variants:
-            rule, options = VARIANTS[variant]
-            result = register(pair["fixed"], pair["moving"], preset="brain-mri", device=args.device, progress=False,
-                              levels=(1,), iterations=(iterations,), combine=rule, combine_options=dict(options))
-            level = result.levels[0]
-            loop = level["seconds"] - level.get("setup_seconds", 0.0)
-            times[variant].append(loop / level["iterations_run"])
-            print(f"[{NAME}] overhead round {round_index + 1}/{rounds} {variant}: {times[variant][-1]:.3f} s/it",
-                  file=sys.stderr, flush=True)
+    warmup = 2  # first iterations (allocations, the regulariser gradient is still zero) are not timed
+    for iteration in range(iterations + warmup):
+        for variant in variants:  # interleaved iteration by iteration: load changes hit every rule alike
+            seconds = loops[variant].step()
+            if iteration >= warmup:
+                times[variant].append(seconds)
+        if iteration % 10 == 0:
+            print(f"[{NAME}] overhead iteration {iteration}", file=sys.stderr, flush=True)
     base = statistics.median(times["sum"])
-    rows = [{"variant": v, "median_seconds_per_iteration": statistics.median(t),
-             "overhead_percent": 100.0 * (statistics.median(t) / base - 1.0), "all": t} for v, t in times.items()]
+    rows = []
+    for variant, values in times.items():
+        # paired ratio: each iteration against the sum iteration of the same round
+        ratios = [v / s for v, s in zip(values, times["sum"])]
+        rows.append({"variant": variant, "median_seconds_per_iteration": statistics.median(values),
+                     "min_seconds_per_iteration": min(values),
+                     "overhead_percent_of_medians": 100.0 * (statistics.median(values) / base - 1.0),
+                     "overhead_percent_paired_median": 100.0 * (statistics.median(ratios) - 1.0),
+                     "all": values})
     table = C.markdown_table(
-        ["rule", "median s/it", "overhead vs sum", f"all rounds (s/it)"],
-        [[r["variant"], C.fmt(r["median_seconds_per_iteration"], 3), f"{r['overhead_percent']:+.1f} %",
-          ", ".join(f"{t:.3f}" for t in r["all"])] for r in rows])
-    notes = [f"voxelmorph brain at half resolution {pair['fixed'].shape}, one level, grid spacing 1 (parameters "
-             f"{pair['fixed'].shape}), LNCC window 5 + diffusion, Adam; {iterations} iterations per run, {rounds} "
-             "interleaved rounds; s/it = (level wall time - level set-up) / iterations.",
-             f"machine: {C.machine_info(args.device)}"]
+        ["rule", "median s/it", "min s/it", "overhead (ratio of medians)", "overhead (median of paired ratios)"],
+        [[r["variant"], C.fmt(r["median_seconds_per_iteration"], 3), C.fmt(r["min_seconds_per_iteration"], 3),
+          f"{r['overhead_percent_of_medians']:+.1f} %", f"{r['overhead_percent_paired_median']:+.1f} %"]
+         for r in rows])
+    notes = [f"voxelmorph brain at half resolution {tuple(fixed.shape[2:])}, parameters on the same grid, LNCC window "
+             f"5 + diffusion 0.3, Adam lr 0.5, parameter smoothing 2 (the brain preset's finest level); {iterations} "
+             f"timed iterations per rule after {warmup} warm-up ones, the rules interleaved iteration by iteration; "
+             "an iteration = the engine's loop body (field, warp, losses, rule.backward, Adam step).",
+             f"machine: {C.machine_info(args.device)}; shared with other jobs while measured."]
     return {"rows": rows, "table": table, "notes": notes}
 
 
@@ -250,7 +310,7 @@ def stage_accuracy(args, pairs) -> dict:
              "resolution with the lung preset (MIND, pyramid (4, 2)) and both lung masks (index-crop protocol).",
              "Dice: brain-synthetic and brain-mirror over the 30 VoxelMorph labels, OASIS over its 2 coarse labels "
              "(shifted against the images: not for ranking, see its README). TRE: 10 lung landmarks, cubic. "
-             "EPE: mean |u - u_true| in the brain (synthetic pair). HD95: voxels (brain), lung-mask-free mm (lung: -).",
+             "EPE: mean |u - u_true| in the brain (synthetic pair). HD95: voxels, brain pairs only.",
              "conflict: mean over the fine level's iterations of the fraction of conflicting units (global scope: "
              "steps) -- for sum it is not measured (one backward pass).",
              "pcgrad: random choice of the projected gradient every step (seed 0); surgery: GSMorph (no weight); "
@@ -297,6 +357,70 @@ def stage_sweep(args, pairs) -> dict:
     return {"rows": rows, "table": rows_markdown(rows), "notes": notes}
 
 
+def stage_sweeplung(args, pairs) -> dict:
+    from dirio.settings import make_settings
+    from dirio.sweep import pareto_figure, rows_markdown, run_sweep
+
+    pair = pairs["lung-index-crop"]
+    iterations = (2, 2) if args.quick else (100, 100)
+    settings = make_settings("lung-ct", iterations=iterations, progress=False)
+    rows = run_sweep(pair["fixed"], pair["moving"], settings=settings, weights=LUNG_SWEEP_WEIGHTS,
+                     fixed_points=pair["fixed_points"], moving_points=pair["moving_points"], spacing=pair["spacing"],
+                     fixed_mask=pair["fixed_mask"], moving_mask=pair["moving_mask"], device=args.device,
+                     log=lambda line: print(f"[{NAME}] {line}", file=sys.stderr, flush=True))
+    pareto_figure(Path(args.out) / "sweep_lung_pareto.png", rows, title="lung pair (index-crop), TRE", overwrite=True)
+    notes = [f"lung pair, lung preset with {iterations} iterations and both masks; weights {LUNG_SWEEP_WEIGHTS}; "
+             "figure sweep_lung_pareto.png."]
+    return {"rows": rows, "table": rows_markdown(rows), "notes": notes}
+
+
+def stage_sgd(args, pairs) -> dict:
+    from dirio.errors import DirioError
+
+    pair = pairs["brain-synthetic"]
+    n = 2 if args.quick else ITERATIONS[0]
+    rows = []
+    for lr in SGD_LEARNING_RATES:
+        for variant in MAIN_VARIANTS:
+            try:
+                row = run(pair, variant, (n, n), args.device, optimizer="sgd", lr=lr)
+            except DirioError as error:  # a loss became infinite: the step size is unstable for this rule
+                row = {"variant": variant, "diverged": str(error)}
+            rows.append({"pair": "brain-synthetic", "optimizer": "sgd", "lr": lr, **row})
+            print(f"[{NAME}] sgd lr {lr:g} {variant}: {row.get('dice_mean', 'diverged')}", file=sys.stderr, flush=True)
+            save_partial(args, "sgd", {"rows": rows})
+    header = ["lr", "rule", "Dice", "EPE vox", "SDlogJ", "% det<=0", "conflict (fine level)"]
+    body = [[f"{r['lr']:g}", r["variant"], C.fmt(r.get("dice_mean")), C.fmt(r.get("epe_voxels"), 2),
+             C.fmt(r.get("sdlogj_l2r"), 4), C.fmt(r.get("percent_nonpositive_jacobian"), 4),
+             C.fmt(r.get("conflict_rate_fine_level"), 2)] if "diverged" not in r else
+            [f"{r['lr']:g}", r["variant"], "diverged", "", "", "", ""] for r in rows]
+    notes = [f"plain SGD with the brain preset's cosine learning-rate schedule, {n} iterations per level, "
+             "pyramid (2, 1); lr is in the engine's units (voxels per unit gradient: the LNCC gradient per voxel is "
+             "~1e-7, hence the large values). Adam rows: see the accuracy table."]
+    return {"rows": rows, "table": C.markdown_table(header, body), "notes": notes}
+
+
+def stage_blocksize(args, pairs) -> dict:
+    sizes = (4, 8, 16)
+    n = 2 if args.quick else ITERATIONS[-1]
+    rows = []
+    for pair_name in ("brain-synthetic", "brain-mirror"):
+        for rule in ("pcgrad", "surgery"):
+            for size in sizes:
+                variant = f"{rule}-block{size}"
+                VARIANTS[variant] = (rule, {"scope": "block", "block_size": size})
+                rows.append({"pair": pair_name, "block": size, **run(pairs[pair_name], variant, (n, n), args.device)})
+                print(f"[{NAME}] block size {pair_name} {variant}", file=sys.stderr, flush=True)
+                save_partial(args, "blocksize", {"rows": rows})
+    header = ["pair", "rule", "block", "Dice", "EPE vox", "HD95", "SDlogJ", "% det<=0", "conflict (fine level)"]
+    body = [[r["pair"], r["variant"].split("-")[0], str(r["block"]), C.fmt(r["dice_mean"]), C.fmt(r.get("epe_voxels"), 2),
+             C.fmt(r["hd95_voxels"], 2), C.fmt(r["sdlogj_l2r"], 4), C.fmt(r["percent_nonpositive_jacobian"], 4),
+             C.fmt(r["conflict_rate_fine_level"], 2)] for r in rows]
+    notes = [f"{n} iterations per level, pyramid (2, 1), half-resolution pairs; block edge in parameter-grid voxels "
+             "(= level voxels, grid spacing 1)."]
+    return {"rows": rows, "table": C.markdown_table(header, body), "notes": notes}
+
+
 def save_partial(args, stage: str, record: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -309,18 +433,21 @@ def main(argv=None) -> None:
                         type=lambda t: tuple(s.strip() for s in t.split(",") if s.strip()))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="smoke test (numbers are NOT results)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the overhead stage")
-    parser.add_argument("--overhead-iterations", type=int, default=20)
+    parser.add_argument("--overhead-iterations", type=int, default=60, help="timed iterations per rule")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a "
+                        "machine shared with other jobs, 1 avoids the collapse of oversubscribed OpenMP threads")
     parser.add_argument("--out", type=Path, default=C.OUT_ROOT / NAME)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         parser.error(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
     pairs = brain_pairs()
-    if "accuracy" in args.stages:
+    if "accuracy" in args.stages or "sweeplung" in args.stages:
         pairs["lung-index-crop"] = lung_pair()
     stages = {"overhead": stage_overhead, "accuracy": stage_accuracy, "earlystop": stage_earlystop,
-              "sweep": stage_sweep}
+              "sweep": stage_sweep, "blocksize": stage_blocksize, "sweeplung": stage_sweeplung, "sgd": stage_sgd}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stage in args.stages:

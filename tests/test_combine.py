@@ -20,6 +20,16 @@ from dirio.optim.combine import (
 )
 from dirio.optim.engine import EngineConfig, Objective, optimise
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Two conflicting 2-vectors: <s, r> = -1, ||s||^2 = 1, ||r||^2 = 2.
 SIM = torch.tensor([1.0, 0.0])
 REG = torch.tensor([-1.0, 1.0])

@@ -7,6 +7,15 @@ from dirio.optim.engine import EngineConfig, Objective, optimise
 from dirio.optim.stopping import PlateauStop, make_stopping_rule
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def first_stop(rule, values):
     """Number of values fed when the rule first says stop (None if it never does)."""
     rule.start_level()

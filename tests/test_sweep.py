@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import gaussian_filter
 
 from dirio.cli import main
@@ -14,6 +15,16 @@ from dirio.image import save_image
 from dirio.settings import make_settings
 from dirio.sweep import check_sweep_options, pareto_mask, rows_markdown, run_sweep, settings_for_run, sweep_runs
 from dirio.synthetic import warped_pair
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = dict(levels=(2, 1), iterations=(8, 4), progress=False)

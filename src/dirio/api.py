@@ -7,17 +7,21 @@ the Learn2Reg layout together with the warped image and the optimisation log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .errors import DirioError
+from .methods.affine import AffineThenDense, affine_displacement, compose_affine_field, register_affine
+from .methods.convex import convex_initialisation
+from .methods.dense import make_dense_model
 from .field import field_to_numpy, warp
 from .image import Image, normalise_intensity
 from .optim.engine import EngineResult, Objective, optimise
 from .regularizers import make_regularizer
-from .settings import Settings, make_settings
+from .settings import AFFINE_CHOICES, INIT_CHOICES, Settings, make_settings
 from .similarity import make_similarity
 
 
@@ -31,8 +35,14 @@ class RegistrationResult:
         warped: ``S`` float32 moving image (original intensities) warped onto the fixed grid.
         history: per-iteration log (level, iteration, lr, every term, rule diagnostics).
         levels: per-level timings and grids.
-        seconds: wall time of the optimisation, ``peak_memory_mb`` its peak memory.
+        seconds: wall time of the optimisation (every stage), ``peak_memory_mb`` its peak memory.
         settings: the settings used.
+        affine_matrix: ``(ndim + 1, ndim + 1)`` float64 voxel matrix of the affine stage (fixed voxel
+            -> moving voxel, see :mod:`dirio.methods.affine`), or ``None`` without one.
+        stages: one dict per stage run (``"affine"``, ``"convex"``, ``"dense"``): ``seconds``,
+            ``peak_memory_mb`` and stage details (cost-volume size, inverse-consistency errors...).
+        stage_fields: with ``keep_stages=True``, the ``(*S, ndim)`` field after each stage (the
+            composition of everything so far), keyed by stage name; else ``None``.
     """
 
     disp: np.ndarray
@@ -43,6 +53,9 @@ class RegistrationResult:
     peak_memory_mb: float
     settings: Settings
     device: str
+    affine_matrix: np.ndarray | None = None
+    stages: list[dict] = field(default_factory=list)
+    stage_fields: dict[str, np.ndarray] | None = None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -98,6 +111,8 @@ def check_settings(settings: Settings) -> None:
     engine = settings.engine
     try:
         engine.validate()
+        settings.affine_options.validate()
+        settings.convex.validate()
     except ValueError as error:
         raise DirioError(str(error)) from None
     try:
@@ -114,29 +129,55 @@ def register(
     preset: str | None = None,
     fixed_mask=None,
     moving_mask=None,
-    init: np.ndarray | None = None,
+    init: np.ndarray | str | None = None,
+    affine: str | None = None,
+    spacing=None,
+    keep_stages: bool = False,
     device: str | torch.device = "auto",
     **overrides,
 ) -> RegistrationResult:
-    """Register ``moving`` to ``fixed`` by dense instance optimisation.
+    """Register ``moving`` to ``fixed``: optional affine stage, optional discrete initialisation,
+    then dense instance optimisation; the result is the composition of the stages.
 
     Args:
         fixed, moving: arrays (or :class:`Image`) of the same spatial shape ``S`` (2D or 3D).
         settings: complete settings; otherwise built from ``preset`` and ``overrides`` (see
             :func:`dirio.settings.make_settings`, e.g. ``iterations=(60, 30)``, ``lr=2.0``).
         fixed_mask, moving_mask: optional ``S`` arrays; nonzero voxels are where the similarity counts.
-        init: optional initial displacement ``(*S, ndim)`` in voxels.
+        init: ``"none"`` or ``"convex"`` (overrides the settings' initialisation), or an initial
+            displacement ``(*S, ndim)`` in voxels (after the affine stage when one runs); an array
+            replaces the discrete step.
+        affine: ``"none"``, ``"translation"``, ``"rigid"``, ``"similarity"`` or ``"affine"``
+            (overrides the settings' affine stage).
+        spacing: voxel size in mm per axis (rigid and similarity models are rigid in mm); taken
+            from ``fixed`` when it is an :class:`Image`, else 1.
+        keep_stages: also return the field after each stage (``stage_fields``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     Returns:
         A :class:`RegistrationResult`.
     """
+    if isinstance(init, str):
+        overrides["init"] = init
+        init = None
+    if affine is not None:
+        overrides["affine"] = affine
     if settings is None:
         try:
             settings = make_settings(preset, **overrides)
         except (ValueError, TypeError) as error:
             raise DirioError(str(error)) from None
-    elif preset is not None or overrides:
+    elif preset is not None or set(overrides) - {"init", "affine"}:
         raise ValueError("give either settings or preset/overrides, not both")
+    elif overrides:
+        # ``init="convex"`` / ``affine=...`` given with complete settings replace those two fields.
+        settings = dataclasses.replace(settings, **overrides)
+        if settings.affine not in AFFINE_CHOICES or settings.init not in INIT_CHOICES:
+            raise DirioError(
+                f"affine must be one of {', '.join(AFFINE_CHOICES)} and init one of {', '.join(INIT_CHOICES)}; "
+                f"got {settings.affine!r} and {settings.init!r}"
+            )
+    if spacing is None and isinstance(fixed, Image):
+        spacing = fixed.spacing
     fixed_array, moving_array = _array(fixed), _array(moving)
     if fixed_array.shape != moving_array.shape:
         raise DirioError(f"fixed and moving images differ in shape: {fixed_array.shape} vs {moving_array.shape}")
@@ -156,22 +197,87 @@ def register(
         init_tensor = torch.from_numpy(np.moveaxis(np.asarray(init, dtype=np.float32), -1, 0).copy())[None].to(device)
     check_settings(settings)
     objectives = build_objectives(settings)
+    stages: list[dict] = []
+    stage_fields: dict[str, np.ndarray] | None = {} if keep_stages else None
+    matrix = None
+    if settings.affine != "none":
+        matrix, affine_disp = _affine_stage(fixed_tensor, moving_tensor, objectives[0].function, settings, spacing,
+                                            masks, stages)
+        if stage_fields is not None:
+            stage_fields["affine"] = field_to_numpy(affine_disp)
+    if init_tensor is None and settings.init == "convex":
+        init_tensor = _convex_stage(fixed_tensor, moving_tensor, settings, matrix, masks, stages)
+        if stage_fields is not None:
+            total = init_tensor if matrix is None else compose_affine_field(torch.from_numpy(matrix), init_tensor)
+            stage_fields["convex"] = field_to_numpy(total)
+    factory = None
+    if matrix is not None:
+        factory = _affine_then_dense_factory(settings, torch.from_numpy(matrix), init_tensor, fixed_tensor)
     result: EngineResult = optimise(
         fixed_tensor, moving_tensor, objectives, settings.engine,
-        fixed_mask=masks[0], moving_mask=masks[1], init=init_tensor,
+        fixed_mask=masks[0], moving_mask=masks[1], init=init_tensor, model_factory=factory,
     )
+    stages.append({"stage": "dense", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb})
     with torch.no_grad():
         warped = warp(tensor(moving_array), result.displacement)[0, 0].cpu().numpy()
+    disp = field_to_numpy(result.displacement)
+    if stage_fields is not None:
+        stage_fields["dense"] = disp
     return RegistrationResult(
-        disp=field_to_numpy(result.displacement),
+        disp=disp,
         warped=warped,
         history=result.history,
         levels=result.levels,
-        seconds=result.seconds,
-        peak_memory_mb=result.peak_memory_mb,
+        seconds=sum(stage["seconds"] for stage in stages),
+        peak_memory_mb=max(stage["peak_memory_mb"] for stage in stages),
         settings=settings,
         device=str(device),
+        affine_matrix=matrix,
+        stages=stages,
+        stage_fields=stage_fields,
     )
+
+
+def _affine_stage(fixed, moving, similarity, settings: Settings, spacing, masks, stages: list[dict]):
+    """Run the affine stage; append its record to ``stages``; return (voxel matrix, displacement)."""
+    result = register_affine(
+        fixed, moving, similarity, settings.affine, settings.affine_options, spacing=spacing,
+        fixed_mask=masks[0], moving_mask=masks[1], seed=settings.engine.seed, progress=settings.engine.progress,
+    )
+    stages.append({"stage": "affine", "family": settings.affine, "seconds": result.seconds,
+                   "peak_memory_mb": result.peak_memory_mb, "levels": result.levels})
+    return result.matrix, result.displacement
+
+
+def _convex_stage(fixed, moving, settings: Settings, matrix, masks, stages: list[dict]) -> torch.Tensor:
+    """Run the discrete + coupled convex step on the (affine pre-aligned) pair; return its full-grid field."""
+    moving_mask = masks[1]
+    if matrix is not None:
+        # The discrete search starts from the affine: the moving image (and mask) are pre-aligned.
+        affine_disp = affine_displacement(torch.from_numpy(matrix).to(fixed.device), fixed.shape[2:])
+        moving = warp(moving, affine_disp)
+        if moving_mask is not None:
+            moving_mask = warp(moving_mask, affine_disp, padding="zeros")
+    result = convex_initialisation(fixed, moving, settings.convex, fixed_mask=masks[0], moving_mask=moving_mask)
+    stages.append({
+        "stage": "convex", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
+        "cost_volume_mb": result.cost_volume_mb, "cost_volume_cached": result.cached, "slabs": result.slabs,
+        "consistency_error_cells": None if result.consistency_error is None else list(result.consistency_error),
+    })
+    return result.displacement
+
+
+def _affine_then_dense_factory(settings: Settings, matrix: torch.Tensor, init, fixed):
+    """Engine model factory: the dense model of the settings as a residual after the fixed affine."""
+    engine = settings.engine
+    full_shape = tuple(fixed.shape[2:])
+
+    def factory(param_shape):
+        dense = make_dense_model(engine.diffeomorphic, param_shape, init=init, device=fixed.device,
+                                 steps=engine.integration_steps, smoothing=engine.smoothing)
+        return AffineThenDense(dense, matrix.to(fixed.device), full_shape)
+
+    return factory
 
 
 def apply_field(image: np.ndarray, disp: np.ndarray, labels: bool = False, device="cpu") -> np.ndarray:

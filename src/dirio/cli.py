@@ -84,7 +84,8 @@ def _label_ids(text: str) -> list[int]:
 def add_registration_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that registers (same names as the settings keys)."""
     group = parser.add_argument_group("method")
-    group.add_argument("--preset", choices=["brain-mri", "lung-ct"], help="named defaults (see README)")
+    group.add_argument("--preset", choices=["brain-mri", "lung-ct", "convex-adam", "continuous"],
+                       help="named defaults (see README)")
     group.add_argument("--similarity", choices=["lncc", "ncc", "mse", "mind", "nmi"])
     group.add_argument("--similarity-options", type=_key_values, metavar="K=V,...",
                        help="e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND)")
@@ -116,6 +117,24 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
                      help="e.g. window=10,tolerance=0.01,min_iterations=20 for plateau")
     opt.add_argument("--seed", type=int)
     opt.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    stages = parser.add_argument_group("stages before the dense optimisation")
+    stages.add_argument("--affine", choices=["none", "translation", "rigid", "similarity", "affine"],
+                        help="pre-alignment model (default: the preset's, else none); the written field is the "
+                             "composition, the matrix is written as affine_*.json (and .tfm with SimpleITK)")
+    stages.add_argument("--affine-levels", type=_int_list, metavar="F,...", help="pyramid of the affine stage")
+    stages.add_argument("--affine-iterations", type=_int_list, metavar="N,...", help="iterations per affine level")
+    stages.add_argument("--affine-lr", type=float, help="Adam step of the affine stage, voxels per iteration")
+    stages.add_argument("--init", choices=["none", "convex"],
+                        help="initial field of the dense stage: none, or convex (discrete + coupled convex step)")
+    stages.add_argument("--convex-spacing", type=int, metavar="G", help="cell size of the discrete step, voxels")
+    stages.add_argument("--convex-radius", type=int, metavar="R",
+                        help="search radius of the discrete step in cells (displacements up to R*G voxels)")
+    stages.add_argument("--convex-coupling", type=_float_list, metavar="W,...",
+                        help="increasing coupling weights of the convex step")
+    stages.add_argument("--convex-symmetric", choices=["true", "false"],
+                        help="also solve moving->fixed and make the two fields inverse consistent")
+    stages.add_argument("--convex-memory", type=float, metavar="MB",
+                        help="largest cost volume kept in memory; larger ones are recomputed slab by slab")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -156,11 +175,24 @@ def settings_from_args(args: argparse.Namespace):
             early_stop_options=args.early_stop_options,
             seed=args.seed,
             progress=not args.quiet,
+            **stage_overrides(args),
         )
     except (ValueError, TypeError) as error:
         raise DirioError(str(error)) from None
     check_settings(settings)
     return settings
+
+
+def stage_overrides(args: argparse.Namespace) -> dict:
+    """Settings overrides of the affine and convex stages from ``--affine*``, ``--init``, ``--convex-*``."""
+    symmetric = None if args.convex_symmetric is None else args.convex_symmetric == "true"
+    return {
+        "affine": args.affine,
+        "affine_options": {"levels": args.affine_levels, "iterations": args.affine_iterations, "lr": args.affine_lr},
+        "init": args.init,
+        "convex": {"grid_spacing": args.convex_spacing, "radius": args.convex_radius,
+                   "coupling": args.convex_coupling, "symmetric": symmetric, "memory_mb": args.convex_memory},
+    }
 
 
 def check_settings(settings) -> None:

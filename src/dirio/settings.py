@@ -12,9 +12,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .methods.affine import FAMILIES as AFFINE_FAMILIES
+from .methods.affine import AffineConfig
+from .methods.convex import ConvexConfig
 from .optim.engine import EngineConfig
 
 NORMALISATIONS = ("none", "minmax", "percentile", "clip")
+AFFINE_CHOICES = ("none",) + AFFINE_FAMILIES
+INIT_CHOICES = ("none", "convex")
+# Settings fields holding a nested configuration: overrides give them as dicts of field values.
+_NESTED = {"affine_options": AffineConfig, "convex": ConvexConfig}
 
 
 @dataclass
@@ -30,6 +37,12 @@ class Settings:
         similarity_options: its options (e.g. ``{"window": 5}`` for LNCC).
         regularizers: ``{name: weight}`` (see :func:`dirio.regularizers.make_regularizer`).
         engine: optimisation settings (pyramid, iterations, optimiser, schedule, ...).
+        affine: pre-alignment run first: ``"none"``, ``"translation"``, ``"rigid"``,
+            ``"similarity"`` or ``"affine"`` (see :mod:`dirio.methods.affine`); ``affine_options``
+            its settings (:class:`dirio.methods.affine.AffineConfig`).
+        init: initial field of the dense stage: ``"none"`` (identity, or the affine) or
+            ``"convex"`` (discrete + coupled convex step, :mod:`dirio.methods.convex`); ``convex``
+            its settings (:class:`dirio.methods.convex.ConvexConfig`).
     """
 
     normalise: str = "percentile"
@@ -38,6 +51,10 @@ class Settings:
     similarity_options: dict[str, Any] = field(default_factory=lambda: {"window": 5})
     regularizers: dict[str, float] = field(default_factory=lambda: {"diffusion": 0.3})
     engine: EngineConfig = field(default_factory=EngineConfig)
+    affine: str = "none"
+    affine_options: AffineConfig = field(default_factory=AffineConfig)
+    init: str = "none"
+    convex: ConvexConfig = field(default_factory=ConvexConfig)
 
     def to_dict(self) -> dict:
         """A JSON-ready copy (used in metrics.json and reports)."""
@@ -68,12 +85,66 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Lung CT in HU: air is -1000; the elastix pair has padding down to -2048 outside the scan.
         "normalise": "clip",
         "clip_range": (-1000.0, 1500.0),
-        # ConvexAdam's lung defaults: MIND-SSC with radius 1, dilation 2, MSE between descriptors.
+        # MIND-SSC (MSE between descriptors) as ConvexAdam, with radius 1 and dilation 1 *of the
+        # pyramid level*: ConvexAdam's dilation 2 applies to full-resolution voxels, and its Adam
+        # stage sees those features pooled by 2, i.e. ~1 half-resolution voxel. On the elastix lung
+        # pair (index set-up, lung masks, 10 landmarks; benchmarks/lung_stages.py) dilation 1 gave
+        # TRE 2.23 mm against 2.37 mm for dilation 2 at the same weight; radius 2 was worse (3.12).
         "similarity": "mind",
-        "similarity_options": {"radius": 1, "dilation": 2},
-        "regularizers": {"diffusion": 1.0},
+        "similarity_options": {"radius": 1, "dilation": 1},
+        # Same pair: diffusion 1.0 -> 2.47 mm, 0.5 -> 2.18, 0.3 -> 2.23, 0.1 -> 2.30 (no folding).
+        # Tuned on the only 10 landmarks available to development: expect some optimism.
+        "regularizers": {"diffusion": 0.5},
         # The continuous-optimisation paper: Adam with the constant -> cosine -> linear schedule.
         "engine": {"levels": (4, 2), "iterations": (100, 60), "lr": 1.0, "schedule": "piecewise"},
+        # Scans of one patient taken at different times are shifted (35 mm table offset on the
+        # elastix pair when resampled through the headers) and breathing-scaled (3-7 %): an affine
+        # stage first, at quarter resolution only (it costs ~5 s there; a half-resolution level
+        # would add ~13 s and changed the final TRE by < 0.1 mm).
+        "affine": "affine",
+        "affine_options": {"levels": (4,), "iterations": (150,)},
+    },
+    "convex-adam": {
+        # ConvexAdam (Siebert, Hansen & Heinrich, Learn2Reg 2021): the defaults of its
+        # convex_adam_MIND.py unless said otherwise.
+        # MIND-SSC is nearly invariant to intensity scaling: robust percentile scaling is enough.
+        "normalise": "percentile",
+        # mind_r = 1, mind_d = 2.
+        "similarity": "mind",
+        "similarity_options": {"radius": 1, "dilation": 2},
+        # ConvexAdam minimises 12 * mean MIND SSD + lambda * sum_axes mean_{voxels, components}(du^2)
+        # with lambda = 1.25; per unit of dirio's MIND loss (the channel mean) and diffusion (summed
+        # over components) that is lambda / 12 / 3 = 0.035.
+        "regularizers": {"diffusion": 1.25 / 36},
+        # Discrete step: grid_sp = 6, disp_hw = 4, its six coupling weights, inverse consistency
+        # (ic, 15 iterations); see ConvexConfig. Not ConvexAdam's: the descriptors of the discrete
+        # step are computed on 2x2x2 block averages (dilation 1 there ~ 2 at full resolution), 8x
+        # cheaper than at full resolution; same Dice on the brain-vs-mirror pair (0.7895 both).
+        "init": "convex",
+        "convex": {"feature_factor": 2, "mind_dilation": 1},
+        # Adam refinement of a half-resolution field (grid_sp_adam = 2) at lr 1, constant rate, three
+        # passes of a 3-voxel box over the parameters (ConvexAdam's three avg_pool3d). Not
+        # ConvexAdam's: 15 iterations instead of 80. Each half-resolution iteration of the
+        # 160x192x224 brain costs ~0.73 s on one core of the development CPU; on the brain-vs-mirror
+        # pair 80 iterations give Dice 0.7899 in ~65 s, 20 give 0.7889 and 15 give 0.7894 (18 s).
+        "engine": {"levels": (2,), "iterations": (15,), "grid_spacing": 1.0, "lr": 1.0, "schedule": "constant",
+                   "smoothing": 3},
+    },
+    "continuous": {
+        # Vujovic et al., "continuous optimisation for large displacements": ConvexAdam's similarity
+        # and regulariser (as the convex-adam preset), no discrete step, Adam on a half-resolution
+        # field for 270 steps with the constant -> cosine -> linear schedule (phases end at steps
+        # 70 and 180; see dirio.optim.schedules.Piecewise) and a large initial learning rate.
+        "normalise": "percentile",
+        "similarity": "mind",
+        "similarity_options": {"radius": 1, "dilation": 2},
+        "regularizers": {"diffusion": 1.25 / 36},
+        # The paper gives the schedule's shape but not its initial value in the text; it reports
+        # ConvexAdam's rate 1 and a "very high" constant rate 15 as the two ends. On the elastix
+        # lung pair (index set-up, masks) initial rates 2 and 5 both gave TRE 2.44 mm, 10 diverged
+        # (12.2 mm, 1 % folding): 5 is the largest tested rate that stays stable there.
+        "engine": {"levels": (2,), "iterations": (270,), "grid_spacing": 1.0, "lr": 5.0, "schedule": "piecewise",
+                   "smoothing": 3},
     },
 }
 
@@ -86,6 +157,7 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
     """
     values: dict[str, Any] = {}
     engine_values: dict[str, Any] = {}
+    nested_values: dict[str, dict[str, Any]] = {}
     layers = []
     if preset is not None:
         if preset not in PRESETS:
@@ -103,6 +175,9 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
                 continue
             if key == "engine":
                 engine_values.update({k: v for k, v in value.items() if v is not None})
+            elif key in _NESTED and isinstance(value, dict):
+                merged = nested_values.setdefault(key, {})
+                merged.update({k: v for k, v in value.items() if v is not None})
             elif key in engine_fields:
                 engine_values[key] = value
             elif key in settings_fields:
@@ -118,4 +193,15 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
         values["clip_range"] = (float(clip_range[0]), float(clip_range[1]))
     if values.get("normalise") == "clip" and clip_range is None:
         raise ValueError("normalisation 'clip' needs a clip range (low, high)")
+    if values.get("affine", "none") not in AFFINE_CHOICES:
+        raise ValueError(f"unknown affine model {values['affine']!r}; choose one of {', '.join(AFFINE_CHOICES)}")
+    if values.get("init", "none") not in INIT_CHOICES:
+        raise ValueError(f"unknown initialisation {values['init']!r}; choose one of {', '.join(INIT_CHOICES)}")
+    for key, values_of_key in nested_values.items():
+        known = {f.name for f in dataclasses.fields(_NESTED[key])}
+        unknown = sorted(set(values_of_key) - known)
+        if unknown:
+            raise ValueError(f"unknown {key} setting {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+        values[key] = _NESTED[key](**values_of_key)
+        values[key].validate()
     return Settings(**values, engine=EngineConfig(**engine_values))

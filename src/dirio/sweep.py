@@ -36,6 +36,8 @@ REGULARITY = (
 RULE_STYLES = {"sum": ("tab:blue", "o"), "pcgrad": ("tab:orange", "s"), "surgery": ("tab:green", "D")}
 # Weights are annotated beside their points with this many significant digits.
 WEIGHT_DIGITS = 3
+# An x axis whose positive values span more than this ratio is drawn logarithmically (symlog).
+LOG_AXIS_RATIO = 100.0
 
 
 def pareto_mask(costs: np.ndarray) -> np.ndarray:
@@ -300,6 +302,11 @@ def pareto_figure(path, rows: Sequence[dict], title: str | None = None, overwrit
         if len(front) > 1:
             ax.plot([r[reg_key] for r in front], [r.get(key, np.nan) for r in front], color="black",
                     linestyle="--", linewidth=0.8, drawstyle="steps-post", label="Pareto front")
+        positive = [r[reg_key] for r in rows if r[reg_key] > 0]
+        if positive and max(positive) > LOG_AXIS_RATIO * min(positive):
+            # an outlier (a folding run) would squeeze the front into one line: logarithmic axis,
+            # linear below the smallest positive value so that zeros stay visible
+            ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_xlabel(f"{reg_name} (lower is smoother)", fontsize=9)
         ax.set_ylabel(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         ax.tick_params(labelsize=8)

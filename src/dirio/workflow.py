@@ -228,6 +228,7 @@ def register_files(
     paths = output_paths(out_dir, fixed, moving, with_labels=moving_labels is not None)
     if not figure:
         paths.pop("figure")
+    paths.update(affine_output_paths(out_dir, fixed, moving, settings))
     check_writable(paths.values(), overwrite)
     inputs = load_inputs(
         fixed, moving,
@@ -256,6 +257,7 @@ def register_files(
     save_image(paths["warped"], result.warped, affine, overwrite=overwrite)
     if warped_labels is not None:
         save_image(paths["warped_labels"], warped_labels, affine, overwrite=overwrite)
+    affine_record_written = write_affine_outputs(paths, result, affine, overwrite)
     record = {
         "fixed": str(fixed),
         "moving": str(moving),
@@ -264,6 +266,8 @@ def register_files(
         "optimisation_seconds": result.seconds,
         "peak_memory_mb": result.peak_memory_mb,
         "levels": result.levels,
+        "stages": result.stages,
+        "affine": affine_record_written,
         "device": result.device,
         "settings": settings.to_dict(),
         "versions": software_versions(),
@@ -283,6 +287,38 @@ def register_files(
     record["total_seconds"] = time.perf_counter() - start
     record["outputs"] = {key: str(path) for key, path in paths.items()}
     write_json(paths["metrics"], record, overwrite=overwrite)
+    return record
+
+
+def affine_output_paths(out_dir: Path, fixed, moving, settings: Settings) -> dict[str, Path]:
+    """Files of the affine stage: ``affine_<fixed>_<moving>.json`` (voxel and world matrices) and,
+    when SimpleITK is installed, ``affine_<fixed>_<moving>.tfm`` (ITK transform, LPS); none without
+    an affine stage."""
+    if settings.affine == "none":
+        return {}
+    stem = f"affine_{file_stem(fixed)}_{file_stem(moving)}"
+    paths = {"affine_json": out_dir / f"{stem}.json"}
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return paths
+    paths["affine_tfm"] = out_dir / f"{stem}.tfm"
+    return paths
+
+
+def write_affine_outputs(paths: dict[str, Path], result: RegistrationResult, fixed_affine: np.ndarray,
+                         overwrite: bool) -> dict | None:
+    """Write the affine matrix files named in ``paths`` (atomically); return the JSON record or None."""
+    if result.affine_matrix is None or "affine_json" not in paths:
+        return None
+    from .files import atomic_output
+    from .methods.affine import affine_record, write_itk_transform
+
+    record = affine_record(result.affine_matrix, fixed_affine, result.settings.affine)
+    write_json(paths["affine_json"], record, overwrite=overwrite)
+    if "affine_tfm" in paths:
+        with atomic_output(paths["affine_tfm"], overwrite=overwrite) as tmp:
+            write_itk_transform(tmp, result.affine_matrix, fixed_affine)
     return record
 
 

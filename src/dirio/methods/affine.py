@@ -50,9 +50,9 @@ class AffineConfig:
             full-resolution level would cost ~8x more per iteration.
         iterations: Adam iterations per level.
         lr: Adam step in voxels (of the mean voxel size) per iteration; see the module docstring.
-            Chosen on the synthetic affine test (rotations <= 10 degrees, shifts <= 10 voxels):
-            0.5 converges from a 10-voxel offset within the first level and leaves < 0.1 voxel
-            error after the cosine decay of the second.
+            Chosen on synthetic affine pairs (rotations <= 8 degrees per axis, scalings +-5 %,
+            shifts of 10 voxels, 48^3 voxels, levels 2 and 1): 0.5 reached a mean endpoint error
+            of 0.05 voxel with the MSE similarity.
         schedule: learning-rate schedule of each level (``"cosine"`` decays to 0 for precision).
         centre: initial alignment and rotation centre: ``"mass"`` (centres of mass of the masks
             when given, else of the normalised intensities: rotation about the fixed centre of
@@ -255,8 +255,14 @@ def affine_displacement(matrix: torch.Tensor, shape: Sequence[int], full_shape: 
     if points is None:
         points = identity_grid(shape, device=matrix.device).unsqueeze(0)
     linear = m[:ndim, :ndim] - torch.eye(ndim, device=m.device, dtype=m.dtype)
-    moved = torch.einsum("ij,bj...->bi...", linear, points.to(m.dtype))
-    return moved + m[:ndim, ndim].view(1, ndim, *([1] * ndim))
+    # Broadcast multiply-adds, one per input axis: a (ndim x ndim) @ (ndim x voxels) product or an
+    # einsum takes ~30 ms instead of ~0.02 ms when the BLAS library runs multi-threaded on a busy CPU.
+    points = points.to(m.dtype)
+    view = (1, ndim) + (1,) * ndim
+    moved = m[:ndim, ndim].view(view).expand_as(points)
+    for j in range(ndim):
+        moved = moved + linear[:, j].view(view) * points[:, j : j + 1]
+    return moved
 
 
 def compose_affine_field(matrix: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
