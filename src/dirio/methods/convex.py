@@ -287,7 +287,8 @@ class CostVolume:
         self.shape = tuple(fixed_cells.shape[2:])
         self.displacements = (2 * radius + 1) ** ndim
         row_bytes = 4 * self.displacements * math.prod(self.shape[1:])
-        # The einsum/unfold temporaries of a slab are a few times one slab's cost.
+        # A slab's temporaries (its halo rows, the smoothing copies, the cell-major copy and the
+        # coupled cost) are up to ~4 times its own cost values.
         self.rows = max(1, min(self.shape[0], int(slab_mb * 2**20 // max(row_bytes * 4, 1))))
         self.megabytes = row_bytes * self.shape[0] / 2**20
         self.cached = self.megabytes <= memory_mb
