@@ -23,7 +23,7 @@ from dirio.metrics import mean_dice
 import torch
 
 from dirio.files import write_json, write_text
-from dirio.settings import make_settings
+from dirio.settings import PRESETS, make_settings
 from dirio.workflow import software_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def int_list(text: str) -> tuple[int, ...]:
 def base_parser(name: str, description: str, default_preset: str) -> argparse.ArgumentParser:
     """Options every benchmark script shares (the method overrides also go to the CLI runs)."""
     parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
-    parser.add_argument("--preset", default=default_preset, choices=["brain-mri", "lung-ct"],
+    parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
                         help=f"dirio preset (default {default_preset})")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--quick", action="store_true",

@@ -1,7 +1,9 @@
 """Command line: a thin layer over :mod:`dirio.workflow` and :mod:`dirio.api`.
 
-``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate``, ``dirio demo`` and
-``dirio sweep`` (weights x combination rules on one pair, Pareto front; :mod:`dirio.sweep`).
+``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate``, ``dirio demo``,
+``dirio sweep`` (weights x combination rules on one pair, Pareto front; :mod:`dirio.sweep`) and
+``dirio run`` (every pair of a Learn2Reg dataset split; :mod:`dirio.runner`) and ``dirio report``
+(rebuild a run's HTML page; :mod:`dirio.html_report`).
 User errors print one line ``dirio: error: ...`` and exit with status 2.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -183,6 +186,28 @@ def settings_from_args(args: argparse.Namespace):
     return settings
 
 
+def registration_actions() -> list[argparse.Action]:
+    """The argparse actions of :func:`add_registration_options` (one per option, ``dest`` = key)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_registration_options(parser)
+    return list(parser._actions)
+
+
+def settings_from_options(options: dict, quiet: bool = True):
+    """:func:`settings_from_args` from a dict ``{dest: parsed value}`` of registration options.
+
+    Keys are the ``dest`` names of :func:`add_registration_options` (``similarity_options``,
+    ``levels``...) with values as argparse would give them; options not given take their defaults.
+    Used by ``dirio run`` for its config file (:mod:`dirio.config`).
+    """
+    values = {action.dest: action.default for action in registration_actions()}
+    unknown = sorted(set(options) - set(values))
+    if unknown:
+        raise DirioError(f"unknown registration option {unknown[0]!r}")
+    values.update(options)
+    return settings_from_args(argparse.Namespace(**values, quiet=quiet))
+
+
 def stage_overrides(args: argparse.Namespace) -> dict:
     """Settings overrides of the affine and convex stages from ``--affine*``, ``--init``, ``--convex-*``."""
     symmetric = None if args.convex_symmetric is None else args.convex_symmetric == "true"
@@ -287,6 +312,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_registration_options(sweep)
     sweep.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sweep.add_argument("-q", "--quiet", action="store_true", help="no progress lines or table")
+
+    run = commands.add_parser("run", help="register every pair of a Learn2Reg dataset split: official-format "
+                                          "fields, metrics tables, report; resumable; torchrun shards it")
+    run.add_argument("dataset", help="Learn2Reg dataset JSON (e.g. OASIS_dataset.json)")
+    run.add_argument("--split", choices=["val", "test", "train"], default="val",
+                     help="registration_val (default), registration_test, or training pairs (see README)")
+    run.add_argument("-o", "--output", required=True, help="run folder (fields, tables, report, status)")
+    run.add_argument("--config", help="TOML or YAML file with the keys of the dirio register options")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start again in OUT, replacing a previous run (also one with another configuration)")
+    run.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (torch.set_num_threads)")
+    run.add_argument("--limit", type=int, metavar="N", help="only the first N pairs of the split")
+    run.add_argument("--no-report", action="store_true", help="no thumbnails and no HTML report")
+    run.add_argument("--label-ids", type=_label_ids, help="labels scored by Dice/HD95 (default: the dataset's)")
+    run.add_argument("--resample", action="store_true", default=None,
+                     help="resample moving-side inputs onto the fixed grid")
+    run.add_argument("--no-masks", action="store_true", help="do not pass the dataset's masks to the registration")
+    run.add_argument("--tre-order", type=int, choices=[1, 3], help="interpolation of u at keypoints (default 3)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the log file has them)")
+    add_registration_options(run)
+
+    report = commands.add_parser("report", help="rebuild the HTML report of a dirio run folder")
+    report.add_argument("run_folder", help="the -o OUT folder of a dirio run")
     return parser
 
 
@@ -384,19 +432,67 @@ def run_sweep(args) -> int:
     return 0
 
 
+def run_dataset_command(args) -> int:
+    from .config import run_configuration
+    from .runner import run_dataset
+
+    explicit = {action.dest: getattr(args, action.dest) for action in registration_actions()
+                if getattr(args, action.dest) != action.default}
+    run_values = {"label_ids": args.label_ids, "resample": args.resample, "tre_order": args.tre_order,
+                  "use_masks": False if args.no_masks else None}
+    configuration = run_configuration(args.config, explicit, run_values)
+    if args.threads is not None and args.threads < 1:
+        raise DirioError(f"--threads must be at least 1, got {args.threads}")
+    if args.limit is not None and args.limit < 1:
+        raise DirioError(f"--limit must be at least 1, got {args.limit}")
+    result = run_dataset(
+        args.dataset, args.split, args.output, configuration,
+        overwrite=args.overwrite, threads=args.threads, limit=args.limit, report=not args.no_report,
+        quiet=args.quiet,
+    )
+    return result.exit_code
+
+
+def run_report(args) -> int:
+    from .html_report import write_report
+
+    page = write_report(args.run_folder)
+    print(f"report written to {page}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"register": run_register, "warp": run_warp, "evaluate": run_evaluate, "demo": run_demo,
-                "sweep": run_sweep}
+                "sweep": run_sweep, "run": run_dataset_command, "report": run_report}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
     except DirioError as error:
         print(f"dirio: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("dirio: interrupted; no partial output was left under a final name", file=sys.stderr)
-        return 130
+        code = 130
+    if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_process(code)
+    return code
+
+
+def _exit_process(code: int) -> None:
+    """End a torchrun worker at once, after flushing its output and logs.
+
+    With torch 2.13 on the CPU, a worker that used the gloo process group and autograd aborts during
+    interpreter teardown in about one run of three ("terminate called without an active exception",
+    SIGABRT), after all its work and the process group's destruction; torchrun then reports the run
+    as failed. Skipping the teardown with ``os._exit`` avoids it; every file is closed by then.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

