@@ -202,12 +202,18 @@ def test_a_run_killed_midway_resumes_to_identical_results(reference, dataset, co
 # --- failures ----------------------------------------------------------------------------------
 
 
-def test_corrupt_and_missing_inputs_fail_their_pairs_only_and_exit_1(dataset, config, tmp_path, capsys):
+def broken_copy(dataset: Path, tmp_path: Path) -> Path:
+    """A copy of the dataset folder with case 3's image truncated and case 5's image deleted."""
     root = tmp_path / "dataset"
     shutil.copytree(dataset.parent, root)
     corrupt = root / "imagesTr" / "SYNTH_0003_0000.nii.gz"
     corrupt.write_bytes(corrupt.read_bytes()[:300])
     (root / "imagesTr" / "SYNTH_0005_0000.nii.gz").unlink()
+    return root
+
+
+def test_corrupt_and_missing_inputs_fail_their_pairs_only_and_exit_1(dataset, config, tmp_path, capsys):
+    root = broken_copy(dataset, tmp_path)
     out = tmp_path / "out"
     assert run_in_process(root / dataset.name, "-o", out, "--config", config, "--threads", "1", "--no-report", "-q") == 1
 
@@ -225,7 +231,7 @@ def test_corrupt_and_missing_inputs_fail_their_pairs_only_and_exit_1(dataset, co
     assert json.loads((out / "run.json").read_text())["failed"] == 3
 
     # repaired inputs: the next run retries the failed pairs and keeps the finished one
-    shutil.copy(dataset.parent / "imagesTr" / "SYNTH_0003_0000.nii.gz", corrupt)
+    shutil.copy(dataset.parent / "imagesTr" / "SYNTH_0003_0000.nii.gz", root / "imagesTr")
     shutil.copy(dataset.parent / "imagesTr" / "SYNTH_0005_0000.nii.gz", root / "imagesTr")
     assert run_in_process(root / dataset.name, "-o", out, "--config", config, "--threads", "1", "--no-report", "-q") == 0
     assert all(r["status"] == "done" for r in read_rows(out / "cases.csv"))

@@ -6,7 +6,6 @@ registration bitwise reproducible, so the fields are compared bit for bit.
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_runner import build_dataset, field_bytes, read_rows, run_in_process, temporaries, without_seconds, write_config
+from test_runner import broken_copy, build_dataset, field_bytes, read_rows, run_in_process, temporaries, without_seconds, write_config
 
 
 def free_port() -> int:
@@ -81,12 +80,8 @@ def test_two_processes_give_the_same_fields_and_tables_as_one(dataset, config, t
 
 @pytest.mark.slow
 def test_failed_pairs_on_one_rank_neither_hang_the_others_nor_go_unreported(dataset, config, tmp_path):
-    root = tmp_path / "dataset"
-    shutil.copytree(dataset.parent, root)
-    # the 2nd and 3rd pairs (ranks 1 and 0) use this image; the 4th (rank 1) uses the missing one
-    corrupt = root / "imagesTr" / "SYNTH_0003_0000.nii.gz"
-    corrupt.write_bytes(corrupt.read_bytes()[:300])
-    (root / "imagesTr" / "SYNTH_0005_0000.nii.gz").unlink()
+    # case 3 (truncated) is in the 2nd and 3rd pairs (ranks 1 and 0); case 5 (deleted) in the 4th (rank 1)
+    root = broken_copy(dataset, tmp_path)
     out = tmp_path / "out"
     result = torchrun(root / dataset.name, "-o", out, "--config", config, "--threads", "1", "--no-report", "-q")
     # torchrun exits 1 when a worker fails; each worker's own status (1: some pair failed) is in its report
