@@ -3,7 +3,7 @@
 Builds a Learn2Reg-style dataset from the voxelmorph brain at half resolution (80x96x112, every
 second voxel, 2 mm): case 1 is the brain, cases 2..N are smooth random warps of it (sigma 7 voxels,
 largest component 4 voxels; ``dirio.data.write_synthetic_dataset``), with label maps, brain masks and
-label-centroid keypoints; the validation split is the N - 1 consecutive pairs. Then times the whole
+exactly corresponding keypoints; the validation split is the N - 1 consecutive pairs. Then times the whole
 ``dirio run`` command (start-up, registration, writing and reading back the field, every metric,
 thumbnails, tables and the HTML report) in three set-ups on the same dataset:
 

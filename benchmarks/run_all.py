@@ -3,7 +3,7 @@
 Each script runs in its own Python process (so that its timings and peak memory are its own),
 with ``--device``, ``--quick`` and ``--out <root>/<name>``; every option this script does not know
 (e.g. ``--iterations 80,40`` or ``--lr 2``) is passed unchanged to every script of one preset
-(``METHOD_SCRIPTS``); ``lung_stages`` and ``dataset_throughput`` compare configurations themselves. ``--seeds`` and
+(``METHOD_SCRIPTS``); ``lung_stages``, ``lung_synthetic`` and ``dataset_throughput`` compare configurations themselves. ``--seeds`` and
 ``--skip-cli`` go to brain_synthetic only. A script that fails is reported in the summary and the
 others still run; the exit status is 1 when any failed.
 
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 # Scripts of one preset on one pair: they take the method overrides passed through (--levels ...).
 METHOD_SCRIPTS = ("brain_synthetic", "brain_mirror", "oasis_pair", "lung_pair")
 # Scripts that compare several configurations themselves: only --device, --quick and --out.
-SCRIPTS = METHOD_SCRIPTS + ("lung_stages", "dataset_throughput")
+SCRIPTS = METHOD_SCRIPTS + ("lung_stages", "lung_synthetic", "dataset_throughput")
 
 
 def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:

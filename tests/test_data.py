@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from dirio.data import case_and_modality, load_dataset, sibling_path, write_synthetic_dataset
 from dirio.errors import DirioError
+from dirio.synthetic import warped_pair
 
 
 def write_json(path, content):
@@ -125,4 +127,11 @@ def test_the_synthetic_dataset_has_the_learn2reg_layout_and_corresponding_keypoi
     assert all(p.fixed.labels and p.fixed.mask and p.fixed.keypoints for p in val)
     points = np.loadtxt(val[0].fixed.keypoints, delimiter=",", ndmin=2)
     assert points.shape == (2, 3)
+    # keypoints correspond exactly: case 2's points pulled through case 2's known field land on
+    # case 1's label centroids (so a perfect registration has TRE 0)
+    truth = warped_pair(image, labels, sigma=4.0, max_displacement=1.5, seed=2).true_disp
+    moving_points = np.loadtxt(val[0].moving.keypoints, delimiter=",", ndmin=2)
+    at_points = np.stack([ndimage.map_coordinates(truth[..., a], moving_points.T, order=1) for a in range(3)], axis=1)
+    np.testing.assert_allclose(moving_points + at_points, points, atol=1e-3)
+    assert np.abs(moving_points - points).max() > 0.2
     assert [p.name for p in dataset.pairs("test")] == ["0001_0002", "0001_0003"]

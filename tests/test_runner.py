@@ -3,7 +3,8 @@ and the exported fields scored by an independent re-implementation of the Learn2
 
 The dataset is built on the fly from the voxelmorph test scan (../shared/data), taken every fourth
 voxel (40x48x56, 4 mm voxels): case 1 is the scan, cases 2-5 are smooth random warps of it
-(dirio.synthetic), with label maps, brain masks and label-centroid keypoints.
+(dirio.synthetic), with label maps, brain masks and exactly corresponding keypoints (label
+centroids mapped through the known fields).
 """
 
 import csv

@@ -259,6 +259,25 @@ def load_dataset(path: str | Path) -> Dataset:
     return Dataset(path=path, root=path.parent, name=name, content=content, label_ids=label_ids or None)
 
 
+def _points_mapped_onto(targets: np.ndarray, disp: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Points ``x`` with ``x + disp(x) = targets`` (fixed-point iteration, trilinear ``disp``).
+
+    Args:
+        targets: ``(N, ndim)`` voxel coordinates.
+        disp: ``(*S, ndim)`` smooth displacement in voxels (contractive: |grad disp| < 1).
+    Returns:
+        ``(N, ndim)`` voxel coordinates.
+    """
+    from scipy import ndimage
+
+    points = np.array(targets, dtype=np.float64)
+    for _ in range(iterations):
+        at_points = np.stack([ndimage.map_coordinates(disp[..., axis], points.T, order=1, mode="nearest")
+                              for axis in range(disp.shape[-1])], axis=1)
+        points = targets - at_points
+    return points
+
+
 def write_synthetic_dataset(
     folder: str | Path,
     image: np.ndarray,
@@ -278,8 +297,11 @@ def write_synthetic_dataset(
     Case 1 is ``image`` itself; case ``k > 1`` is ``image`` warped by a smooth random field
     (:func:`dirio.synthetic.warped_pair`, seed ``seed + k``). Every case gets ``imagesTr/<name>_<kkkk>_0000.nii.gz``,
     its label map in ``labelsTr``, a brain mask (``labels > 0``) in ``masksTr`` when ``masks``, and
-    keypoints in ``keypointsTr``: the voxel centroids of the first ``keypoint_labels`` labels present in
-    every case (corresponding points, one CSV row each). The JSON lists every case under ``training``,
+    keypoints in ``keypointsTr``: exactly corresponding points, one CSV row each: in case 1 the voxel
+    centroids of the first ``keypoint_labels`` labels present in every case, in case ``k`` the points
+    ``x`` with ``x + u_k(x)`` = those centroids (``u_k`` the known field of case ``k``, inverted by
+    fixed-point iteration), so a perfect registration has TRE 0. (Centroids of the warped label maps
+    would not correspond: a region's centroid does not move with the field at the centroid.) The JSON lists every case under ``training``,
     consecutive cases ``(k, k + 1)`` under ``registration_val`` and ``(1, k)`` under ``registration_test``.
 
     Args:
@@ -298,17 +320,20 @@ def write_synthetic_dataset(
     for sub in ("imagesTr", "labelsTr", "masksTr", "keypointsTr"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     images, label_maps = [np.asarray(image, dtype=np.float32)], [np.asarray(labels).astype(np.int16)]
+    fields = [None]
     for k in range(2, cases + 1):
         pair = warped_pair(image, np.asarray(labels).astype(np.int16), sigma=sigma,
                            max_displacement=max_displacement, seed=seed + k)
         images.append(pair.fixed)
         label_maps.append(pair.fixed_labels)
+        fields.append(pair.true_disp)
     common = set(np.unique(label_maps[0]).tolist()) - {0}
     for label_map in label_maps[1:]:
         common &= set(np.unique(label_map).tolist())
     point_labels = sorted(common)[:keypoint_labels]
+    centroids = np.asarray(ndimage.center_of_mass(np.ones_like(label_maps[0]), label_maps[0], point_labels))
     training = []
-    for k, (volume, label_map) in enumerate(zip(images, label_maps), start=1):
+    for k, (volume, label_map, true_disp) in enumerate(zip(images, label_maps, fields), start=1):
         stem = f"{name}_{k:04d}_0000"
         save_image(folder / "imagesTr" / f"{stem}.nii.gz", volume, affine, overwrite=True)
         save_image(folder / "labelsTr" / f"{stem}.nii.gz", label_map, affine, overwrite=True)
@@ -316,8 +341,8 @@ def write_synthetic_dataset(
         if masks:
             save_image(folder / "masksTr" / f"{stem}.nii.gz", (label_map > 0).astype(np.uint8), affine, overwrite=True)
             entry["mask"] = f"./masksTr/{stem}.nii.gz"
-        centroids = ndimage.center_of_mass(np.ones_like(label_map), label_map, point_labels)
-        rows = "".join(",".join(f"{c:.4f}" for c in point) + "\n" for point in centroids)
+        points = centroids if true_disp is None else _points_mapped_onto(centroids, true_disp)
+        rows = "".join(",".join(f"{c:.4f}" for c in point) + "\n" for point in points)
         (folder / "keypointsTr" / f"{stem}.csv").write_text(rows, encoding="utf-8")
         entry["keypoints"] = f"./keypointsTr/{stem}.csv"
         training.append(entry)
