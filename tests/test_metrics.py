@@ -433,6 +433,19 @@ def test_ndv_of_a_reflection():
     assert metrics.ndv_fraction(disp, mask) == pytest.approx(0.5)
 
 
+def test_ndv_in_slabs_equals_the_whole_grid_definition(monkeypatch):
+    """The slab-wise volume map is the negative parts of all 10 determinants of the whole grid,
+    summed and scaled by 1/12, to the last bit, whatever the slab size."""
+    rng = np.random.default_rng(3)
+    disp = ndimage.gaussian_filter(rng.normal(0, 4, (3, 9, 10, 11)), (0, 1, 1, 1)).transpose(1, 2, 3, 0)
+    dets = metrics.tetrahedral_jacobian_determinants(disp)
+    expected = 0.5 / 6 * np.sum(np.maximum(-dets, 0.0), axis=0)
+    assert expected.sum() > 0.1  # the field folds
+    for voxels in (1, 110, 250, 10**6):
+        monkeypatch.setattr(metrics, "_NDV_SLAB_VOXELS", voxels)
+        assert np.array_equal(metrics._non_diffeomorphic_volume_map(disp), expected)
+
+
 def test_ndv_matches_digital_diffeomorphism_when_installed():
     """Cross-check against Liu et al.'s package when it is importable."""
     core = pytest.importorskip("digital_diffeomorphism.core")

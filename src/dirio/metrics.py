@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -655,6 +655,51 @@ def _central_tetrahedra_offsets() -> tuple[tuple[tuple[int, ...], ...], ...]:
     )
 
 
+def _padded_deformation(disp: np.ndarray) -> np.ndarray:
+    """``phi = id + u`` on the grid extended by one voxel of edge replication of ``u`` (Liu et al.).
+
+    Returns ``(*(S + 2), ndim)`` float64 positions in voxels of the unpadded grid plus one.
+    """
+    field = _as_field(disp)
+    ndim = field.shape[-1]
+    padded = np.pad(field, [(1, 1)] * ndim + [(0, 0)], mode="edge")
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in padded.shape[:-1]], indexing="ij")
+    return padded + np.stack(grid, axis=-1)
+
+
+def _tetrahedral_determinants_inside(phi: np.ndarray) -> Iterator[np.ndarray]:
+    """The determinants of :func:`tetrahedral_jacobian_determinants`, one array at a time, at the
+    voxels of ``phi`` (a padded deformation or a slab of one) that have a neighbour on every side.
+
+    Args:
+        phi: ``(*(P), ndim)`` positions.
+    Yields:
+        ``(*(P - 2))`` arrays: the ``2^ndim`` one-sided determinants, then (3D) the two central ones.
+    """
+    ndim = phi.shape[-1]
+    shape = tuple(n - 2 for n in phi.shape[:-1])
+
+    def difference(offset: Sequence[int]) -> list[np.ndarray]:
+        """``phi(x + offset) - phi(x)`` per component, over the inner voxels."""
+        window = tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, shape))
+        centre = tuple(slice(1, 1 + n) for n in shape)
+        return [phi[window + (c,)] - phi[centre + (c,)] for c in range(ndim)]
+
+    def unit(axis: int, step: int) -> tuple[int, ...]:
+        return tuple(step if d == axis else 0 for d in range(ndim))
+
+    for signs in itertools.product((1, -1), repeat=ndim):
+        columns = []
+        for axis, sign in enumerate(signs):
+            column = difference(unit(axis, sign))
+            columns.append(column if sign > 0 else [-v for v in column])
+        yield _determinant([[columns[k][c] for k in range(ndim)] for c in range(ndim)])
+    if ndim == 3:
+        for offsets in _central_tetrahedra_offsets():
+            columns = [difference(o) for o in offsets]
+            yield _determinant([[columns[k][c] for k in range(3)] for c in range(3)])
+
+
 def tetrahedral_jacobian_determinants(disp: np.ndarray) -> np.ndarray:
     """Finite-difference Jacobian determinants of Liu et al. (IJCV 2024), per voxel.
 
@@ -672,34 +717,13 @@ def tetrahedral_jacobian_determinants(disp: np.ndarray) -> np.ndarray:
         ``(10, *S)`` (3D) or ``(4, *S)`` (2D) determinants; identity gives 1 for the corner
         tetrahedra / triangles and 2 for the central tetrahedra.
     """
-    field = _as_field(disp)
-    ndim = field.shape[-1]
-    shape = field.shape[:-1]
-    padded = np.pad(field, [(1, 1)] * ndim + [(0, 0)], mode="edge")
-    grid = np.meshgrid(*[np.arange(n + 2, dtype=np.float64) for n in shape], indexing="ij")
-    phi = padded + np.stack(grid, axis=-1)
+    return np.stack(list(_tetrahedral_determinants_inside(_padded_deformation(disp))), axis=0)
 
-    def difference(offset: Sequence[int]) -> list[np.ndarray]:
-        """``phi(x + offset) - phi(x)`` per component, over the unpadded grid."""
-        window = tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, shape))
-        centre = tuple(slice(1, 1 + n) for n in shape)
-        return [phi[window + (c,)] - phi[centre + (c,)] for c in range(ndim)]
 
-    def unit(axis: int, step: int) -> tuple[int, ...]:
-        return tuple(step if d == axis else 0 for d in range(ndim))
-
-    determinants = []
-    for signs in itertools.product((1, -1), repeat=ndim):
-        columns = []
-        for axis, sign in enumerate(signs):
-            column = difference(unit(axis, sign))
-            columns.append(column if sign > 0 else [-v for v in column])
-        determinants.append(_determinant([[columns[k][c] for k in range(ndim)] for c in range(ndim)]))
-    if ndim == 3:
-        for offsets in _central_tetrahedra_offsets():
-            columns = [difference(o) for o in offsets]
-            determinants.append(_determinant([[columns[k][c] for k in range(3)] for c in range(3)]))
-    return np.stack(determinants, axis=0)
+# Voxels per slab of the non-diffeomorphic volume: the ~30 float64 temporaries of one determinant
+# then stay in the CPU caches: on the 160 x 192 x 224 grid 1.3-2.7 s instead of 7.4 s for the whole
+# grid at once (development CPU; bit-identical result).
+_NDV_SLAB_VOXELS = 2**16
 
 
 def _non_diffeomorphic_volume_map(disp: np.ndarray) -> np.ndarray:
@@ -707,12 +731,20 @@ def _non_diffeomorphic_volume_map(disp: np.ndarray) -> np.ndarray:
 
     Each of the two 5-tetrahedra splits of a cell fills the cell once, so the volume is averaged
     over the two splits: weight ``1/2`` times the simplex volume ``|det| / 6`` (3D) or
-    ``|det| / 2`` (2D, two triangle splits of a pixel cell).
+    ``|det| / 2`` (2D, two triangle splits of a pixel cell). Computed in slabs along the first
+    axis (same operations on the same numbers as the whole grid at once, so the same result).
     """
-    dets = tetrahedral_jacobian_determinants(disp)
-    ndim = np.asarray(disp).shape[-1]
-    simplex_volume = 1.0 / math.factorial(ndim)
-    return 0.5 * simplex_volume * np.sum(np.maximum(-dets, 0.0), axis=0)
+    phi = _padded_deformation(disp)
+    ndim = phi.shape[-1]
+    shape = tuple(n - 2 for n in phi.shape[:-1])
+    rows = max(1, _NDV_SLAB_VOXELS // max(1, math.prod(shape[1:])))
+    negative = np.zeros(shape, dtype=np.float64)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        slab = negative[start:stop]
+        for det in _tetrahedral_determinants_inside(phi[start:stop + 2]):
+            slab += np.maximum(-det, 0.0)
+    return 0.5 / math.factorial(ndim) * negative
 
 
 def _ndv_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
