@@ -49,6 +49,18 @@ def test_warp_labels_integer_shift_pulls_from_x_plus_u_and_zero_fills_outside():
     np.testing.assert_array_equal(warped[-1], 0)
 
 
+def test_warp_labels_with_the_zero_field_is_a_copy_of_the_map():
+    moving = np.random.default_rng(0).integers(0, 5, (6, 7, 8)).astype(np.int16)
+    warped = metrics.warp_labels(moving, np.zeros((6, 7, 8, 3), np.float32))
+    assert warped.dtype == moving.dtype and np.array_equal(warped, moving)
+    assert not np.shares_memory(warped, moving)
+    # the general path with a tiny shift rounds to the same voxels (but at the far border, which
+    # it treats as outside: the evaluator's quirk)
+    tiny = np.full((6, 7, 8, 3), 1e-3, np.float32)
+    inner = (slice(0, -1),) * 3
+    assert np.array_equal(metrics.warp_labels(moving, tiny)[inner], moving[inner])
+
+
 def test_warp_labels_2d_nearest_rounds_fractional_displacement():
     """A displacement of 0.4 voxel rounds to no move, 0.6 to one voxel (nearest neighbour); any
     point past the last voxel centre, even by 0.4, is outside and gets 0 (the evaluator's scipy
@@ -431,6 +443,16 @@ def test_ndv_of_a_reflection():
     mask[0] = 1  # the first slab: only its forward edges fold, half a voxel each
     assert metrics.ndv(disp, mask) == pytest.approx(0.5 * 4 * 5)
     assert metrics.ndv_fraction(disp, mask) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (6, 8, 10)])
+def test_bounding_box_is_the_extent_of_the_true_voxels(shape):
+    rng = np.random.default_rng(len(shape))
+    for _ in range(20):
+        mask = np.zeros(shape, dtype=bool)
+        mask[tuple(rng.integers(0, n, size=3) for n in shape)] = True
+        expected = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
+        assert metrics._bounding_box(mask) == expected
 
 
 def test_ndv_in_slabs_equals_the_whole_grid_definition(monkeypatch):
