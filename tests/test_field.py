@@ -406,3 +406,40 @@ def test_world_to_itk_lps_flips_x_and_y_only():
     lps = field.world_to_itk_lps(ras)
     np.testing.assert_array_equal(lps, [[-1.0, -2.0, 3.0], [4.0, -5.0, -6.0]])
     assert ras[0, 0] == 1.0  # the input is not modified
+
+
+# --- box smoothing (the parameter smoothing of the dense models) ---------------------------------
+
+
+def _pooled_reference(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """The definition: 3-voxel average pooling per axis, border averages over the inside voxels."""
+    ndim = x.dim() - 2
+    pool = torch.nn.functional.avg_pool3d if ndim == 3 else torch.nn.functional.avg_pool2d
+    for _ in range(passes):
+        for axis in range(ndim):
+            kernel = [1] * ndim
+            kernel[axis] = 3
+            x = pool(x, kernel, stride=1, padding=[k // 2 for k in kernel], count_include_pad=False)
+    return x
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 5, 6), (2, 3, 4, 5, 6), (1, 3, 3, 7, 4)])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_box_smooth_is_average_pooling_and_its_gradient_is_the_transpose(shape, passes):
+    from dirio.methods.dense import smooth_parameters
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(smooth_parameters(x, passes), _pooled_reference(x, passes))
+    assert torch.autograd.gradcheck(lambda t: smooth_parameters(t, passes), (x,))
+    g = torch.randn(*shape, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(_pooled_reference(x, passes), x, g)
+    (got,) = torch.autograd.grad(smooth_parameters(x, passes), x, g)
+    torch.testing.assert_close(got, expected)
+
+
+def test_box_smooth_on_axes_of_one_and_two_voxels():
+    """One voxel: left alone; two voxels: both become their mean (pooling refuses such grids)."""
+    x = torch.randn(1, 1, 1, 2, dtype=torch.float64)
+    expected = x.mean(dim=3, keepdim=True).expand_as(x)
+    torch.testing.assert_close(field.box_smooth(x, 1), expected)
+    torch.testing.assert_close(field.box_smooth_adjoint(torch.ones_like(x), 1), torch.ones_like(x))

@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..field import identity_grid, sample, warp
+from ..field import box_smooth, identity_grid, sample, warp
 from ..similarity import mind_ssc
 
 # ConvexAdam's coupling weights (convex_adam_utils.coupled_convex), applied to a cost summed
@@ -186,32 +186,6 @@ def displacement_table(radius: int, ndim: int, device=None) -> torch.Tensor:
 # --- cost volume ---------------------------------------------------------------------------------
 
 
-def _box_smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
-    """``passes`` rounds of a separable 3-voxel mean over the spatial axes of ``(B, C, *S)``.
-
-    At the border the mean is over the voxels inside the grid: the same numbers as
-    :func:`dirio.methods.dense.smooth_parameters`, computed with in-place shifted adds and one
-    multiplication by the reciprocal counts per axis, several times faster than average pooling
-    over the hundreds of channels of a cost volume. Returns a new tensor.
-    """
-    ndim = x.dim() - 2
-    for _ in range(passes):
-        for axis in range(ndim):
-            dim = 2 + axis
-            n = x.shape[dim]
-            if n == 1:
-                continue
-            total = x.clone()
-            total.narrow(dim, 1, n - 1).add_(x.narrow(dim, 0, n - 1))
-            total.narrow(dim, 0, n - 1).add_(x.narrow(dim, 1, n - 1))
-            scale = torch.full((n,), 1.0 / 3.0, device=x.device, dtype=x.dtype)
-            scale[0] = scale[-1] = 0.5
-            shape = [1] * x.dim()
-            shape[dim] = n
-            x = total.mul_(scale.view(shape))
-    return x
-
-
 def cost_slab(fixed_cells: torch.Tensor, moving_padded: torch.Tensor, radius: int, start: int, stop: int,
               smoothing: int, weight: torch.Tensor | None = None, moving_norms: torch.Tensor | None = None
               ) -> torch.Tensor:
@@ -259,7 +233,7 @@ def cost_slab(fixed_cells: torch.Tensor, moving_padded: torch.Tensor, radius: in
     cost.clamp_min_(0)
     if weight is not None:
         cost = cost * weight[0, :, lo:hi]
-    cost = _box_smooth(cost.unsqueeze(0), smoothing)[0]
+    cost = box_smooth(cost.unsqueeze(0), smoothing)[0]
     return cost[:, start - lo : start - lo + (stop - start)]
 
 
@@ -359,9 +333,9 @@ def coupled_convex(volume: CostVolume, table: torch.Tensor, coupling: Sequence[f
     Starts from the smoothed pointwise minimum, then for each ``theta`` in ``coupling``: discrete
     minimum of cost + ``theta ||d - v||^2`` per cell, smoothed into the new ``v``.
     """
-    smooth = _box_smooth(coupled_argmin(volume, table, None, 0.0), smoothing)
+    smooth = box_smooth(coupled_argmin(volume, table, None, 0.0), smoothing)
     for theta in coupling:
-        smooth = _box_smooth(coupled_argmin(volume, table, smooth, float(theta)), smoothing)
+        smooth = box_smooth(coupled_argmin(volume, table, smooth, float(theta)), smoothing)
     return smooth
 
 
