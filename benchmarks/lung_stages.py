@@ -12,7 +12,7 @@ Pair: fixed = baseline, moving = follow-up (one-lung crops, 1.366 x 1.366 x 2.5 
 Methods (each one ``dirio.api.register`` call with ``keep_stages=True``, masks given):
 
 * ``convex-adam``: the ``convex-adam`` preset after an affine stage: TRE after the affine, after
-  affine + discrete (coupled convex) step, and after the Adam refinement (60 + 25 iterations);
+  affine + discrete (coupled convex) step, and after the Adam refinement (60 + 15 iterations);
   ``convex-adam-80``: the same with ConvexAdam's 80 Adam iterations.
 * ``continuous``: the ``continuous`` preset (no discrete step, constant -> cosine -> linear
   schedule with a large initial rate, 270 iterations) after the same affine stage.
@@ -52,7 +52,7 @@ AFFINE_FAMILY = "affine"
 METHODS = {
     "convex-adam": {"preset": "convex-adam", "affine": AFFINE_FAMILY},
     # ConvexAdam's own Adam stage (80 half-resolution iterations; the preset runs 60 at quarter
-    # and 25 at half resolution for speed): the fair comparison with the continuous method.
+    # and 15 at half resolution for speed): the fair comparison with the continuous method.
     "convex-adam-80": {"preset": "convex-adam", "affine": AFFINE_FAMILY, "levels": (2,), "iterations": (80,)},
     "continuous": {"preset": "continuous", "affine": AFFINE_FAMILY},
     "lung-ct": {"preset": "lung-ct"},

@@ -127,12 +127,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "convex": {"feature_factor": 2, "mind_dilation": 1},
         # Adam refinement of a half-resolution field (grid_sp_adam = 2) at lr 1, constant rate, three
         # passes of a 3-voxel box over the parameters (ConvexAdam's three avg_pool3d). Not
-        # ConvexAdam's: 60 quarter-resolution iterations, then 25 at half resolution instead of 80
+        # ConvexAdam's: 60 quarter-resolution iterations, then 15 at half resolution instead of 80
         # there. A half-resolution iteration of the 160x192x224 brain costs ~0.35 s on the 2-core
-        # development CPU (12 MIND channels), a quarter-resolution one ~0.04 s. Dice (30 labels),
-        # with ConvexAdam's 80 half-resolution iterations (~34 s) / 60 + 25 here (~17 s) / 60 + 15
-        # (~14 s): brain-vs-mirror 0.790 / 0.789 / 0.790; synthetic warp (seed 1) 0.928 / 0.927 / 0.925.
-        "engine": {"levels": (4, 2), "iterations": (60, 25), "grid_spacing": 1.0, "lr": 1.0,
+        # development CPU (12 MIND channels), a quarter-resolution one ~0.04 s. Dice (30 labels) /
+        # lung TRE (index, world set-ups) with ConvexAdam's 80 half-resolution iterations (~34 s on
+        # the brain), 60 + 15 here (~14 s) and 60 + 25 (~17 s): brain-vs-mirror 0.790 / 0.790 /
+        # 0.789; synthetic brain warp (seed 1) 0.928 / 0.925 / 0.927; lung 2.45, 2.71 / 2.40, 2.62 /
+        # 2.55, 2.99 mm. With a constant rate the result does not improve steadily with iterations.
+        "engine": {"levels": (4, 2), "iterations": (60, 15), "grid_spacing": 1.0, "lr": 1.0,
                    "schedule": "constant", "smoothing": 3},
     },
     "continuous": {
