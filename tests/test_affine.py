@@ -25,14 +25,7 @@ from dirio.similarity import make_similarity
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "elastix-lung-ct"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP barriers of small parallel ops
-    stall when the other core is busy (5x slower tests); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob_object(shape, radius, seed=0):

@@ -21,13 +21,7 @@ from dirio.optim.combine import (
 from dirio.optim.engine import EngineConfig, Objective, optimise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Two conflicting 2-vectors: <s, r> = -1, ||s||^2 = 1, ||r||^2 = 2.

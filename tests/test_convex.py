@@ -24,14 +24,7 @@ from dirio.methods.convex import (
 from dirio.methods.dense import smooth_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP barriers of small parallel ops
-    stall when the other core is busy (5x slower tests); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_cost(fixed, moving, radius, smoothing, weight=None):

@@ -7,13 +7,7 @@ from dirio.optim.engine import EngineConfig, Objective, optimise
 from dirio.optim.stopping import PlateauStop, make_stopping_rule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def first_stop(rule, values):

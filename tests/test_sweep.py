@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.ndimage import gaussian_filter
 
 from dirio.cli import main
@@ -17,13 +16,7 @@ from dirio.sweep import check_sweep_options, pareto_mask, rows_markdown, run_swe
 from dirio.synthetic import warped_pair
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
