@@ -236,16 +236,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"dirio: error: {where}{message} (see dirio {'' if not where else command + ' '}--help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dirio", description="Deformable image registration by instance optimisation.")
-    parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    reg = commands.add_parser("register", help="register MOVING to FIXED and write field, warped image, metrics, figure")
-    reg.add_argument("fixed")
-    reg.add_argument("moving")
-    reg.add_argument("-o", "--output", required=True, help="output directory")
-    inputs = reg.add_argument_group("inputs")
+def add_pair_inputs(parser: argparse.ArgumentParser) -> None:
+    """The optional inputs of one registration pair (labels, masks, keypoints, label ids, grid
+    handling) as an "inputs" group: shared by ``dirio register`` and ``dirio sweep``."""
+    inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--fixed-labels")
     inputs.add_argument("--moving-labels")
     inputs.add_argument("--fixed-mask")
@@ -255,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--label-ids", type=_label_ids, help="labels scored by Dice/HD95: 2,3,4 or a .npz/.txt file")
     inputs.add_argument("--resample", action="store_true", help="resample moving-side inputs onto the fixed grid")
     inputs.add_argument("--ndim", type=int, choices=[2, 3], default=3, help="spatial dimensions of the images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dirio", description="Deformable image registration by instance optimisation.")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    reg = commands.add_parser("register", help="register MOVING to FIXED and write field, warped image, metrics, figure")
+    reg.add_argument("fixed")
+    reg.add_argument("moving")
+    reg.add_argument("-o", "--output", required=True, help="output directory")
+    add_pair_inputs(reg)
     add_registration_options(reg)
     out = reg.add_argument_group("output")
     out.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -299,16 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--rules", default="sum,pcgrad,surgery", metavar="RULE,...",
                        type=lambda text: [r.strip() for r in text.split(",") if r.strip()],
                        help="combination rules to try (default sum,pcgrad,surgery; surgery runs once)")
-    sweep_inputs = sweep.add_argument_group("inputs")
-    sweep_inputs.add_argument("--fixed-labels")
-    sweep_inputs.add_argument("--moving-labels")
-    sweep_inputs.add_argument("--fixed-mask")
-    sweep_inputs.add_argument("--moving-mask")
-    sweep_inputs.add_argument("--fixed-keypoints", help="CSV of voxel coordinates (i,j,k), one point per row")
-    sweep_inputs.add_argument("--moving-keypoints")
-    sweep_inputs.add_argument("--label-ids", type=_label_ids, help="labels scored by Dice/HD95")
-    sweep_inputs.add_argument("--resample", action="store_true", help="resample moving-side inputs onto the fixed grid")
-    sweep_inputs.add_argument("--ndim", type=int, choices=[2, 3], default=3)
+    add_pair_inputs(sweep)
     add_registration_options(sweep)
     sweep.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sweep.add_argument("-q", "--quiet", action="store_true", help="no progress lines or table")
