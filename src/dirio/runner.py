@@ -46,7 +46,6 @@ from .data import Pair, load_dataset
 from .errors import DirioError
 from .files import write_json, write_text
 from .image import load_field, save_field
-from .metrics import evaluate_field
 from .workflow import Inputs, evaluate, load_inputs, software_versions
 
 CASES_COLUMNS = ("pair", "fixed", "moving", "status", "seconds", "dice", "hd95", "sdlogj", "fold_percent",
@@ -372,13 +371,8 @@ def register_pair(pair: Pair, out_dir: Path, configuration: RunConfiguration, la
 
 def _identity_metrics(inputs: Inputs, label_ids: Sequence[int] | None, tre_order: int) -> dict:
     """Dice and TRE of the identity field ("before"): the tables report no HD95 or regularity before."""
-    return evaluate_field(
-        np.zeros(inputs.fixed.shape + (inputs.fixed.ndim,), dtype=np.float32),
-        fixed_labels=None if inputs.fixed_labels is None else inputs.fixed_labels.data,
-        moving_labels=None if inputs.moving_labels is None else inputs.moving_labels.data,
-        labels=label_ids, fixed_points=inputs.fixed_points, moving_points=inputs.moving_points,
-        spacing=inputs.fixed.spacing, tre_order=tre_order, regularity=False, hd95=False,
-    )
+    identity = np.zeros(inputs.fixed.shape + (inputs.fixed.ndim,), dtype=np.float32)
+    return evaluate(inputs, identity, label_ids, tre_order, regularity=False, hd95=False)
 
 
 def _thumbnail(out_dir: Path, pair: Pair, fixed: np.ndarray, warped: np.ndarray, disp: np.ndarray,

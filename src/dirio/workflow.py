@@ -152,8 +152,9 @@ def map_points(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarra
 
 
 def evaluate(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None = None, tre_order: int = 3,
-             regularity: bool = True) -> dict:
-    """dirio's metrics of a field for the pair (Dice/HD95 with labels, TRE with keypoints, regularity)."""
+             regularity: bool = True, hd95: bool = True) -> dict:
+    """dirio's metrics of a field for the pair (Dice/HD95 with labels, TRE with keypoints, regularity);
+    ``regularity`` and ``hd95`` as in :func:`dirio.metrics.evaluate_field`."""
     return evaluate_field(
         disp,
         fixed_labels=None if inputs.fixed_labels is None else inputs.fixed_labels.data,
@@ -164,6 +165,7 @@ def evaluate(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None =
         spacing=inputs.fixed.spacing,
         tre_order=tre_order,
         regularity=regularity,
+        hd95=hd95,
     )
 
 
