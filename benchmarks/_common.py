@@ -19,12 +19,12 @@ from typing import Sequence
 
 import numpy as np
 
-from dirio.metrics import mean_dice
+from dirio.evaluation.metrics import mean_dice
 import torch
 
-from dirio.files import write_json, write_text
-from dirio.settings import PRESETS, make_settings
-from dirio.workflow import software_versions
+from dirio.io.atomic import write_json, write_text
+from dirio.config.settings import PRESETS, make_settings
+from dirio.apps.workflow import software_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -24,7 +24,7 @@ import numpy as np
 
 import _common as C
 from dirio.api import register
-from dirio.metrics import dice_per_label, evaluate_field, hd95_per_label, mean_dice
+from dirio.evaluation.metrics import dice_per_label, evaluate_field, hd95_per_label, mean_dice
 
 NAME = "brain_mirror"
 # FreeSurfer aseg left/right pairs (FreeSurferColorLUT): cerebral WM, cortex, lateral ventricle,

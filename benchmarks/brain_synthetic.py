@@ -1,6 +1,6 @@
 """Benchmark: the voxelmorph brain against a known smooth synthetic warp of itself.
 
-For each seed, ``dirio.synthetic.warped_pair`` builds fixed = brain warped by a smooth random field
+For each seed, ``dirio.testing.synthetic.warped_pair`` builds fixed = brain warped by a smooth random field
 (Gaussian-smoothed noise, sigma 14 voxels, largest component 8 voxels) and moving = brain, with
 N(0, 0.01) noise added to both; the true answer is ``pair.true_disp``. Reported per seed: Dice
 over the 30 VoxelMorph labels before/after, mean endpoint error inside the brain (fixed labels > 0)
@@ -21,9 +21,9 @@ import numpy as np
 
 import _common as C
 from dirio.api import register
-from dirio.image import save_image
-from dirio.metrics import dice_per_label, evaluate_field, fraction_nonpositive_jacobian, hd95_per_label, mean_dice, sdlogj_l2r
-from dirio.synthetic import endpoint_error, warped_pair
+from dirio.io.images import save_image
+from dirio.evaluation.metrics import dice_per_label, evaluate_field, fraction_nonpositive_jacobian, hd95_per_label, mean_dice, sdlogj_l2r
+from dirio.testing.synthetic import endpoint_error, warped_pair
 
 NAME = "brain_synthetic"
 # The synthetic warp of the task: smoothing sigma and largest component in voxels, noise std

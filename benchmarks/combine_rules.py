@@ -17,7 +17,7 @@ Stages (``--stages``, default all):
 * ``sgd``: the three rules with plain SGD instead of Adam (several learning rates) on the synthetic brain pair.
 * ``blocksize``: block scope with blocks of 4, 8 and 16 voxels on the two voxelmorph brain pairs.
 
-Half resolution: images are resampled with :func:`dirio.field.resize_image` (anti-aliased,
+Half resolution: images are resampled with :func:`dirio.core.fields.resize_image` (anti-aliased,
 ``align_corners=True``), label maps by nearest-neighbour sampling at the same coordinates, so that
 image and labels stay aligned; the brain preset then runs with pyramid levels (2, 1), the same
 grids as the preset's (4, 2) on full-resolution images.
@@ -39,9 +39,9 @@ import torch
 
 import _common as C
 from dirio.api import register
-from dirio.field import identity_grid, resize_image, sample
-from dirio.metrics import evaluate_field
-from dirio.synthetic import endpoint_error, warped_pair
+from dirio.core.fields import identity_grid, resize_image, sample
+from dirio.evaluation.metrics import evaluate_field
+from dirio.testing.synthetic import endpoint_error, warped_pair
 
 NAME = "combine_rules"
 STAGES = ("overhead", "accuracy", "earlystop", "sweep", "blocksize", "sweeplung", "sgd")
@@ -199,7 +199,7 @@ class IterationLoop:
 
     def __init__(self, variant: str, fixed: torch.Tensor, moving: torch.Tensor, settings):
         from dirio.api import build_objectives
-        from dirio.methods.dense import make_dense_model
+        from dirio.transforms.dense import make_dense_model
         from dirio.optim.combine import make_combine_rule
         from dirio.optim.engine import make_optimizer
 
@@ -233,7 +233,7 @@ class IterationLoop:
 
 def stage_overhead(args, pairs) -> dict:
     from dirio.api import normalised
-    from dirio.settings import make_settings
+    from dirio.config.settings import make_settings
 
     pair = pairs["brain-synthetic"]
     settings = make_settings("brain-mri")
@@ -339,8 +339,8 @@ def stage_earlystop(args, pairs) -> dict:
 
 
 def stage_sweep(args, pairs) -> dict:
-    from dirio.settings import make_settings
-    from dirio.sweep import pareto_figure, rows_markdown, run_sweep
+    from dirio.config.settings import make_settings
+    from dirio.apps.sweep import pareto_figure, rows_markdown, run_sweep
 
     pair = pairs["brain-mirror"]
     iterations = (2, 2) if args.quick else (80, 40)
@@ -358,8 +358,8 @@ def stage_sweep(args, pairs) -> dict:
 
 
 def stage_sweeplung(args, pairs) -> dict:
-    from dirio.settings import make_settings
-    from dirio.sweep import pareto_figure, rows_markdown, run_sweep
+    from dirio.config.settings import make_settings
+    from dirio.apps.sweep import pareto_figure, rows_markdown, run_sweep
 
     pair = pairs["lung-index-crop"]
     iterations = (2, 2) if args.quick else (100, 100)

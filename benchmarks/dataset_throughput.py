@@ -2,7 +2,7 @@
 
 Builds a Learn2Reg-style dataset from the voxelmorph brain at half resolution (80x96x112, every
 second voxel, 2 mm): case 1 is the brain, cases 2..N are smooth random warps of it (sigma 7 voxels,
-largest component 4 voxels; ``dirio.data.write_synthetic_dataset``), with label maps, brain masks and
+largest component 4 voxels; ``dirio.io.dataset.write_synthetic_dataset``), with label maps, brain masks and
 exactly corresponding keypoints; the validation split is the N - 1 consecutive pairs. Then times the whole
 ``dirio run`` command (start-up, registration, writing and reading back the field, every metric,
 thumbnails, tables and the HTML report) in three set-ups on the same dataset:
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import _common as C
-from dirio.data import write_synthetic_dataset
+from dirio.io.dataset import write_synthetic_dataset
 
 NAME = "dataset_throughput"
 SIGMA_VOXELS = 7.0

@@ -7,7 +7,7 @@ The two scans lie on different grids (follow-up 115x166x131 against baseline 115
   for voxel onto the baseline grid, ignoring the origin offset; landmarks stay in their voxel
   coordinates; TRE uses the baseline spacing. Initial TRE about 8.0 mm.
 * ``world``: the follow-up resampled onto the baseline grid through the two affines
-  (``dirio.image.resample_to_grid``; trilinear, edge values outside), landmarks mapped through the
+  (``dirio.io.images.resample_to_grid``; trilinear, edge values outside), landmarks mapped through the
   affines. Initial TRE about 34.9 mm, the README's raw physical distance, mostly table shift. No
   affine pre-alignment exists in dirio yet, so a dense-only result on this variant is expected to
   be poor (a 35 mm shift is far beyond what a smooth dense field from zero recovers).
@@ -29,9 +29,9 @@ import numpy as np
 
 import _common as C
 from dirio.api import register
-from dirio.image import Image, load_image, load_keypoints, resample_to_grid
-from dirio.metrics import dice_per_label, evaluate_field, sdlogj_l2r, tre
-from dirio.workflow import map_points
+from dirio.io.images import Image, load_image, load_keypoints, resample_to_grid
+from dirio.evaluation.metrics import dice_per_label, evaluate_field, sdlogj_l2r, tre
+from dirio.apps.workflow import map_points
 
 NAME = "lung_pair"
 DATA_DIR = C.DATA / "elastix-lung-ct"

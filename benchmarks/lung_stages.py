@@ -38,8 +38,8 @@ import torch
 
 import _common as C
 from dirio.api import register
-from dirio.image import Image, load_image, resample_to_grid
-from dirio.metrics import fraction_nonpositive_jacobian, sdlogj_l2r, tre
+from dirio.io.images import Image, load_image, resample_to_grid
+from dirio.evaluation.metrics import fraction_nonpositive_jacobian, sdlogj_l2r, tre
 
 NAME = "lung_stages"
 FOLDER = C.DATA / "elastix-lung-ct"

@@ -23,10 +23,10 @@ import torch
 
 import _common as C
 from dirio.api import register
-from dirio.field import warp
-from dirio.image import load_image
-from dirio.metrics import fraction_nonpositive_jacobian, sdlogj_l2r
-from dirio.synthetic import smooth_random_field
+from dirio.core.fields import warp
+from dirio.io.images import load_image
+from dirio.evaluation.metrics import fraction_nonpositive_jacobian, sdlogj_l2r
+from dirio.testing.synthetic import smooth_random_field
 
 NAME = "lung_synthetic"
 FOLDER = C.DATA / "elastix-lung-ct"

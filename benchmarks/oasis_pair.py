@@ -22,8 +22,8 @@ import numpy as np
 
 import _common as C
 from dirio.api import register
-from dirio.image import load_image
-from dirio.metrics import dice_per_label, evaluate_field, hd95_per_label, mean_dice, warp_labels
+from dirio.io.images import load_image
+from dirio.evaluation.metrics import dice_per_label, evaluate_field, hd95_per_label, mean_dice, warp_labels
 
 NAME = "oasis_pair"
 DATA_DIR = C.DATA / "lapirn-oasis-brain"

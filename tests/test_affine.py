@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dirio.api import register
-from dirio.field import compose, gaussian_smooth, identity_grid, resize_field, sample
+from dirio.core.fields import compose, gaussian_smooth, identity_grid, resize_field, sample
 from dirio.methods.affine import (
     AffineConfig,
     AffineTransform,
@@ -20,7 +20,7 @@ from dirio.methods.affine import (
     world_matrix,
     write_itk_transform,
 )
-from dirio.similarity import make_similarity
+from dirio.losses.similarity import make_similarity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "elastix-lung-ct"
 
@@ -222,7 +222,7 @@ def test_itk_transform_file_resamples_like_the_affine_displacement(tmp_path):
     """SimpleITK.Resample(moving, fixed, transform read from the .tfm) equals warping the moving
     image with the affine displacement (ITK transforms map fixed to moving points, in LPS)."""
     sitk = pytest.importorskip("SimpleITK")
-    from dirio.image import ras_affine_to_itk
+    from dirio.io.images import ras_affine_to_itk
 
     shape = (20, 22, 24)
     matrix = homogeneous(rotation(0, 2, 6.0) @ np.diag([1.03, 0.98, 1.0]), shape, (1.5, -2.0, 1.0))
@@ -251,7 +251,7 @@ def test_itk_transform_file_resamples_like_the_affine_displacement(tmp_path):
 def lung_pair():
     if not (DATA / "baseline.nii.gz").exists():
         pytest.skip(f"lung data not found at {DATA} (../shared/data beside the repository)")
-    from dirio.image import load_image, resample_to_grid
+    from dirio.io.images import load_image, resample_to_grid
 
     fixed = load_image(DATA / "baseline.nii.gz")
     moving = load_image(DATA / "followup.nii.gz")
@@ -268,7 +268,7 @@ def lung_pair():
 def test_masked_affine_on_the_lung_pair_removes_the_35_mm_offset(lung_pair):
     """The follow-up scan resampled onto the baseline grid through the image headers is 35 mm away
     (landmark TRE); the masked affine stage (lung masks, MIND) brings the landmarks within 6 mm."""
-    from dirio.metrics import tre
+    from dirio.evaluation.metrics import tre
 
     fixed, moving, fixed_mask, moving_mask, fixed_points, moving_points = lung_pair
     every_second = (slice(None, None, 2),) * 3  # half resolution keeps the test fast
@@ -291,8 +291,8 @@ def test_cli_writes_the_composed_field_and_the_affine_files(tmp_path):
     field that is the composition (with zero dense iterations: affine after the discrete step)."""
     import json
 
-    from dirio.cli import main
-    from dirio.image import load_field, save_image
+    from dirio.apps.cli import main
+    from dirio.io.images import load_field, save_image
 
     shape = (64, 72)
     fixed = blob_object(shape, radius=18, seed=4)[0, 0].numpy()

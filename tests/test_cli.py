@@ -1,10 +1,10 @@
-"""Specification of the ``dirio`` command line (:mod:`dirio.cli`).
+"""Specification of the ``dirio`` command line (:mod:`dirio.apps.cli`).
 
-The commands are run in-process through ``dirio.cli.main(argv)`` (fast); one test runs
+The commands are run in-process through ``dirio.apps.cli.main(argv)`` (fast); one test runs
 ``python -m dirio register`` in a subprocess to prove the entry point. Inputs are built in
 temporary directories: smooth random volumes and a known smooth warp, so that the answer of a
 registration is known (``fixed(x) = moving(x + u_true(x))``, the convention of
-:mod:`dirio.synthetic`).
+:mod:`dirio.testing.synthetic`).
 
 User errors must give exit status 2, exactly one stderr line ``dirio: error: ...`` naming the
 offending file, no traceback, and no file in the output directory.
@@ -29,11 +29,11 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from dirio import __version__
-from dirio.cli import main
-from dirio.field import field_from_numpy, jacobian_determinant, warp
-from dirio.metrics import warp_labels
-from dirio.settings import PRESETS
-from dirio.synthetic import smooth_random_field
+from dirio.apps.cli import main
+from dirio.core.fields import field_from_numpy, jacobian_determinant, warp
+from dirio.evaluation.metrics import warp_labels
+from dirio.config.settings import PRESETS
+from dirio.testing.synthetic import smooth_random_field
 
 SHAPE = (24, 28, 32)  # the end-to-end pair
 TINY = (12, 14, 16)  # pairs for option and error tests
@@ -675,7 +675,7 @@ def test_python_dash_m_dirio_register_runs_in_a_subprocess(tiny, tmp_path):
 
 def test_malformed_arguments_give_one_dirio_error_line(capsys):
     """argparse's own errors follow the same one-line ``dirio: error:`` rule (exit 2)."""
-    from dirio.cli import main
+    from dirio.apps.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["register", "a.nii.gz", "b.nii.gz", "-o", "out", "--levels", "a,b"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dirio.api import register
-from dirio.field import gaussian_smooth, identity_grid, warp
+from dirio.core.fields import gaussian_smooth, identity_grid, warp
 from dirio.methods.convex import (
     ConvexConfig,
     CostVolume,
@@ -21,7 +21,7 @@ from dirio.methods.convex import (
     pool_to_cells,
     symmetrise,
 )
-from dirio.methods.dense import smooth_parameters
+from dirio.transforms.dense import smooth_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

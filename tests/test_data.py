@@ -1,4 +1,4 @@
-"""Learn2Reg dataset JSON: case ids, pair names, companion files and the splits (dirio.data)."""
+"""Learn2Reg dataset JSON: case ids, pair names, companion files and the splits (dirio.io.dataset)."""
 
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dirio.data import case_and_modality, load_dataset, sibling_path, write_synthetic_dataset
+from dirio.io.dataset import case_and_modality, load_dataset, sibling_path, write_synthetic_dataset
 from dirio.errors import DirioError
-from dirio.synthetic import warped_pair
+from dirio.testing.synthetic import warped_pair
 
 
 def write_json(path, content):

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("nilearn", reason="the demo data ships with nilearn (the 'demo' extra)")
 
-from dirio.demo import load_template, run_demo  # noqa: E402
+from dirio.apps.demo import load_template, run_demo  # noqa: E402
 
 
 def test_template_loads_with_tissue_labels_at_the_asked_resolution():

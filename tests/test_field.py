@@ -1,4 +1,4 @@
-"""Specification of dirio.field: warping, composition, resizing, integration, Jacobians, layouts.
+"""Specification of dirio.core.fields: warping, composition, resizing, integration, Jacobians, layouts.
 
 Every test builds a synthetic input whose correct answer is known in closed form. Shapes are
 deliberately anisotropic (every axis a different length) so that a swapped axis or component
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dirio import field
+from dirio.core import fields as field
 
 SHAPES = {3: (9, 11, 13), 2: (11, 13)}
 
@@ -426,7 +426,7 @@ def _pooled_reference(x: torch.Tensor, passes: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(1, 2, 5, 6), (2, 3, 4, 5, 6), (1, 3, 3, 7, 4)])
 @pytest.mark.parametrize("passes", [1, 2, 3])
 def test_box_smooth_is_average_pooling_and_its_gradient_is_the_transpose(shape, passes):
-    from dirio.methods.dense import smooth_parameters
+    from dirio.transforms.dense import smooth_parameters
 
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(smooth_parameters(x, passes), _pooled_reference(x, passes))

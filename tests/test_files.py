@@ -1,4 +1,4 @@
-"""Specification of dirio.files: outputs are never half-written and never silently replaced."""
+"""Specification of dirio.io.atomic: outputs are never half-written and never silently replaced."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dirio.errors import DirioError
-from dirio.files import atomic_output, check_writable, write_json, write_text
+from dirio.io.atomic import atomic_output, check_writable, write_json, write_text
 
 
 def _leftovers(directory):

@@ -1,4 +1,4 @@
-"""Specification of dirio.html_report: the per-pair thumbnail and the static HTML page of a run.
+"""Specification of dirio.viz.html_report: the per-pair thumbnail and the static HTML page of a run.
 
 The page is checked as text (every referenced file exists inside the run folder, one table row
 per pair, text from the run folder escaped, nothing fetched from the network) and in headless
@@ -24,7 +24,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from dirio import html_report
+from dirio.viz import html_report
 from dirio.errors import DirioError
 
 SHAPE_3D = (12, 14, 16)

@@ -1,4 +1,4 @@
-"""Specification of dirio.image: faithful IO, one-line errors that name the file, grids, keypoints."""
+"""Specification of dirio.io.images: faithful IO, one-line errors that name the file, grids, keypoints."""
 
 import gzip
 import sys
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dirio.errors import DirioError
-from dirio.image import (
+from dirio.io.images import (
     Image,
     check_same_grid,
     itk_to_ras_affine,

@@ -1,4 +1,4 @@
-"""Tests for dirio.metrics: hand-computed values for every metric, plus brute-force cross-checks.
+"""Tests for dirio.evaluation.metrics: hand-computed values for every metric, plus brute-force cross-checks.
 
 Fields are numpy arrays in the on-disk layout ``(*S, ndim)``, voxel units, pull convention.
 """
@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from dirio import metrics
+from dirio.evaluation import metrics
 
 
 def zero_field(shape):

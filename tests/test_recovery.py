@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from dirio.api import register
-from dirio.metrics import dice_per_label, fraction_nonpositive_jacobian, mean_dice, warp_labels
-from dirio.synthetic import endpoint_error, warped_pair
+from dirio.evaluation.metrics import dice_per_label, fraction_nonpositive_jacobian, mean_dice, warp_labels
+from dirio.testing.synthetic import endpoint_error, warped_pair
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "voxelmorph-brain"
 

@@ -1,4 +1,4 @@
-"""Specification of dirio.regularizers: diffusion, L1, total variation and bending energy.
+"""Specification of dirio.losses.regularizers: diffusion, L1, total variation and bending energy.
 
 Fields with constant first derivatives (linear, u = A x) or constant second derivatives
 (quadratic, u_c = x^T H_c x / 2) have energies known in closed form, on any grid size. Shapes
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dirio import field
-from dirio import regularizers
-from dirio.regularizers import (
+from dirio.core import fields as field
+from dirio.losses import regularizers
+from dirio.losses.regularizers import (
     BendingEnergy,
     Diffusion,
     L1,

@@ -1,4 +1,4 @@
-"""Specification of dirio.report: the PNG figures and the conventions they display.
+"""Specification of dirio.viz.figures: the PNG figures and the conventions they display.
 
 Figures are checked by reading the PNG back (valid image, plausible size, expected colours) and
 by the geometry of what is drawn (slice orientation, grid line positions), on small synthetic
@@ -17,7 +17,8 @@ import torch
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-from dirio import field, report
+from dirio.core import fields as field
+from dirio.viz import figures as report
 from dirio.errors import DirioError
 
 SHAPE_3D = (14, 16, 18)

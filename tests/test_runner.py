@@ -3,7 +3,7 @@ and the exported fields scored by an independent re-implementation of the Learn2
 
 The dataset is built on the fly from the voxelmorph test scan (../shared/data), taken every fourth
 voxel (40x48x56, 4 mm voxels): case 1 is the scan, cases 2-5 are smooth random warps of it
-(dirio.synthetic), with label maps, brain masks and exactly corresponding keypoints (label
+(dirio.testing.synthetic), with label maps, brain masks and exactly corresponding keypoints (label
 centroids mapped through the known fields).
 """
 
@@ -22,7 +22,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dirio.cli import main as dirio_main
+from dirio.apps.cli import main as dirio_main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "voxelmorph-brain"
 # A fast configuration: two levels (half, full resolution of the 40x48x56 grid), few iterations.
@@ -36,7 +36,7 @@ def build_dataset(folder: Path, cases: int = 5) -> Path:
         pytest.skip(f"real data not found at {DATA} (../shared/data beside the repository)")
     import nibabel as nib
 
-    from dirio.data import write_synthetic_dataset
+    from dirio.io.dataset import write_synthetic_dataset
 
     volume = nib.load(DATA / "test_scan_vol.nii.gz")
     image = np.ascontiguousarray(np.asarray(volume.dataobj, dtype=np.float32)[::4, ::4, ::4])
@@ -270,8 +270,8 @@ def test_a_folder_that_is_not_a_run_folder_is_refused(dataset, config, tmp_path,
 
 
 def test_toml_yaml_and_command_line_options_give_the_same_settings(tmp_path):
-    from dirio.cli import build_parser, settings_from_args
-    from dirio.config import run_configuration
+    from dirio.apps.cli import build_parser, settings_from_args
+    from dirio.config.files import run_configuration
 
     toml = write_config(tmp_path, 'preset = "brain-mri"\nlevels = "4,2"\niterations = [30, 15]\n'
                                   'similarity-options = {window = 7}\nregularizer = {diffusion = 0.5}\n'

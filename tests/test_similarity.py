@@ -1,4 +1,4 @@
-"""Specification of dirio.similarity: LNCC, NCC, MSE, MIND-SSC and NMI losses.
+"""Specification of dirio.losses.similarity: LNCC, NCC, MSE, MIND-SSC and NMI losses.
 
 Each test builds inputs whose correct loss is known in closed form or computed by an independent
 numpy / scipy formula. Shapes are anisotropic so that a swapped axis shows up as an error.
@@ -14,9 +14,9 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from dirio import field
-from dirio import similarity as sim
-from dirio.similarity import LNCC, MINDSSC, MSE, NCC, NMI, lncc_map, local_mean, make_similarity, masked_mean, mind_ssc
+from dirio.core import fields as field
+from dirio.losses import similarity as sim
+from dirio.losses.similarity import LNCC, MINDSSC, MSE, NCC, NMI, lncc_map, local_mean, make_similarity, masked_mean, mind_ssc
 
 SHAPES = {3: (10, 11, 12), 2: (17, 19)}
 
@@ -480,7 +480,7 @@ def test_nmi_intensity_range_and_sampling_are_deterministic():
 @pytest.mark.parametrize("name", ["lncc", "ncc", "mse", "mind", "nmi"])
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_loss_gradient_through_warp_is_finite_and_nonzero(name, ndim):
-    """d loss / d displacement through dirio.field.warp exists, is finite and not identically zero."""
+    """d loss / d displacement through dirio.core.fields.warp exists, is finite and not identically zero."""
     shape = SHAPES[ndim]
     shift = (0.8,) + (0.0,) * (ndim - 1)
     loss = make_similarity(name)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from dirio.cli import main
-from dirio.image import save_image
-from dirio.settings import make_settings
-from dirio.sweep import check_sweep_options, pareto_mask, rows_markdown, run_sweep, settings_for_run, sweep_runs
-from dirio.synthetic import warped_pair
+from dirio.apps.cli import main
+from dirio.io.images import save_image
+from dirio.config.settings import make_settings
+from dirio.apps.sweep import check_sweep_options, pareto_mask, rows_markdown, run_sweep, settings_for_run, sweep_runs
+from dirio.testing.synthetic import warped_pair
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,7 +1,7 @@
 """The Python API: register a pair of images in memory.
 
 ``register(fixed, moving)`` is what the CLI, the demo and the benchmarks call. It takes numpy
-arrays or :class:`dirio.image.Image` objects on the same grid and returns the displacement in
+arrays or :class:`dirio.io.images.Image` objects on the same grid and returns the displacement in
 the Learn2Reg layout together with the warped image and the optimisation log.
 """
 
@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import DirioError
-from .methods.affine import AffineThenDense, affine_displacement, compose_affine_field, register_affine
-from .methods.convex import convex_initialisation
-from .methods.dense import make_dense_model
-from .field import field_to_numpy, warp
-from .image import Image, normalise_intensity
-from .optim.engine import EngineResult, Objective, optimise
-from .regularizers import make_regularizer
-from .settings import AFFINE_CHOICES, INIT_CHOICES, Settings, make_settings
-from .similarity import make_similarity
+from dirio.errors import DirioError
+from dirio.methods.affine import AffineThenDense, affine_displacement, compose_affine_field, register_affine
+from dirio.methods.convex import convex_initialisation
+from dirio.transforms.dense import make_dense_model
+from dirio.core.fields import field_to_numpy, warp
+from dirio.io.images import Image, normalise_intensity
+from dirio.optim.engine import EngineResult, Objective, optimise
+from dirio.losses.regularizers import make_regularizer
+from dirio.config.settings import AFFINE_CHOICES, INIT_CHOICES, Settings, make_settings
+from dirio.losses.similarity import make_similarity
 
 
 @dataclass
@@ -105,7 +105,7 @@ def check_settings(settings: Settings) -> None:
     Builds the similarity and the regularisers (unknown names or options), validates the engine
     configuration and builds the learning-rate schedule (unknown or inconsistent options).
     """
-    from .optim.schedules import make_schedule
+    from dirio.optim.schedules import make_schedule
 
     build_objectives(settings)
     engine = settings.engine
@@ -142,7 +142,7 @@ def register(
     Args:
         fixed, moving: arrays (or :class:`Image`) of the same spatial shape ``S`` (2D or 3D).
         settings: complete settings; otherwise built from ``preset`` and ``overrides`` (see
-            :func:`dirio.settings.make_settings`, e.g. ``iterations=(60, 30)``, ``lr=2.0``).
+            :func:`dirio.config.settings.make_settings`, e.g. ``iterations=(60, 30)``, ``lr=2.0``).
         fixed_mask, moving_mask: optional ``S`` arrays; nonzero voxels are where the similarity counts.
         init: ``"none"`` or ``"convex"`` (overrides the settings' initialisation), or an initial
             displacement ``(*S, ndim)`` in voxels (after the affine stage when one runs); an array

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..field import identity_grid
+from dirio.core.fields import identity_grid
 
 FAMILIES = ("translation", "rigid", "similarity", "affine")
 CENTRES = ("mass", "grid")
@@ -289,7 +289,7 @@ class AffineThenDense(nn.Module):
     the composite, and the moving image is sampled once (no pre-warped copy is interpolated twice).
 
     Args:
-        dense: a :class:`dirio.methods.dense.DenseDisplacement` (or velocity) model.
+        dense: a :class:`dirio.transforms.dense.DenseDisplacement` (or velocity) model.
         matrix: full-grid homogeneous voxel matrix of the fixed affine.
         full_shape: the full grid ``S``.
     """
@@ -440,7 +440,7 @@ def register_affine(
 
     Args:
         fixed, moving: ``(1, C, *S)`` normalised images on the same grid.
-        similarity: a similarity object of :mod:`dirio.similarity` (lower is better).
+        similarity: a similarity object of :mod:`dirio.losses.similarity` (lower is better).
         family: ``"translation"``, ``"rigid"``, ``"similarity"`` or ``"affine"``.
         config: the stage's settings (default :class:`AffineConfig`).
         spacing: voxel size in mm per axis (rigid means rigid in mm).
@@ -449,7 +449,7 @@ def register_affine(
     Returns:
         An :class:`AffineResult`.
     """
-    from ..optim.engine import EngineConfig, Objective, optimise
+    from dirio.optim.engine import EngineConfig, Objective, optimise
 
     config = config or AffineConfig()
     config.validate()

@@ -3,7 +3,7 @@
 The method of Siebert, Hansen & Heinrich (ConvexAdam, Learn2Reg 2021; summarised in section 2.1
 of the continuous-optimisation paper), written for dirio's conventions:
 
-1. MIND-SSC descriptors (:func:`dirio.similarity.mind_ssc`) of both images (full resolution as
+1. MIND-SSC descriptors (:func:`dirio.losses.similarity.mind_ssc`) of both images (full resolution as
    ConvexAdam, or shrunk by ``feature_factor``) are averaged over cells of ``g x g x g`` fine voxels
    (``g`` = ``grid_spacing``). Cell ``c`` covers the fine voxels ``g c .. g c + g - 1`` (incomplete
    cells at the far border are dropped); its centre is the fine position ``g c + (g - 1) / 2``.
@@ -42,8 +42,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..field import box_smooth, identity_grid, sample, warp
-from ..similarity import mind_ssc
+from dirio.core.fields import box_smooth, identity_grid, sample, warp
+from dirio.losses.similarity import mind_ssc
 
 # ConvexAdam's coupling weights (convex_adam_utils.coupled_convex), applied to a cost summed
 # over the 12 MIND channels and to squared displacements in cells.
@@ -356,13 +356,13 @@ def symmetrise(forward: torch.Tensor, backward: torch.Tensor, iterations: int) -
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    from ..optim.engine import peak_memory_mb
+    from dirio.optim.engine import peak_memory_mb
 
     return peak_memory_mb(device)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
-    from ..optim.engine import reset_peak_memory
+    from dirio.optim.engine import reset_peak_memory
 
     reset_peak_memory(device)
 

@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import DirioError
-from ..field import identity_grid, resize_field, resize_image, sample
-from ..methods.dense import grid_shape, make_dense_model
-from .combine import make_combine_rule
-from .schedules import make_schedule
-from .stopping import STOPPING_RULES, make_stopping_rule
+from dirio.errors import DirioError
+from dirio.core.fields import identity_grid, resize_field, resize_image, sample
+from dirio.transforms.dense import grid_shape, make_dense_model
+from dirio.optim.combine import make_combine_rule
+from dirio.optim.schedules import make_schedule
+from dirio.optim.stopping import STOPPING_RULES, make_stopping_rule
 
 OPTIMIZERS = ("adam", "amsgrad", "sgd")
 
@@ -43,7 +43,7 @@ class EngineConfig:
         diffeomorphic: optimise a stationary velocity field integrated by scaling and squaring
             with ``integration_steps`` squarings.
         smoothing: passes of a 3-voxel box filter applied to the parameters to form the field
-            (see :func:`dirio.methods.dense.smooth_parameters`); 0 uses the parameters as they are.
+            (see :func:`dirio.transforms.dense.smooth_parameters`); 0 uses the parameters as they are.
         combine: gradient combination rule name, ``combine_options`` its options.
         early_stop: ``"none"`` (fixed iteration counts) or ``"plateau"`` (stop a level when the
             similarity stops improving, see :mod:`dirio.optim.stopping`); ``early_stop_options``
@@ -198,7 +198,7 @@ def optimise(
     Args:
         fixed, moving: ``(1, C, *S)`` float images on the same grid (2D or 3D).
         objectives: exactly one ``similarity`` (an object with ``features(image)`` and
-            ``__call__(fixed_features, warped_features, mask)``, see :mod:`dirio.similarity`) and
+            ``__call__(fixed_features, warped_features, mask)``, see :mod:`dirio.losses.similarity`) and
             any number of ``regularizer`` objectives (``__call__(disp, spacing)``).
         config: the run's settings.
         fixed_mask, moving_mask: optional ``(1, 1, *S)`` masks in [0, 1] restricting the similarity.

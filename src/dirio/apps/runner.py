@@ -5,7 +5,7 @@ registers with the run's settings, writes ``OUT/disp_<pair>.nii.gz`` (Learn2Reg 
 and checked against the fixed grid), scores it with dirio's metrics, draws a thumbnail, and only
 then writes ``OUT/status/<pair>.json``: a pair is finished exactly when its status record says
 ``done`` and its field file is the one the record names (same SHA-256, same shape). Every file goes
-through :func:`dirio.files.atomic_output`, so a crash (even SIGKILL) leaves whole files or
+through :func:`dirio.io.atomic.atomic_output`, so a crash (even SIGKILL) leaves whole files or
 ``.tmp-*`` leftovers, which the next run deletes before it starts.
 
 Scale-out: under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment) every
@@ -39,14 +39,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import aggregate
-from .api import register, resolve_device
-from .config import RunConfiguration
-from .data import Pair, load_dataset
-from .errors import DirioError
-from .files import write_json, write_text
-from .image import load_field, save_field
-from .workflow import Inputs, evaluate, load_inputs, software_versions
+from dirio.evaluation import aggregate
+from dirio.api import register, resolve_device
+from dirio.config.files import RunConfiguration
+from dirio.io.dataset import Pair, load_dataset
+from dirio.errors import DirioError
+from dirio.io.atomic import write_json, write_text
+from dirio.io.images import load_field, save_field
+from dirio.apps.workflow import Inputs, evaluate, load_inputs, software_versions
 
 CASES_COLUMNS = ("pair", "fixed", "moving", "status", "seconds", "dice", "hd95", "sdlogj", "fold_percent",
                  "ndv_percent", "tre_mm", "dice_before", "tre_mm_before", "error")
@@ -377,7 +377,7 @@ def _identity_metrics(inputs: Inputs, label_ids: Sequence[int] | None, tre_order
 
 def _thumbnail(out_dir: Path, pair: Pair, fixed: np.ndarray, warped: np.ndarray, disp: np.ndarray,
                logger: logging.Logger) -> None:
-    from .html_report import pair_thumbnail
+    from dirio.viz.html_report import pair_thumbnail
 
     try:
         pair_thumbnail(out_dir / "thumbnails" / f"{pair.name}.png", fixed, warped, disp)
@@ -472,13 +472,13 @@ def run_dataset(
 
     Args:
         dataset: the Learn2Reg dataset JSON.
-        split: ``val``, ``test`` or ``train`` (:meth:`dirio.data.Dataset.pairs`).
+        split: ``val``, ``test`` or ``train`` (:meth:`dirio.io.dataset.Dataset.pairs`).
         out_dir: the run folder; an existing run folder of the same configuration is resumed.
-        configuration: settings and run options (:func:`dirio.config.run_configuration`).
+        configuration: settings and run options (:func:`dirio.config.files.run_configuration`).
         overwrite: start again, deleting an earlier run's outputs in ``out_dir`` (whatever its configuration).
         threads: ``torch.set_num_threads`` for this process.
         limit: only the first ``limit`` pairs of the split.
-        report: draw a thumbnail per pair and write ``report/index.html`` (:mod:`dirio.html_report`).
+        report: draw a thumbnail per pair and write ``report/index.html`` (:mod:`dirio.viz.html_report`).
         quiet: no progress lines on stderr (``run.log`` has them).
     Returns:
         A :class:`RunResult`; ``exit_code`` 1 when some pair failed.
@@ -561,7 +561,7 @@ def _finish(out_dir: Path, name: str, pairs: Sequence[Pair], run_record: dict, w
                        "failed": failed})
     write_json(out_dir / "run.json", run_record, overwrite=True)
     if report:
-        from .html_report import write_report
+        from dirio.viz.html_report import write_report
 
         try:
             logger.info("report: %s", write_report(out_dir))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from dirio.field import gaussian_kernel_1d
+from dirio.core.fields import gaussian_kernel_1d
 
 __all__ = [
     "Similarity",
@@ -144,7 +144,7 @@ def local_mean(image: torch.Tensor, window: int = 5, kernel: str = "box", sigma:
     """Local (windowed) mean of every channel, computed as 1D passes along each spatial axis.
 
     The window is a box of ``window`` voxels per axis or a Gaussian of standard deviation
-    ``sigma`` voxels truncated at ``ceil(3 sigma)`` (:func:`dirio.field.gaussian_kernel_1d`).
+    ``sigma`` voxels truncated at ``ceil(3 sigma)`` (:func:`dirio.core.fields.gaussian_kernel_1d`).
     At the border the mean is taken over the part of the window inside the volume (the kernel is
     renormalised), so no padding values enter the statistics. Differentiable.
 

@@ -3,7 +3,7 @@
 The parameter grid may be coarser than the image grid on which the similarity is computed
 (``grid_spacing`` image voxels per parameter voxel); the field is upsampled (trilinear,
 ``align_corners=True``) every iteration. Parameters are stored in **voxels of the parameter
-grid**, so that resampling between pyramid levels is :func:`dirio.field.resize_field` and the
+grid**, so that resampling between pyramid levels is :func:`dirio.core.fields.resize_field` and the
 finite differences the regularisers take on the parameter grid are dimensionless derivatives
 ``du/dx`` whatever the grid. Learning rates given to the engine are in voxels of the level's image
 grid and are divided by ``grid_spacing`` for the optimiser.
@@ -18,7 +18,7 @@ from torch import nn
 
 from torch.autograd.function import once_differentiable
 
-from ..field import box_smooth, box_smooth_adjoint, integrate_velocity, resize_field
+from dirio.core.fields import box_smooth, box_smooth_adjoint, integrate_velocity, resize_field
 
 
 def grid_shape(shape: Sequence[int], spacing: float) -> tuple[int, ...]:
@@ -27,7 +27,7 @@ def grid_shape(shape: Sequence[int], spacing: float) -> tuple[int, ...]:
 
 
 class _BoxSmoothing(torch.autograd.Function):
-    """:func:`dirio.field.box_smooth` with its exact transpose as the backward pass."""
+    """:func:`dirio.core.fields.box_smooth` with its exact transpose as the backward pass."""
 
     @staticmethod
     def forward(ctx, param: torch.Tensor, passes: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def smooth_parameters(param: torch.Tensor, passes: int) -> torch.Tensor:
     cubic B-spline: the field is a smooth function of the parameters and the optimiser's per-voxel
     steps are spread over neighbours (ConvexAdam smooths its Adam field the same way with two
     3x3x3 average poolings). At the border the average is over the voxels inside the grid.
-    Shifted adds forward and their transpose backward (:func:`dirio.field.box_smooth`): on the
+    Shifted adds forward and their transpose backward (:func:`dirio.core.fields.box_smooth`): on the
     80 x 96 x 112 x 3 half-resolution brain field, forward + backward take 0.025 s against 0.16 s
     with 1D average pooling.
     """

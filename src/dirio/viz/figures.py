@@ -4,7 +4,7 @@ Rendering uses matplotlib's object API (:class:`matplotlib.figure.Figure` drawn 
 canvas) and never imports :mod:`matplotlib.pyplot`: no global backend is switched, no figure is
 registered in pyplot's figure manager (so there is nothing left open to close), and the
 functions work on machines without a display. Every PNG is written atomically through
-:func:`dirio.files.atomic_output`, so a failed rendering never leaves a partial file behind.
+:func:`dirio.io.atomic.atomic_output`, so a failed rendering never leaves a partial file behind.
 
 Display conventions (the same in every figure):
 
@@ -16,7 +16,7 @@ Display conventions (the same in every figure):
   ``j`` across.
 * Pixels are square voxels (aspect equal in voxel units; the spacing is not known here).
 * Displacements are in voxel units, component order ``(i, j, k)``, pull convention
-  ``warped(x) = moving(x + u(x))`` (see :mod:`dirio.field`).
+  ``warped(x) = moving(x + u(x))`` (see :mod:`dirio.core.fields`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from matplotlib.collections import LineCollection
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 
-from dirio import field
+from dirio.core import fields as field
 from dirio.errors import DirioError
-from dirio.files import atomic_output, check_writable
+from dirio.io.atomic import atomic_output, check_writable
 
 PathLike = str | os.PathLike
 
@@ -213,7 +213,7 @@ def _normalised(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 def _jacobian_planes(disp: np.ndarray, views: list[tuple[_View, int | None]]) -> list[np.ndarray]:
     """Jacobian determinant of ``x -> x + u(x)`` on the shown planes only.
 
-    The determinant is computed with :func:`dirio.field.jacobian_determinant` on a slab of at
+    The determinant is computed with :func:`dirio.core.fields.jacobian_determinant` on a slab of at
     most three slices around each shown slice; central differences only reach one voxel, so
     the middle slice equals the slice of the whole-volume computation while costing a few
     percent of it (the whole 160 x 192 x 224 volume takes about 2 s on 2 CPU cores).

@@ -10,7 +10,7 @@ import torch
 
 from scipy.ndimage import gaussian_filter
 
-from .field import warp
+from dirio.core.fields import warp
 
 
 def smooth_random_field(

@@ -2,7 +2,7 @@
 
 The MNI152 2009 T1 template and its grey- and white-matter probability maps ship inside the
 nilearn package (no download). The demo resamples them to ``resolution`` mm, builds a pair with
-a known smooth random deformation (:func:`dirio.synthetic.warped_pair`), registers it with the
+a known smooth random deformation (:func:`dirio.testing.synthetic.warped_pair`), registers it with the
 ``brain-mri`` preset, and reports the tissue Dice, the endpoint error against the known field,
 folding and run time, with the figure.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DirioError
-from .field import resize_image
-from .files import check_writable, write_json
-from .image import save_field, save_image
-from .settings import make_settings
-from .synthetic import endpoint_error, warped_pair
+from dirio.errors import DirioError
+from dirio.core.fields import resize_image
+from dirio.io.atomic import check_writable, write_json
+from dirio.io.images import save_field, save_image
+from dirio.config.settings import make_settings
+from dirio.testing.synthetic import endpoint_error, warped_pair
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -68,7 +68,7 @@ def load_template(resolution: float = 2.0):
 
 def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False, resolution=2.0, seed=0) -> dict:
     """Build the synthetic pair, register it, write inputs, outputs and ``demo.json``; print a summary."""
-    from .workflow import register_files
+    from dirio.apps.workflow import register_files
 
     start = time.perf_counter()
     out = Path(out_dir)

@@ -24,9 +24,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DirioError
+from dirio.errors import DirioError
 
-# Regularity measures on the x axes (all lower is better): keys of dirio.metrics.evaluate_field.
+# Regularity measures on the x axes (all lower is better): keys of dirio.evaluation.metrics.evaluate_field.
 REGULARITY = (
     ("percent_nonpositive_jacobian", "% det <= 0"),
     ("ndv_percent", "NDV %"),
@@ -67,7 +67,7 @@ def sweep_runs(rules: Sequence[str], weights: Sequence[float]) -> list[tuple[str
     Raises:
         ValueError: no rules or weights, an unknown rule, or a weight that is not positive.
     """
-    from .optim.combine import COMBINE_RULES
+    from dirio.optim.combine import COMBINE_RULES
 
     if not rules or not weights:
         raise ValueError("a sweep needs at least one rule and one weight")
@@ -86,7 +86,7 @@ def sweep_runs(rules: Sequence[str], weights: Sequence[float]) -> list[tuple[str
 
 
 def _valid_options(rule: str) -> set[str]:
-    from .optim.combine import COMBINE_RULES
+    from dirio.optim.combine import COMBINE_RULES
 
     return set(inspect.signature(COMBINE_RULES[rule].__init__).parameters) - {"self", "generator"}
 
@@ -126,8 +126,8 @@ def full_resolution_similarity(fixed, moving, disp: np.ndarray, settings, fixed_
     Both images are normalised as for registration; the moving image is warped by ``disp``
     (``(*S, ndim)`` voxels) on the full grid. Lower is better.
     """
-    from .api import build_objectives, normalised
-    from .field import field_from_numpy, warp
+    from dirio.api import build_objectives, normalised
+    from dirio.core.fields import field_from_numpy, warp
 
     similarity = build_objectives(settings)[0].function
 
@@ -185,7 +185,7 @@ def run_sweep(
 
     Args:
         fixed, moving: ``S`` arrays on the same grid.
-        settings: the base :class:`dirio.settings.Settings`; each run replaces the combination
+        settings: the base :class:`dirio.config.settings.Settings`; each run replaces the combination
             rule and sets every regulariser's weight to the run's weight. ``combine_options``
             apply to the rules that accept them (e.g. ``scope``), the others ignore them.
         weights, rules: the sweep (see :func:`sweep_runs`).
@@ -194,11 +194,11 @@ def run_sweep(
         log: optional ``callable(str)`` for one progress line per run.
     Returns:
         One dict per run: ``rule``, ``weight`` (NaN for surgery), ``seconds``, ``similarity``,
-        the regularity and accuracy metrics of :func:`dirio.metrics.evaluate_field` (scalars
+        the regularity and accuracy metrics of :func:`dirio.evaluation.metrics.evaluate_field` (scalars
         only), ``conflict_rate`` (NaN when the rule logs none) and ``front_<measure>`` flags.
     """
-    from .api import register
-    from .metrics import evaluate_field
+    from dirio.api import register
+    from dirio.evaluation.metrics import evaluate_field
 
     rows = []
     runs = sweep_runs(rules, weights)
@@ -281,7 +281,7 @@ def pareto_figure(path, rows: Sequence[dict], title: str | None = None, overwrit
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .files import atomic_output
+    from dirio.io.atomic import atomic_output
 
     key, label, higher = accuracy_key(rows)
     fig = Figure(figsize=(4.2 * len(REGULARITY), 3.8), dpi=100, layout="constrained")
@@ -353,11 +353,11 @@ def sweep_files(
 ) -> dict:
     """Sweep a pair of image files and write ``sweep.json``, ``sweep.csv``, ``sweep.md`` and ``pareto.png``.
 
-    Inputs are read and checked as by ``dirio register`` (:func:`dirio.workflow.load_inputs`).
+    Inputs are read and checked as by ``dirio register`` (:func:`dirio.apps.workflow.load_inputs`).
     Nothing existing is replaced unless ``overwrite``. Returns the JSON record.
     """
-    from .files import check_writable, write_json, write_text
-    from .workflow import load_inputs, software_versions
+    from dirio.io.atomic import check_writable, write_json, write_text
+    from dirio.apps.workflow import load_inputs, software_versions
 
     paths = sweep_output_paths(out_dir)
     check_writable(paths.values(), overwrite)

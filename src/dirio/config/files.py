@@ -4,8 +4,8 @@ A key is an option name without the leading dashes, with ``-`` or ``_`` (``simil
 ``similarity-options``); its value is what the option takes, either as the command-line text
 (``levels = "4,2"``) or as a native value (``levels = [4, 2]``, ``similarity_options = {window = 7}``,
 ``regularizer = {diffusion = 0.3}``, ``diffeomorphic = true``). The options are turned into
-:class:`dirio.settings.Settings` by the same code as the command line
-(:func:`dirio.cli.settings_from_options`), so a config file and the equivalent flags give the same
+:class:`dirio.config.settings.Settings` by the same code as the command line
+(:func:`dirio.apps.cli.settings_from_options`), so a config file and the equivalent flags give the same
 settings. Besides those, the run keys ``label_ids``, ``use_masks``, ``resample``, ``tre_order`` and
 ``device`` are accepted. Any other key is an error naming the file and the key.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DirioError
-from .settings import Settings
+from dirio.errors import DirioError
+from dirio.config.settings import Settings
 
 RUN_KEYS = ("label_ids", "use_masks", "resample", "tre_order")
 
@@ -98,7 +98,7 @@ def _is_number(value: Any) -> bool:
 
 def _option_value(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """A config value converted to what the option's argparse action would give."""
-    from . import cli
+    from dirio.apps import cli
 
     def fail(expected: str) -> DirioError:
         return DirioError(f"{source}: key {key!r} expects {expected}, got {value!r}")
@@ -147,7 +147,7 @@ def _option_value(action: argparse.Action, key: str, value: Any, source: str) ->
 
 
 def _run_value(key: str, value: Any, source: str, base: Path | None) -> Any:
-    from . import cli
+    from dirio.apps import cli
 
     if key == "label_ids":
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -179,7 +179,7 @@ def split_config(content: dict, source: str, base: Path | None = None) -> tuple[
         DirioError: ``"<source>: unknown key 'x'"`` for a key that is neither a ``dirio register``
             option nor a run key, or a value of the wrong kind.
     """
-    from .cli import registration_actions
+    from dirio.apps.cli import registration_actions
 
     actions = {action.dest: action for action in registration_actions() if action.dest != "help"}
     registration, run = {}, {}
@@ -209,7 +209,7 @@ def run_configuration(config_file: str | Path | None, explicit: dict | None = No
     Raises:
         DirioError: one line naming the config file and the key for every problem.
     """
-    from .cli import settings_from_options
+    from dirio.apps.cli import settings_from_options
 
     registration: dict = {}
     run: dict = {}

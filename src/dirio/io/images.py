@@ -25,7 +25,7 @@ import scipy.ndimage
 import torch
 
 from dirio.errors import DirioError
-from dirio.files import atomic_output
+from dirio.io.atomic import atomic_output
 
 PathLike = str | os.PathLike
 
@@ -316,7 +316,7 @@ def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def save_image(path: PathLike, data, affine: np.ndarray, *, overwrite: bool = False, dtype=None) -> None:
-    """Write a 2D or 3D image atomically (see :func:`dirio.files.atomic_output`).
+    """Write a 2D or 3D image atomically (see :func:`dirio.io.atomic.atomic_output`).
 
     NIfTI (``.nii``, ``.nii.gz``): the affine is written to the sform and the qform, both with
     code 1 (scanner). The sform is stored exactly up to float32 precision (NIfTI stores it as
@@ -389,7 +389,7 @@ def save_field(path: PathLike, disp: np.ndarray, affine: np.ndarray, *, overwrit
     Args:
         path: ``.nii`` or ``.nii.gz`` file (Learn2Reg names it ``disp_<fixed>_<moving>.nii.gz``).
         disp: ``(*S, ndim)`` displacement in voxels of the fixed grid, components ``(i, j, k)``
-            (see :func:`dirio.field.field_to_numpy` for the tensor conversion).
+            (see :func:`dirio.core.fields.field_to_numpy` for the tensor conversion).
         affine: the fixed image's ``(4, 4)`` affine.
         overwrite: allow replacing an existing file.
     """

@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .errors import DirioError
+from dirio.errors import DirioError
 
 SPLITS = {"val": "registration_val", "test": "registration_test", "train": "registration_train"}
 # <anything>_<case>_<modality> with a 4-digit modality, as in every Learn2Reg dataset.
@@ -295,7 +295,7 @@ def write_synthetic_dataset(
     """Write a small Learn2Reg-style dataset made from one image by known smooth warps.
 
     Case 1 is ``image`` itself; case ``k > 1`` is ``image`` warped by a smooth random field
-    (:func:`dirio.synthetic.warped_pair`, seed ``seed + k``). Every case gets ``imagesTr/<name>_<kkkk>_0000.nii.gz``,
+    (:func:`dirio.testing.synthetic.warped_pair`, seed ``seed + k``). Every case gets ``imagesTr/<name>_<kkkk>_0000.nii.gz``,
     its label map in ``labelsTr``, a brain mask (``labels > 0``) in ``masksTr`` when ``masks``, and
     keypoints in ``keypointsTr``: exactly corresponding points, one CSV row each: in case 1 the voxel
     centroids of the first ``keypoint_labels`` labels present in every case, in case ``k`` the points
@@ -313,8 +313,8 @@ def write_synthetic_dataset(
     """
     from scipy import ndimage
 
-    from .image import save_image
-    from .synthetic import warped_pair
+    from dirio.io.images import save_image
+    from dirio.testing.synthetic import warped_pair
 
     folder = Path(folder)
     for sub in ("imagesTr", "labelsTr", "masksTr", "keypointsTr"):
@@ -348,7 +348,7 @@ def write_synthetic_dataset(
         training.append(entry)
     content = {
         "name": name,
-        "description": "synthetic Learn2Reg-style dataset (dirio.data.write_synthetic_dataset)",
+        "description": "synthetic Learn2Reg-style dataset (dirio.io.dataset.write_synthetic_dataset)",
         "tensorImageShape": {"0": list(np.shape(image))},
         "labels": {"0": "background", **{str(int(v)): f"label {int(v)}" for v in sorted(common)}},
         "modality": {"0": "MRI"},

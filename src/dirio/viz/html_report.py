@@ -9,7 +9,7 @@ configuration, software versions and timings.
 The page references nothing outside the run folder: CSS and the table-sorting script are
 inline, images are relative links (``report/*.png`` beside the page, ``../thumbnails/*.png``),
 so it works offline and after the run folder is moved or zipped as a whole. Every text taken
-from the run folder is HTML-escaped. Files are written atomically (:mod:`dirio.files`); the
+from the run folder is HTML-escaped. Files are written atomically (:mod:`dirio.io.atomic`); the
 report is a view of the run folder, rebuilt (replaced) by every call of :func:`write_report`.
 
 Run folder layout read here (the runner's contract; a missing optional file or column leaves
@@ -43,8 +43,8 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap, TwoSlopeNorm, to_hex
 
 from dirio.errors import DirioError
-from dirio.files import atomic_output, check_writable, write_text
-from dirio.report import (
+from dirio.io.atomic import atomic_output, check_writable, write_text
+from dirio.viz.figures import (
     FOLD_COLOR,
     JACOBIAN_CMAP,
     _as_array,
@@ -180,7 +180,7 @@ def pair_thumbnail(
     magenta or green (readable with red-green colour blindness). Bottom row: the Jacobian
     determinant of ``x -> x + u(x)`` on the same slices on one fixed scale for all pairs,
     THUMB_JACOBIAN_LIMITS (blue compresses, white unchanged, red expands), voxels with
-    ``det <= 0`` in FOLD_COLOR. Planes and orientation follow :mod:`dirio.report` (three
+    ``det <= 0`` in FOLD_COLOR. Planes and orientation follow :mod:`dirio.viz.figures` (three
     orthogonal central planes in 3D, vertical axis upwards; one plane in 2D). No text is drawn:
     the page around the thumbnail names the pair and explains the colours.
 

@@ -1,9 +1,9 @@
-"""Command line: a thin layer over :mod:`dirio.workflow` and :mod:`dirio.api`.
+"""Command line: a thin layer over :mod:`dirio.apps.workflow` and :mod:`dirio.api`.
 
 ``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate``, ``dirio demo``,
-``dirio sweep`` (weights x combination rules on one pair, Pareto front; :mod:`dirio.sweep`) and
-``dirio run`` (every pair of a Learn2Reg dataset split; :mod:`dirio.runner`) and ``dirio report``
-(rebuild a run's HTML page; :mod:`dirio.html_report`).
+``dirio sweep`` (weights x combination rules on one pair, Pareto front; :mod:`dirio.apps.sweep`) and
+``dirio run`` (every pair of a Learn2Reg dataset split; :mod:`dirio.apps.runner`) and ``dirio report``
+(rebuild a run's HTML page; :mod:`dirio.viz.html_report`).
 User errors print one line ``dirio: error: ...`` and exit with status 2.
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DirioError
+from dirio.errors import DirioError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -141,15 +141,15 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    """Build :class:`dirio.settings.Settings` from parsed options over the chosen preset."""
-    from .settings import make_settings
+    """Build :class:`dirio.config.settings.Settings` from parsed options over the chosen preset."""
+    from dirio.config.settings import make_settings
 
     regularizers = args.regularizer
     if regularizers is not None:
         default = 1.0 if args.weight is None else args.weight
         regularizers = {name: (default if weight is None else weight) for name, weight in regularizers.items()}
     elif args.weight is not None:
-        from .settings import PRESETS
+        from dirio.config.settings import PRESETS
 
         base = PRESETS.get(args.preset, {}).get("regularizers", {"diffusion": 1.0})
         regularizers = {name: args.weight for name in base}
@@ -198,7 +198,7 @@ def settings_from_options(options: dict, quiet: bool = True):
 
     Keys are the ``dest`` names of :func:`add_registration_options` (``similarity_options``,
     ``levels``...) with values as argparse would give them; options not given take their defaults.
-    Used by ``dirio run`` for its config file (:mod:`dirio.config`).
+    Used by ``dirio run`` for its config file (:mod:`dirio.config.files`).
     """
     values = {action.dest: action.default for action in registration_actions()}
     unknown = sorted(set(options) - set(values))
@@ -222,7 +222,7 @@ def stage_overrides(args: argparse.Namespace) -> dict:
 
 def check_settings(settings) -> None:
     """Reject, before any file is read, settings the run would fail on (see :func:`dirio.api.check_settings`)."""
-    from .api import check_settings as check
+    from dirio.api import check_settings as check
 
     check(settings)
 
@@ -336,13 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from dirio import __version__
 
     return f"dirio {__version__}"
 
 
 def run_register(args) -> int:
-    from .workflow import register_files
+    from dirio.apps.workflow import register_files
 
     settings = settings_from_args(args)
     record = register_files(
@@ -374,15 +374,15 @@ def summary_line(record: dict) -> str:
 
 
 def run_warp(args) -> int:
-    from .workflow import warp_file
+    from dirio.apps.workflow import warp_file
 
     warp_file(args.image, args.field, args.output, labels=args.labels, overwrite=args.overwrite, ndim=args.ndim)
     return 0
 
 
 def run_evaluate(args) -> int:
-    from .files import check_writable, write_json
-    from .workflow import evaluate_files
+    from dirio.io.atomic import check_writable, write_json
+    from dirio.apps.workflow import evaluate_files
 
     if args.output:
         check_writable([args.output], args.overwrite)
@@ -399,14 +399,14 @@ def run_evaluate(args) -> int:
 
 
 def run_demo(args) -> int:
-    from .demo import run_demo as demo
+    from dirio.apps.demo import run_demo as demo
 
     demo(args.output, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
     return 0
 
 
 def run_sweep(args) -> int:
-    from .sweep import sweep_files
+    from dirio.apps.sweep import sweep_files
 
     # --combine-options are shared by the sweep's rules, each taking the ones it accepts (checked
     # per rule by sweep_files), so they are not validated against the single --combine rule here
@@ -430,8 +430,8 @@ def run_sweep(args) -> int:
 
 
 def run_dataset_command(args) -> int:
-    from .config import run_configuration
-    from .runner import run_dataset
+    from dirio.config.files import run_configuration
+    from dirio.apps.runner import run_dataset
 
     explicit = {action.dest: getattr(args, action.dest) for action in registration_actions()
                 if getattr(args, action.dest) != action.default}
@@ -451,7 +451,7 @@ def run_dataset_command(args) -> int:
 
 
 def run_report(args) -> int:
-    from .html_report import write_report
+    from dirio.viz.html_report import write_report
 
     page = write_report(args.run_folder)
     print(f"report written to {page}")

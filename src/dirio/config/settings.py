@@ -12,10 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods.affine import FAMILIES as AFFINE_FAMILIES
-from .methods.affine import AffineConfig
-from .methods.convex import ConvexConfig
-from .optim.engine import EngineConfig
+from dirio.methods.affine import FAMILIES as AFFINE_FAMILIES
+from dirio.methods.affine import AffineConfig
+from dirio.methods.convex import ConvexConfig
+from dirio.optim.engine import EngineConfig
 
 NORMALISATIONS = ("none", "minmax", "percentile", "clip")
 AFFINE_CHOICES = ("none",) + AFFINE_FAMILIES
@@ -33,9 +33,9 @@ class Settings:
             ``"none"``, ``"minmax"``, ``"percentile"`` (clip to the 0.5/99.5 percentiles of
             nonzero voxels, then [0, 1]) or ``"clip"`` (clip to ``clip_range`` then [0, 1]).
         clip_range: the window of ``"clip"`` (e.g. a CT window in HU).
-        similarity: name of the similarity term (see :func:`dirio.similarity.make_similarity`).
+        similarity: name of the similarity term (see :func:`dirio.losses.similarity.make_similarity`).
         similarity_options: its options (e.g. ``{"window": 5}`` for LNCC).
-        regularizers: ``{name: weight}`` (see :func:`dirio.regularizers.make_regularizer`).
+        regularizers: ``{name: weight}`` (see :func:`dirio.losses.regularizers.make_regularizer`).
         engine: optimisation settings (pyramid, iterations, optimiser, schedule, ...).
         affine: pre-alignment run first: ``"none"``, ``"translation"``, ``"rigid"``,
             ``"similarity"`` or ``"affine"`` (see :mod:`dirio.methods.affine`); ``affine_options``

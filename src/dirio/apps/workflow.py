@@ -17,13 +17,13 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__
-from .api import RegistrationResult, apply_field, register
-from .errors import DirioError
-from .files import check_writable, write_json, write_text
-from .image import Image, check_same_grid, load_field, load_image, load_keypoints, resample_to_grid, save_field, save_image
-from .metrics import evaluate_field
-from .settings import Settings
+from dirio import __version__
+from dirio.api import RegistrationResult, apply_field, register
+from dirio.errors import DirioError
+from dirio.io.atomic import check_writable, write_json, write_text
+from dirio.io.images import Image, check_same_grid, load_field, load_image, load_keypoints, resample_to_grid, save_field, save_image
+from dirio.evaluation.metrics import evaluate_field
+from dirio.config.settings import Settings
 
 
 def file_stem(path: str | Path) -> str:
@@ -154,7 +154,7 @@ def map_points(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarra
 def evaluate(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None = None, tre_order: int = 3,
              regularity: bool = True, hd95: bool = True) -> dict:
     """dirio's metrics of a field for the pair (Dice/HD95 with labels, TRE with keypoints, regularity);
-    ``regularity`` and ``hd95`` as in :func:`dirio.metrics.evaluate_field`."""
+    ``regularity`` and ``hd95`` as in :func:`dirio.evaluation.metrics.evaluate_field`."""
     return evaluate_field(
         disp,
         fixed_labels=None if inputs.fixed_labels is None else inputs.fixed_labels.data,
@@ -276,7 +276,7 @@ def register_files(
     }
     write_text(paths["history"], history_csv(result.history), overwrite=overwrite)
     if figure:
-        from .report import registration_figure
+        from dirio.viz.figures import registration_figure
 
         label_pair = None
         if inputs.fixed_labels is not None and warped_labels is not None:
@@ -313,8 +313,8 @@ def write_affine_outputs(paths: dict[str, Path], result: RegistrationResult, fix
     """Write the affine matrix files named in ``paths`` (atomically); return the JSON record or None."""
     if result.affine_matrix is None or "affine_json" not in paths:
         return None
-    from .files import atomic_output
-    from .methods.affine import affine_record, write_itk_transform
+    from dirio.io.atomic import atomic_output
+    from dirio.methods.affine import affine_record, write_itk_transform
 
     record = affine_record(result.affine_matrix, fixed_affine, result.settings.affine)
     write_json(paths["affine_json"], record, overwrite=overwrite)
