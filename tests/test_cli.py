@@ -31,8 +31,8 @@ from scipy.ndimage import gaussian_filter
 from dirio import __version__
 from dirio.apps.cli import main
 from dirio.core.fields import field_from_numpy, jacobian_determinant, warp
-from dirio.evaluation.metrics import warp_labels
-from dirio.config.settings import PRESETS
+from dirio.evaluation.overlap import warp_labels
+from dirio.config.settings import PRESETS, flat_keys
 from dirio.testing.synthetic import smooth_random_field
 
 SHAPE = (24, 28, 32)  # the end-to-end pair
@@ -242,7 +242,7 @@ def test_register_history_has_one_row_per_iteration_and_a_column_per_term(regist
     metrics = _read_metrics(registered.dir)
     columns, rows = _read_history(registered.dir)
     assert len(rows) == 10 + 5
-    terms = [metrics["settings"]["similarity"], *metrics["settings"]["regularizers"]]
+    terms = [metrics["settings"]["terms"]["similarity"], *metrics["settings"]["terms"]["regularizers"]]
     for name in ["level", "iteration", "lr", *terms]:
         assert name in columns
     assert [int(r["level"]) for r in rows] == [0] * 10 + [1] * 5
@@ -269,7 +269,7 @@ def test_register_prints_the_one_line_summary(registered):
 def test_each_similarity_runs_and_is_logged(tiny, tmp_path, similarity):
     result = _register(tiny, tmp_path / "out", "--similarity", similarity, *QUICK)
     assert result.rc == 0, result.err
-    assert _read_metrics(tmp_path / "out")["settings"]["similarity"] == similarity
+    assert _read_metrics(tmp_path / "out")["settings"]["terms"]["similarity"] == similarity
     columns, rows = _read_history(tmp_path / "out")
     assert similarity in columns and len(rows) == 5
     assert all(math.isfinite(float(r[similarity])) for r in rows)
@@ -289,18 +289,20 @@ def test_every_register_option_reaches_the_recorded_settings(tiny, tmp_path):
     )
     assert result.rc == 0, result.err
     metrics = _read_metrics(out)
-    settings, engine = metrics["settings"], metrics["settings"]["engine"]
-    assert settings["similarity"] == "lncc"
-    assert settings["similarity_options"] == {"window": 3, "kernel": "gaussian"}
+    settings = metrics["settings"]
+    terms, optimization = settings["terms"], settings["optimization"]
+    assert terms["similarity"] == "lncc"
+    assert terms["similarity_options"] == {"window": 3, "kernel": "gaussian"}
     # --weight applies to the regulariser named without a weight only.
-    assert settings["regularizers"] == {"diffusion": 2.0, "bending": 0.5}
-    assert settings["normalise"] == "clip" and settings["clip_range"] == [10.0, 90.0]
-    assert engine["levels"] == [2, 1] and engine["iterations"] == [3, 2]
-    assert engine["grid_spacing"] == [2.0, 1.0]
-    assert engine["lr"] == 0.7 and engine["optimizer"] == "amsgrad"
-    assert engine["schedule"] == "piecewise"
-    assert engine["schedule_options"] == {"constant_until": 0.5, "cosine_until": 0.75}
-    assert engine["seed"] == 7 and engine["diffeomorphic"] is False and engine["progress"] is False
+    assert terms["regularizers"] == {"diffusion": 2.0, "bending": 0.5}
+    assert settings["preprocessing"] == {"normalise": "clip", "clip_range": [10.0, 90.0]}
+    assert settings["pyramid"] == {"levels": [2, 1], "iterations": [3, 2]}
+    assert settings["transform"]["grid_spacing"] == [2.0, 1.0]
+    assert optimization["lr"] == 0.7 and optimization["optimizer"] == "amsgrad"
+    assert optimization["schedule"] == "piecewise"
+    assert optimization["schedule_options"] == {"constant_until": 0.5, "cosine_until": 0.75}
+    assert settings["seed"] == 7 and settings["transform"]["diffeomorphic"] is False
+    assert settings["progress"] is False
     assert metrics["device"] == "cpu"
     assert metrics["after"]["tre_order"] == 1
     assert list(metrics["after"]["dice_per_label"]) == ["2"]  # --label-ids
@@ -315,7 +317,7 @@ def test_weight_without_regularizer_weights_the_default_regularizers(tiny, tmp_p
     result = _register(tiny, tmp_path / "out", "--preset", "brain-mri", "--weight", "0.25", *QUICK)
     assert result.rc == 0, result.err
     expected = {name: 0.25 for name in PRESETS["brain-mri"]["regularizers"]}
-    assert _read_metrics(tmp_path / "out")["settings"]["regularizers"] == expected
+    assert _read_metrics(tmp_path / "out")["settings"]["terms"]["regularizers"] == expected
 
 
 @pytest.mark.parametrize("preset", ["brain-mri", "lung-ct"])
@@ -323,12 +325,12 @@ def test_preset_gives_its_defaults_and_explicit_iterations_override_it(tiny, tmp
     result = _register(tiny, tmp_path / "out", "--preset", preset, *QUICK)
     assert result.rc == 0, result.err
     settings = _read_metrics(tmp_path / "out")["settings"]
-    for key in ("similarity", "similarity_options", "normalise", "regularizers"):
-        assert settings[key] == PRESETS[preset][key]
+    section = flat_keys()  # flat preset key -> its section in metrics.json
+    for key in ("similarity", "similarity_options", "normalise", "regularizers", "schedule"):
+        assert settings[section[key]][key] == PRESETS[preset][key]
     if "clip_range" in PRESETS[preset]:
-        assert settings["clip_range"] == list(PRESETS[preset]["clip_range"])
-    assert settings["engine"]["schedule"] == PRESETS[preset]["engine"]["schedule"]
-    assert settings["engine"]["levels"] == [2, 1] and settings["engine"]["iterations"] == [3, 2]
+        assert settings["preprocessing"]["clip_range"] == list(PRESETS[preset]["clip_range"])
+    assert settings["pyramid"] == {"levels": [2, 1], "iterations": [3, 2]}
 
 
 def test_diffeomorphic_field_has_positive_jacobian_determinant(pair, tmp_path):
@@ -338,7 +340,7 @@ def test_diffeomorphic_field_has_positive_jacobian_determinant(pair, tmp_path):
     result = _register(pair, out, "--diffeomorphic", "--similarity", "mse", "--weight", "0", "--lr", "1",
                        *FAST, "-q", "--no-figure")
     assert result.rc == 0, result.err
-    assert _read_metrics(out)["settings"]["engine"]["diffeomorphic"] is True
+    assert _read_metrics(out)["settings"]["transform"]["diffeomorphic"] is True
     det = jacobian_determinant(field_from_numpy(_field(out / "disp_fixed_moving.nii.gz")))
     assert float(det.min()) > 0.0
 

@@ -105,16 +105,16 @@ def test_a_run_writes_official_fields_tables_and_records(reference, dataset):
     import nibabel as nib
 
     names = sorted(p.name for p in reference.glob("disp_*.nii.gz"))
-    assert names == ["disp_0001_0002.nii.gz", "disp_0002_0003.nii.gz", "disp_0003_0004.nii.gz", "disp_0004_0005.nii.gz"]
+    assert names == ["disp_0001_0000_0002_0000.nii.gz", "disp_0002_0000_0003_0000.nii.gz", "disp_0003_0000_0004_0000.nii.gz", "disp_0004_0000_0005_0000.nii.gz"]
     fixed = nib.load(dataset.parent / "imagesTr" / "SYNTH_0001_0000.nii.gz")
-    field = nib.load(reference / "disp_0001_0002.nii.gz")
+    field = nib.load(reference / "disp_0001_0000_0002_0000.nii.gz")
     assert field.shape == fixed.shape + (3,) and field.get_data_dtype() == np.float32
     assert np.allclose(field.affine, fixed.affine)
 
     rows = read_rows(reference / "cases.csv")
     assert list(rows[0]) == ["pair", "fixed", "moving", "status", "seconds", "dice", "hd95", "sdlogj", "fold_percent",
                              "ndv_percent", "tre_mm", "dice_before", "tre_mm_before", "error"]
-    assert [r["pair"] for r in rows] == ["0001_0002", "0002_0003", "0003_0004", "0004_0005"]
+    assert [r["pair"] for r in rows] == ["0001_0000_0002_0000", "0002_0000_0003_0000", "0003_0000_0004_0000", "0004_0000_0005_0000"]
     for row in rows:
         assert row["status"] == "done" and row["error"] == ""
         assert float(row["dice"]) > float(row["dice_before"])
@@ -126,7 +126,7 @@ def test_a_run_writes_official_fields_tables_and_records(reference, dataset):
 
     run = json.loads((reference / "run.json").read_text())
     assert run["split"] == "val" and run["pairs"] == 4 and run["done"] == 4 and run["failed"] == 0
-    assert run["world_size"] == 1 and run["finished"] and run["config"]["engine"]["levels"] == [2, 1]
+    assert run["world_size"] == 1 and run["finished"] and run["config"]["pyramid"]["levels"] == [2, 1]
     for key in ("dataset", "config_file", "config_hash", "versions", "started", "seconds", "device"):
         assert key in run
 
@@ -138,7 +138,7 @@ def test_a_run_writes_official_fields_tables_and_records(reference, dataset):
     assert set(case) >= {"LogJacDetStd", "DSC", "HD95", "TRE_kp", "num_foldings"}
     assert set(summary["aggregates"]["DSC"]) == {"mean", "std", "30"}
     log = (reference / "run.log").read_text()
-    assert "[4/4] 0004_0005 done in" in log and "ETA" in log
+    assert "[4/4] 0004_0000_0005_0000 done in" in log and "ETA" in log
     assert sorted(p.name for p in (reference / "status").iterdir()) == [f"{r['pair']}.json" for r in rows]
 
 
@@ -154,10 +154,10 @@ def test_a_rerun_skips_every_finished_pair(reference, dataset, config, tmp_path)
 def test_a_pair_whose_field_file_was_damaged_is_done_again(reference, dataset, config, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    damaged = out / "disp_0002_0003.nii.gz"
+    damaged = out / "disp_0002_0000_0003_0000.nii.gz"
     damaged.write_bytes(damaged.read_bytes()[:200])
     assert run_in_process(dataset, "-o", out, "--config", config, "--threads", "1", "--no-report", "-q") == 0
-    assert np.array_equal(field_bytes(out)["disp_0002_0003.nii.gz"], field_bytes(reference)["disp_0002_0003.nii.gz"])
+    assert np.array_equal(field_bytes(out)["disp_0002_0000_0003_0000.nii.gz"], field_bytes(reference)["disp_0002_0000_0003_0000.nii.gz"])
     assert (out / "run.log").read_text().count("already done, skipped") == 3
 
 
@@ -219,16 +219,16 @@ def test_corrupt_and_missing_inputs_fail_their_pairs_only_and_exit_1(dataset, co
     assert run_in_process(root / dataset.name, "-o", out, "--config", config, "--threads", "1", "--no-report", "-q") == 1
 
     rows = {r["pair"]: r for r in read_rows(out / "cases.csv")}
-    assert rows["0001_0002"]["status"] == "done"
-    for pair in ("0002_0003", "0003_0004", "0004_0005"):
+    assert rows["0001_0000_0002_0000"]["status"] == "done"
+    for pair in ("0002_0000_0003_0000", "0003_0000_0004_0000", "0004_0000_0005_0000"):
         assert rows[pair]["status"] == "failed" and rows[pair]["dice"] == ""
         assert "\n" not in rows[pair]["error"]
-    assert "SYNTH_0003_0000.nii.gz" in rows["0002_0003"]["error"]
-    assert "SYNTH_0005_0000.nii.gz" in rows["0004_0005"]["error"]
+    assert "SYNTH_0003_0000.nii.gz" in rows["0002_0000_0003_0000"]["error"]
+    assert "SYNTH_0005_0000.nii.gz" in rows["0004_0000_0005_0000"]["error"]
     summary = json.loads((out / "summary.json").read_text())
-    assert [f["pair"] for f in summary["failed"]] == ["0002_0003", "0003_0004", "0004_0005"]
+    assert [f["pair"] for f in summary["failed"]] == ["0002_0000_0003_0000", "0003_0000_0004_0000", "0004_0000_0005_0000"]
     assert list(summary["cases"]) == ["0001_0000<--0002_0000"] and summary["done"] == 1
-    assert sorted(p.name for p in out.glob("disp_*")) == ["disp_0001_0002.nii.gz"]
+    assert sorted(p.name for p in out.glob("disp_*")) == ["disp_0001_0000_0002_0000.nii.gz"]
     assert json.loads((out / "run.json").read_text())["failed"] == 3
 
     # repaired inputs: the next run retries the failed pairs and keeps the finished one
@@ -254,7 +254,7 @@ def test_resuming_into_a_run_of_another_configuration_is_refused(dataset, config
     # --overwrite starts again in the same folder
     assert run_in_process(dataset, "-o", out, "--config", config, "--lr", "0.3", "--threads", "1", "--no-report",
                           "-q", "--limit", "1", "--overwrite") == 0
-    assert json.loads((out / "run.json").read_text())["config"]["engine"]["lr"] == 0.3
+    assert json.loads((out / "run.json").read_text())["config"]["optimization"]["lr"] == 0.3
 
 
 def test_a_folder_that_is_not_a_run_folder_is_refused(dataset, config, tmp_path, capsys):
@@ -290,7 +290,7 @@ def test_toml_yaml_and_command_line_options_give_the_same_settings(tmp_path):
     assert from_toml.settings.to_dict() == flags == from_yaml.settings.to_dict()
     assert from_toml.label_ids == from_yaml.label_ids == [2, 3] and from_toml.tre_order == 1
     # command-line options override the file's
-    assert run_configuration(toml, {"lr": 0.25}).settings.engine.lr == 0.25
+    assert run_configuration(toml, {"lr": 0.25}).settings.optimization.lr == 0.25
 
 
 @pytest.mark.parametrize("text, message", [
@@ -384,7 +384,10 @@ def test_exported_fields_score_the_same_in_an_independent_learn2reg_evaluation(r
     per_metric = {"DSC": [], "HD95": [], "LogJacDetStd": [], "TRE_kp": []}
     for pair in content["registration_val"]:
         fixed, moving = pair["fixed"], pair["moving"]
-        name = f"disp_{fixed[-16:-12]}_{moving[-16:-12]}.nii.gz"  # the evaluator's naming rule
+        # the evaluator's naming rule: the short name only for modalities 0000 <- 0001, else the long one
+        short = fixed[-11:-7] == "0000" and moving[-11:-7] == "0001"
+        name = (f"disp_{fixed[-16:-12]}_{moving[-16:-12]}.nii.gz" if short else
+                f"disp_{fixed[-16:-12]}_{fixed[-11:-7]}_{moving[-16:-12]}_{moving[-11:-7]}.nii.gz")
         key = f"{fixed[-16:-12]}_{fixed[-11:-7]}<--{moving[-16:-12]}_{moving[-11:-7]}"
         disp = nib.load(reference / name).get_fdata()
         fixed_seg = nib.load(root / fixed.replace("images", "labels")).get_fdata()
@@ -440,6 +443,6 @@ def test_exported_fields_score_the_same_in_an_independent_learn2reg_evaluation(r
 def test_a_run_with_the_report_draws_a_thumbnail_per_pair_and_the_page(dataset, config, tmp_path):
     out = tmp_path / "out"
     assert run_in_process(dataset, "-o", out, "--config", config, "--threads", "1", "-q", "--limit", "1") == 0
-    assert sorted(p.name for p in (out / "thumbnails").iterdir()) == ["0001_0002.png"]
-    assert (out / "thumbnails" / "0001_0002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "0001_0002" in (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert sorted(p.name for p in (out / "thumbnails").iterdir()) == ["0001_0000_0002_0000.png"]
+    assert (out / "thumbnails" / "0001_0000_0002_0000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "0001_0000_0002_0000" in (out / "report" / "index.html").read_text(encoding="utf-8")

@@ -12,219 +12,99 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
+from dirio.config import schema
+from dirio.config.schema import REGISTRATION_OPTIONS, Option, OptionError, settings_from_values
 from dirio.errors import DirioError
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _argument_type(option: Option):
+    """The argparse ``type`` of a schema option: its parser, with argparse's wording of errors."""
+    name = {schema.integer: "int", schema.number: "float"}.get(option.parse)
+
+    def convert(text: str):
+        try:
+            return option.parse(text)
+        except ValueError as error:
+            if name is not None:
+                raise  # argparse: "invalid int value: 'x'"
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = name or option.parse.__name__
+    return convert
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a schema key: ``similarity_options`` -> ``--similarity-options``."""
+    return "--" + key.replace("_", "-")
+
+
+def add_option(group, option: Option, **changes) -> None:
+    """Add a schema option to an argparse group (``changes``: other help, default... for one command)."""
+    kwargs = {"help": option.help_text(flag)}
+    if option.is_switch:
+        kwargs.update(action="store_true", default=option.default)
+    else:
+        kwargs.update(default=option.default, choices=option.choices, metavar=option.metavar)
+        if option.parse is not schema.text:
+            kwargs["type"] = _argument_type(option)
+    kwargs.update(changes)
+    group.add_argument(flag(option.key), **kwargs)
 
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _key_values(text: str) -> dict:
-    """``"window=7,kernel=gaussian"`` -> ``{"window": 7, "kernel": "gaussian"}`` (numbers parsed)."""
-    result = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if "=" not in item:
-            raise argparse.ArgumentTypeError(f"expected key=value pairs, got {item!r}")
-        key, value = item.split("=", 1)
-        result[key.strip()] = _parse_scalar(value.strip())
-    return result
-
-
-def _parse_scalar(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
-
-
-def _regularizers(text: str) -> dict:
-    """``"diffusion"`` or ``"diffusion=2,bending=0.5"`` -> ``{name: weight}`` (weight 1 when omitted)."""
-    result = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, weight = item.partition("=")
-        try:
-            result[name.strip()] = float(weight) if weight else None
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"regularizer weight must be a number, got {item!r}") from None
-    return result
-
-
-def _label_ids(text: str) -> list[int]:
-    """Comma-separated label ids, or a file: ``.npz`` (first array), ``.txt``/``.csv`` of integers."""
-    path = Path(text)
-    if path.exists():
-        import numpy as np
-
-        try:
-            if path.suffix == ".npz":
-                with np.load(path) as archive:
-                    values = archive[archive.files[0]]
-            else:
-                values = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None)
-        except Exception as error:  # noqa: BLE001 - any parse failure is a user error here
-            raise argparse.ArgumentTypeError(f"cannot read label ids from {text}: {error}") from None
-        return [int(v) for v in np.ravel(values)]
-    return list(_int_list(text))
+        return schema.numbers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_registration_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that registers (same names as the settings keys)."""
-    group = parser.add_argument_group("method")
-    group.add_argument("--preset", choices=["brain-mri", "lung-ct", "convex-adam", "continuous"],
-                       help="named defaults (see README)")
-    group.add_argument("--similarity", choices=["lncc", "ncc", "mse", "mind", "nmi"])
-    group.add_argument("--similarity-options", type=_key_values, metavar="K=V,...",
-                       help="e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND)")
-    group.add_argument("--regularizer", type=_regularizers, metavar="NAME[=W],...",
-                       help="diffusion, l1, tv or bending, each with an optional weight")
-    group.add_argument("--weight", type=float, help="weight of the regularizer(s) given without one")
-    group.add_argument("--normalise", choices=["none", "minmax", "percentile", "clip"])
-    group.add_argument("--clip-range", type=_float_list, metavar="LO,HI", help="window of --normalise clip")
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--levels", type=_int_list, metavar="F,...", help="pyramid shrink factors, coarse to fine")
-    opt.add_argument("--iterations", type=_int_list, metavar="N,...", help="iterations per level")
-    opt.add_argument("--grid-spacing", type=_float_list, metavar="S[,...]",
-                     help="parameter grid spacing in voxels of each level (one value or one per level)")
-    opt.add_argument("--lr", type=float, help="learning rate, voxels of the level grid per step")
-    opt.add_argument("--optimizer", choices=["adam", "amsgrad", "sgd"])
-    opt.add_argument("--schedule", choices=["constant", "cosine", "piecewise"])
-    opt.add_argument("--schedule-options", type=_key_values, metavar="K=V,...",
-                     help="e.g. constant_until=0.26,cosine_until=0.67 for piecewise")
-    opt.add_argument("--diffeomorphic", action="store_true", default=None,
-                     help="optimise a stationary velocity field (scaling and squaring)")
-    opt.add_argument("--combine", choices=["sum", "pcgrad", "surgery"],
-                     help="how similarity and regulariser gradients are combined (default sum)")
-    opt.add_argument("--combine-options", type=_key_values, metavar="K=V,...",
-                     help="e.g. scope=block,block_size=8 (pcgrad, surgery); project=random|similarity|regularizer|all "
-                          "(pcgrad); diagnose=true (sum)")
-    opt.add_argument("--early-stop", choices=["none", "plateau"],
-                     help="stop a level when the similarity plateaus (default none: fixed iteration counts)")
-    opt.add_argument("--early-stop-options", type=_key_values, metavar="K=V,...",
-                     help="e.g. window=10,tolerance=0.01,min_iterations=20 for plateau")
-    opt.add_argument("--seed", type=int)
-    opt.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    stages = parser.add_argument_group("stages before the dense optimisation")
-    stages.add_argument("--affine", choices=["none", "translation", "rigid", "similarity", "affine"],
-                        help="pre-alignment model (default: the preset's, else none); the written field is the "
-                             "composition, the matrix is written as affine_*.json (and .tfm with SimpleITK)")
-    stages.add_argument("--affine-levels", type=_int_list, metavar="F,...", help="pyramid of the affine stage")
-    stages.add_argument("--affine-iterations", type=_int_list, metavar="N,...", help="iterations per affine level")
-    stages.add_argument("--affine-lr", type=float, help="Adam step of the affine stage, voxels per iteration")
-    stages.add_argument("--init", choices=["none", "convex"],
-                        help="initial field of the dense stage: none, or convex (discrete + coupled convex step)")
-    stages.add_argument("--convex-spacing", type=int, metavar="G", help="cell size of the discrete step, voxels")
-    stages.add_argument("--convex-radius", type=int, metavar="R",
-                        help="search radius of the discrete step in cells (displacements up to R*G voxels)")
-    stages.add_argument("--convex-coupling", type=_float_list, metavar="W,...",
-                        help="increasing coupling weights of the convex step")
-    stages.add_argument("--convex-symmetric", choices=["true", "false"],
-                        help="also solve moving->fixed and make the two fields inverse consistent")
-    stages.add_argument("--convex-memory", type=float, metavar="MB",
-                        help="largest cost volume kept in memory; larger ones are recomputed slab by slab")
+    """Options shared by every command that registers: the schema's (:mod:`dirio.config.schema`), by group."""
+    groups = {}
+    for option in REGISTRATION_OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        add_option(groups[option.group], option)
+
+
+def registration_values(args: argparse.Namespace) -> dict:
+    """``{key: value}`` of the registration options (and ``quiet``) in parsed arguments."""
+    keys = [option.key for option in REGISTRATION_OPTIONS] + ["quiet"]
+    return {key: getattr(args, key) for key in keys if hasattr(args, key)}
+
+
+# Keys that lower layers name in messages (as `key`) whose flag is not --key.
+FLAG_ALIASES = {"allow_outside": "--allow-outside-paths"}
+
+
+def with_flags(message: str, args: argparse.Namespace) -> str:
+    """A user error's message with each option named `key` (see :class:`dirio.errors.DirioError`)
+    written as the command's flag; names that are no option of the command stay as they are."""
+    def replace(match: re.Match) -> str:
+        key = match.group(1)
+        if key in FLAG_ALIASES:
+            return FLAG_ALIASES[key]
+        return flag(key) if key in vars(args) else match.group(0)
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", replace, message)
+
+
+def flag_error(error: OptionError) -> DirioError:
+    """A schema option's error worded with its flag instead of its key."""
+    return DirioError(error.describe(flag(error.key)))
 
 
 def settings_from_args(args: argparse.Namespace):
-    """Build :class:`dirio.config.settings.Settings` from parsed options over the chosen preset."""
-    from dirio.config.settings import make_settings
-
-    regularizers = args.regularizer
-    if regularizers is not None:
-        default = 1.0 if args.weight is None else args.weight
-        regularizers = {name: (default if weight is None else weight) for name, weight in regularizers.items()}
-    elif args.weight is not None:
-        from dirio.config.settings import PRESETS
-
-        base = PRESETS.get(args.preset, {}).get("regularizers", {"diffusion": 1.0})
-        regularizers = {name: args.weight for name in base}
-    grid_spacing = args.grid_spacing
-    if grid_spacing is not None and len(grid_spacing) == 1:
-        grid_spacing = grid_spacing[0]
+    """:class:`dirio.config.settings.Settings` from parsed options over the chosen preset
+    (:func:`dirio.config.schema.settings_from_values`), checked before any file is read."""
     try:
-        settings = make_settings(
-            args.preset,
-            similarity=args.similarity,
-            similarity_options=args.similarity_options,
-            regularizers=regularizers,
-            normalise=args.normalise,
-            clip_range=args.clip_range,
-            levels=args.levels,
-            iterations=args.iterations,
-            grid_spacing=grid_spacing,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            schedule=args.schedule,
-            schedule_options=args.schedule_options,
-            diffeomorphic=args.diffeomorphic,
-            combine=args.combine,
-            combine_options=args.combine_options,
-            early_stop=args.early_stop,
-            early_stop_options=args.early_stop_options,
-            seed=args.seed,
-            progress=not args.quiet,
-            **stage_overrides(args),
-        )
-    except (ValueError, TypeError) as error:
-        raise DirioError(str(error)) from None
-    check_settings(settings)
-    return settings
-
-
-def registration_actions() -> list[argparse.Action]:
-    """The argparse actions of :func:`add_registration_options` (one per option, ``dest`` = key)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_registration_options(parser)
-    return list(parser._actions)
-
-
-def settings_from_options(options: dict, quiet: bool = True):
-    """:func:`settings_from_args` from a dict ``{dest: parsed value}`` of registration options.
-
-    Keys are the ``dest`` names of :func:`add_registration_options` (``similarity_options``,
-    ``levels``...) with values as argparse would give them; options not given take their defaults.
-    Used by ``dirio run`` for its config file (:mod:`dirio.config.files`).
-    """
-    values = {action.dest: action.default for action in registration_actions()}
-    unknown = sorted(set(options) - set(values))
-    if unknown:
-        raise DirioError(f"unknown registration option {unknown[0]!r}")
-    values.update(options)
-    return settings_from_args(argparse.Namespace(**values, quiet=quiet))
-
-
-def stage_overrides(args: argparse.Namespace) -> dict:
-    """Settings overrides of the affine and convex stages from ``--affine*``, ``--init``, ``--convex-*``."""
-    symmetric = None if args.convex_symmetric is None else args.convex_symmetric == "true"
-    return {
-        "affine": args.affine,
-        "affine_options": {"levels": args.affine_levels, "iterations": args.affine_iterations, "lr": args.affine_lr},
-        "init": args.init,
-        "convex": {"grid_spacing": args.convex_spacing, "radius": args.convex_radius,
-                   "coupling": args.convex_coupling, "symmetric": symmetric, "memory_mb": args.convex_memory},
-    }
-
-
-def check_settings(settings) -> None:
-    """Reject, before any file is read, settings the run would fail on (see :func:`dirio.api.check_settings`)."""
-    from dirio.api import check_settings as check
-
-    check(settings)
+        return settings_from_values(registration_values(args))
+    except OptionError as error:
+        raise flag_error(error) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -246,8 +126,8 @@ def add_pair_inputs(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--moving-mask")
     inputs.add_argument("--fixed-keypoints", help="CSV of voxel coordinates (i,j,k), one point per row")
     inputs.add_argument("--moving-keypoints")
-    inputs.add_argument("--label-ids", type=_label_ids, help="labels scored by Dice/HD95: 2,3,4 or a .npz/.txt file")
-    inputs.add_argument("--resample", action="store_true", help="resample moving-side inputs onto the fixed grid")
+    add_option(inputs, schema.option("label_ids"))
+    add_option(inputs, schema.option("resample"), default=False)
     inputs.add_argument("--ndim", type=int, choices=[2, 3], default=3, help="spatial dimensions of the images")
 
 
@@ -265,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = reg.add_argument_group("output")
     out.add_argument("--overwrite", action="store_true", help="replace existing output files")
     out.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
-    out.add_argument("--tre-order", type=int, choices=[1, 3], default=3, help="interpolation of u at keypoints")
+    add_option(out, schema.option("tre_order"), default=3)
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
     warp = commands.add_parser("warp", help="apply a displacement field to an image or label map")
@@ -275,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     warp.add_argument("--labels", action="store_true", help="nearest-neighbour warping of a label map")
     warp.add_argument("--ndim", type=int, choices=[2, 3], default=3)
     warp.add_argument("--overwrite", action="store_true")
+    warp.add_argument("--resample", action="store_true",
+                      help="resample an image on another grid onto the field's grid first (else an error)")
 
     ev = commands.add_parser("evaluate", help="score an existing displacement field")
     ev.add_argument("field")
@@ -283,11 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--moving-labels")
     ev.add_argument("--fixed-keypoints")
     ev.add_argument("--moving-keypoints")
-    ev.add_argument("--label-ids", type=_label_ids)
+    add_option(ev, schema.option("label_ids"), help=None)
     ev.add_argument("--ndim", type=int, choices=[2, 3], default=3)
-    ev.add_argument("--tre-order", type=int, choices=[1, 3], default=3)
+    add_option(ev, schema.option("tre_order"), help=None, default=3)
     ev.add_argument("-o", "--output", help="write the metrics JSON here (else print it)")
     ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--resample", action="store_true",
+                    help="accept a field whose affine differs from the fixed image's; resample moving labels")
+
+    convert = commands.add_parser("convert", help="convert a Learn2Reg field to an ITK displacement field "
+                                                  "(LPS mm) or back")
+    convert.add_argument("field", help="disp_*.nii.gz (Learn2Reg) or an ITK field (.nii.gz vector intent, .mha, .h5)")
+    convert.add_argument("-o", "--output", required=True,
+                         help="ITK: .nii.gz, .mha, .h5; Learn2Reg: .nii.gz (the kind is the other one than the input's)")
+    convert.add_argument("--to", choices=["itk", "learn2reg"], help="output kind (default: the other one)")
+    convert.add_argument("--overwrite", action="store_true")
 
     demo = commands.add_parser("demo", help="register a known synthetic warp of the MNI152 template (shipped with nilearn)")
     demo.add_argument("-o", "--output", default="demo-out", help="output directory (default demo-out)")
@@ -322,11 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (torch.set_num_threads)")
     run.add_argument("--limit", type=int, metavar="N", help="only the first N pairs of the split")
     run.add_argument("--no-report", action="store_true", help="no thumbnails and no HTML report")
-    run.add_argument("--label-ids", type=_label_ids, help="labels scored by Dice/HD95 (default: the dataset's)")
-    run.add_argument("--resample", action="store_true", default=None,
-                     help="resample moving-side inputs onto the fixed grid")
+    add_option(run, schema.option("label_ids"), help="labels scored by Dice/HD95 (default: the dataset's)")
+    add_option(run, schema.option("resample"))
     run.add_argument("--no-masks", action="store_true", help="do not pass the dataset's masks to the registration")
-    run.add_argument("--tre-order", type=int, choices=[1, 3], help="interpolation of u at keypoints (default 3)")
+    add_option(run, schema.option("tre_order"), help="interpolation of u at keypoints (default 3)")
+    run.add_argument("--allow-outside-paths", action="store_true",
+                     help="accept dataset paths that lead outside the dataset JSON's folder")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the log file has them)")
     add_registration_options(run)
 
@@ -353,6 +246,7 @@ def run_register(args) -> int:
         fixed_keypoints=args.fixed_keypoints, moving_keypoints=args.moving_keypoints,
         label_ids=args.label_ids, resample=args.resample, overwrite=args.overwrite,
         figure=not args.no_figure, device=args.device, ndim=args.ndim, tre_order=args.tre_order,
+        itk_field=bool(args.itk_field),
     )
     if not args.quiet:
         print(summary_line(record))
@@ -376,7 +270,16 @@ def summary_line(record: dict) -> str:
 def run_warp(args) -> int:
     from dirio.apps.workflow import warp_file
 
-    warp_file(args.image, args.field, args.output, labels=args.labels, overwrite=args.overwrite, ndim=args.ndim)
+    warp_file(args.image, args.field, args.output, labels=args.labels, overwrite=args.overwrite, ndim=args.ndim,
+              resample=args.resample)
+    return 0
+
+
+def run_convert(args) -> int:
+    from dirio.apps.workflow import convert_file
+
+    kind = convert_file(args.field, args.output, to=args.to, overwrite=args.overwrite)
+    print(f"{args.output}: {'ITK displacement field (LPS mm)' if kind == 'itk' else 'Learn2Reg field (voxels)'}")
     return 0
 
 
@@ -389,7 +292,7 @@ def run_evaluate(args) -> int:
     metrics = evaluate_files(
         args.field, args.fixed, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
         fixed_keypoints=args.fixed_keypoints, moving_keypoints=args.moving_keypoints,
-        label_ids=args.label_ids, ndim=args.ndim, tre_order=args.tre_order,
+        label_ids=args.label_ids, ndim=args.ndim, tre_order=args.tre_order, resample=args.resample,
     )
     if args.output:
         write_json(args.output, metrics, overwrite=args.overwrite)
@@ -412,8 +315,8 @@ def run_sweep(args) -> int:
     # per rule by sweep_files), so they are not validated against the single --combine rule here
     options, args.combine_options = args.combine_options or {}, None
     settings = settings_from_args(args)
-    settings.engine.combine_options = options
-    settings.engine.progress = False  # one line per run instead of a bar per run
+    settings.optimization.combine_options = options
+    settings.progress = False  # one line per run instead of a bar per run
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     record = sweep_files(
         args.fixed, args.moving, args.output, settings=settings, weights=args.weights, rules=args.rules,
@@ -433,8 +336,8 @@ def run_dataset_command(args) -> int:
     from dirio.config.files import run_configuration
     from dirio.apps.runner import run_dataset
 
-    explicit = {action.dest: getattr(args, action.dest) for action in registration_actions()
-                if getattr(args, action.dest) != action.default}
+    explicit = {option.key: getattr(args, option.key) for option in REGISTRATION_OPTIONS
+                if getattr(args, option.key) != option.default}
     run_values = {"label_ids": args.label_ids, "resample": args.resample, "tre_order": args.tre_order,
                   "use_masks": False if args.no_masks else None}
     configuration = run_configuration(args.config, explicit, run_values)
@@ -445,7 +348,7 @@ def run_dataset_command(args) -> int:
     result = run_dataset(
         args.dataset, args.split, args.output, configuration,
         overwrite=args.overwrite, threads=args.threads, limit=args.limit, report=not args.no_report,
-        quiet=args.quiet,
+        quiet=args.quiet, itk_field=args.itk_field, allow_outside=args.allow_outside_paths,
     )
     return result.exit_code
 
@@ -462,11 +365,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"register": run_register, "warp": run_warp, "evaluate": run_evaluate, "demo": run_demo,
-                "sweep": run_sweep, "run": run_dataset_command, "report": run_report}
+                "sweep": run_sweep, "run": run_dataset_command, "report": run_report, "convert": run_convert}
     try:
         code = handlers[args.command](args)
     except DirioError as error:
-        print(f"dirio: error: {error}", file=sys.stderr)
+        print(f"dirio: error: {with_flags(str(error), args)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("dirio: interrupted; no partial output was left under a final name", file=sys.stderr)

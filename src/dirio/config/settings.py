@@ -1,170 +1,215 @@
-"""Registration settings and the named presets.
+"""Registration settings, composed of sections, and the flat option keys that build them.
 
-A :class:`Settings` object holds every choice of one registration: intensity normalisation,
-the similarity term, the regularisers and their weights, and the engine configuration. Presets
-are named sets of overrides over the defaults; explicit options (CLI flags, API keywords)
-override a preset.
+A :class:`Settings` object holds every choice of one registration, by section:
+
+* ``preprocessing`` (:class:`Preprocessing`): intensity normalisation;
+* ``terms`` (:class:`TermsConfig`): the similarity and the regularizers with their weights;
+* ``transform`` (:class:`dirio.transforms.dense.DenseConfig`): the dense transform;
+* ``optimization`` (:class:`dirio.optim.pyramid.OptimizerConfig`): optimiser, schedule, rule, stopping;
+* ``pyramid`` (:class:`dirio.optim.pyramid.PyramidConfig`): levels and iterations;
+* ``stages``: the stage pipeline, names of :data:`dirio.methods.stages.STAGES` in order, with the
+  options of the ``affine`` (``affine_family``, ``affine_options``) and ``convex`` stages.
+
+Every section field is also a *flat key* (``lr``, ``levels``, ``similarity``...; the names are
+unique across sections), which is what presets, the API's keyword overrides, configuration files
+and command-line options use. ``affine`` (a family or ``"none"``) and ``init`` (``"none"`` or
+``"convex"``) are flat keys that edit the stage list.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dirio.methods.affine import FAMILIES as AFFINE_FAMILIES
+from dirio.config.presets import PRESETS
+from dirio.losses.regularizers import make_regularizer
+from dirio.losses.similarity import make_similarity
+from dirio.losses.terms import RegularizerTerm, Role, SimilarityTerm, Term
 from dirio.methods.affine import AffineConfig
 from dirio.methods.convex import ConvexConfig
-from dirio.optim.engine import EngineConfig
+from dirio.methods.dense import DenseStage
+from dirio.methods.stages import STAGES, AffineStage
+from dirio.optim.pyramid import OptimizerConfig, PyramidConfig
+from dirio.transforms.affine import FAMILIES as AFFINE_FAMILIES
+from dirio.transforms.dense import DenseConfig
 
 NORMALISATIONS = ("none", "minmax", "percentile", "clip")
 AFFINE_CHOICES = ("none",) + AFFINE_FAMILIES
 INIT_CHOICES = ("none", "convex")
-# Settings fields holding a nested configuration: overrides give them as dicts of field values.
-_NESTED = {"affine_options": AffineConfig, "convex": ConvexConfig}
+# The order stages run in, whatever order they are switched on in.
+STAGE_ORDER = ("affine", "convex", "dense")
+# An Adam / AMSGrad learning rate above this many level voxels per step is refused: no registration
+# moves hundreds of voxels per step (the presets use 0.5-5). SGD's step is ``lr * gradient`` and the
+# gradient's scale depends on the loss (3e4 is a working SGD rate on the brain pairs): no bound.
+MAX_LR = 100.0
 
 
 @dataclass
-class Settings:
-    """Every choice of one registration.
+class Preprocessing:
+    """Intensity normalisation applied to both images before registration.
 
     Attributes:
-        normalise: intensity normalisation applied to both images before registration:
-            ``"none"``, ``"minmax"``, ``"percentile"`` (clip to the 0.5/99.5 percentiles of
+        normalise: ``"none"``, ``"minmax"``, ``"percentile"`` (clip to the 0.5/99.5 percentiles of
             nonzero voxels, then [0, 1]) or ``"clip"`` (clip to ``clip_range`` then [0, 1]).
         clip_range: the window of ``"clip"`` (e.g. a CT window in HU).
-        similarity: name of the similarity term (see :func:`dirio.losses.similarity.make_similarity`).
-        similarity_options: its options (e.g. ``{"window": 5}`` for LNCC).
-        regularizers: ``{name: weight}`` (see :func:`dirio.losses.regularizers.make_regularizer`).
-        engine: optimisation settings (pyramid, iterations, optimiser, schedule, ...).
-        affine: pre-alignment run first: ``"none"``, ``"translation"``, ``"rigid"``,
-            ``"similarity"`` or ``"affine"`` (see :mod:`dirio.methods.affine`); ``affine_options``
-            its settings (:class:`dirio.methods.affine.AffineConfig`).
-        init: initial field of the dense stage: ``"none"`` (identity, or the affine) or
-            ``"convex"`` (discrete + coupled convex step, :mod:`dirio.methods.convex`); ``convex``
-            its settings (:class:`dirio.methods.convex.ConvexConfig`).
     """
 
     normalise: str = "percentile"
     clip_range: tuple[float, float] | None = None
+
+    def validate(self) -> None:
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalise!r}; choose one of {', '.join(NORMALISATIONS)}")
+        if self.clip_range is not None:
+            if len(self.clip_range) != 2 or not float(self.clip_range[0]) < float(self.clip_range[1]):
+                raise ValueError(f"clip_range: the clip range needs two numbers LO,HI with LO < HI, "
+                                 f"got {tuple(self.clip_range)}")
+        if self.normalise == "clip" and self.clip_range is None:
+            raise ValueError("normalisation 'clip' needs a clip range (low, high)")
+
+
+@dataclass
+class TermsConfig:
+    """The terms of the dense stage.
+
+    Attributes:
+        similarity: name of the similarity term (see :func:`dirio.losses.similarity.make_similarity`).
+        similarity_options: its options (e.g. ``{"window": 5}`` for LNCC).
+        regularizers: ``{name: weight}`` (see :func:`dirio.losses.regularizers.make_regularizer`);
+            weights are finite and >= 0.
+    """
+
     similarity: str = "lncc"
     similarity_options: dict[str, Any] = field(default_factory=lambda: {"window": 5})
     regularizers: dict[str, float] = field(default_factory=lambda: {"diffusion": 0.3})
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    affine: str = "none"
+
+    def similarity_object(self):
+        return make_similarity(self.similarity, **self.similarity_options)
+
+    def build(self) -> list[Term]:
+        """One similarity term (weight 1), then each regularizer term with its weight."""
+        terms = [Term(self.similarity, Role.SIMILARITY, SimilarityTerm(self.similarity_object()), 1.0)]
+        for name, weight in self.regularizers.items():
+            terms.append(Term(name, Role.REGULARIZER, RegularizerTerm(make_regularizer(name)), _weight(name, weight)))
+        return terms
+
+
+def _weight(name: str, weight: Any) -> float:
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"the weight of regularizer {name!r} must be a number, got {weight!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"the weight of regularizer {name!r} must be finite and >= 0, got {weight!r}")
+    return value
+
+
+@dataclass
+class Settings:
+    """Every choice of one registration, by section (see the module docstring)."""
+
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    terms: TermsConfig = field(default_factory=TermsConfig)
+    transform: DenseConfig = field(default_factory=DenseConfig)
+    optimization: OptimizerConfig = field(default_factory=OptimizerConfig)
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    stages: tuple[str, ...] = ("dense",)
+    affine_family: str = "affine"
     affine_options: AffineConfig = field(default_factory=AffineConfig)
-    init: str = "none"
     convex: ConvexConfig = field(default_factory=ConvexConfig)
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def affine(self) -> str:
+        """The affine stage's family, or ``"none"`` when the pipeline has no affine stage."""
+        return self.affine_family if "affine" in self.stages else "none"
+
+    @property
+    def init(self) -> str:
+        """``"convex"`` when the pipeline initialises the dense stage by the discrete step, else ``"none"``."""
+        return "convex" if "convex" in self.stages else "none"
+
+    def dense_stage(self) -> DenseStage:
+        return DenseStage(transform=self.transform, pyramid=self.pyramid, optimizer=self.optimization)
+
+    def stage_options(self, name: str) -> Any:
+        """The options object of stage ``name``."""
+        if name == "affine":
+            return AffineStage(family=self.affine_family, config=self.affine_options)
+        if name == "convex":
+            return self.convex
+        if name == "dense":
+            return self.dense_stage()
+        raise ValueError(f"no options for stage {name!r}")
+
+    def pipeline(self) -> list[tuple[str, Any]]:
+        """``(stage name, options)`` in run order, for :func:`dirio.methods.stages.run_stages`."""
+        return [(name, self.stage_options(name)) for name in self.stages]
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a one-line reason for settings a run would fail on (before any work)."""
+        self.preprocessing.validate()
+        self.terms.build()
+        for name in self.stages:
+            STAGES.get(name)
+        if not self.stages or self.stages[-1] != "dense":
+            raise ValueError(f"the stage list must end with the dense stage, got {', '.join(self.stages) or 'none'}")
+        if self.affine_family not in AFFINE_FAMILIES:
+            raise ValueError(f"unknown affine model {self.affine_family!r}; choose one of {', '.join(AFFINE_CHOICES)}")
+        self.dense_stage().validate()
+        if self.optimization.optimizer in ("adam", "amsgrad") and self.optimization.lr > MAX_LR:
+            raise ValueError(f"learning rate {self.optimization.lr:g} is absurd: with {self.optimization.optimizer} "
+                             f"it is a step of about that many voxels of the level grid, and at most {MAX_LR:g} is "
+                             f"accepted (the presets use 0.5-5)")
+        self.affine_options.validate()
+        self.convex.validate()
 
     def to_dict(self) -> dict:
         """A JSON-ready copy (used in metrics.json and reports)."""
         return dataclasses.asdict(self)
 
 
-# Each preset documents where its defaults come from. Values were chosen on synthetic warps of
-# the voxelmorph brain and on brain-vs-mirrored-brain pairs (not on any evaluation pair); see
-# README "Presets" and benchmarks/RESULTS.md.
-PRESETS: dict[str, dict[str, Any]] = {
-    "brain-mri": {
-        # Skull-stripped T1 in [0, 1]: robust percentile scaling only removes outliers.
-        "normalise": "percentile",
-        # LNCC is the standard mono-modal brain similarity (VoxelMorph uses a 9^3 window at full
-        # resolution; 5^3 at half resolution covers about the same 9-10 mm).
-        "similarity": "lncc",
-        "similarity_options": {"window": 5},
-        # Weight chosen on synthetic warps and the brain-vs-mirror pair (benchmarks/RESULTS.md):
-        # 0.1 starts to fold on the mirror pair, 1.0 loses about 0.02 Dice on both.
-        "regularizers": {"diffusion": 0.3},
-        # Quarter then half resolution: full-resolution iterations cost ~10x more on a CPU and
-        # the half-resolution field, upsampled, already reaches sub-voxel accuracy.
-        # lr 0.5 level voxels per step with the [1, 2, 3, 2, 1] / 9 parameter smoothing and a
-        # cosine decay per level: lr 1.0 or no smoothing gave rough fields (see RESULTS.md).
-        "engine": {"levels": (4, 2), "iterations": (80, 40), "lr": 0.5, "schedule": "cosine", "smoothing": 2},
-    },
-    "lung-ct": {
-        # Lung CT in HU: air is -1000; the elastix pair has padding down to -2048 outside the scan.
-        "normalise": "clip",
-        "clip_range": (-1000.0, 1500.0),
-        # MIND-SSC (MSE between descriptors) as ConvexAdam, with radius 1 and dilation 1 *of the
-        # pyramid level*: ConvexAdam's dilation 2 applies to full-resolution voxels, and its Adam
-        # stage sees those features pooled by 2, i.e. ~1 half-resolution voxel. On the elastix lung
-        # pair (index set-up, lung masks, 10 landmarks; benchmarks/lung_stages.py) dilation 1 gave
-        # TRE 2.23 mm against 2.37 mm for dilation 2 at the same weight; radius 2 was worse (3.12).
-        "similarity": "mind",
-        "similarity_options": {"radius": 1, "dilation": 1},
-        # Same pair: diffusion 1.0 -> 2.47 mm, 0.5 -> 2.18, 0.3 -> 2.23, 0.1 -> 2.30 (no folding).
-        # Tuned on the only 10 landmarks available to development: expect some optimism.
-        "regularizers": {"diffusion": 0.5},
-        # The continuous-optimisation paper: Adam with the constant -> cosine -> linear schedule.
-        "engine": {"levels": (4, 2), "iterations": (100, 60), "lr": 1.0, "schedule": "piecewise"},
-        # Scans of one patient taken at different times are shifted (35 mm table offset on the
-        # elastix pair when resampled through the headers) and breathing-scaled (3-7 %): an affine
-        # stage first, 150 quarter- then 30 half-resolution iterations (~5 s on the 2-core CPU).
-        # Against a quarter-resolution-only affine (150 iterations) it lowers the final TRE from
-        # 2.10 to 2.07 mm (index set-up) and 2.48 to 2.31 mm (world set-up), and the endpoint error
-        # on known warps of the baseline (benchmarks/lung_synthetic.py, not used for tuning) from
-        # 1.26 / 0.97 to 1.25 / 0.97 mm; 100 + 60 iterations: 2.06 / 2.29 mm but ~3 s more.
-        "affine": "affine",
-        "affine_options": {"levels": (4, 2), "iterations": (150, 30)},
-    },
-    "convex-adam": {
-        # ConvexAdam (Siebert, Hansen & Heinrich, Learn2Reg 2021): the defaults of its
-        # convex_adam_MIND.py unless said otherwise.
-        # MIND-SSC is nearly invariant to intensity scaling: robust percentile scaling is enough.
-        "normalise": "percentile",
-        # mind_r = 1, mind_d = 2.
-        "similarity": "mind",
-        "similarity_options": {"radius": 1, "dilation": 2},
-        # ConvexAdam minimises 12 * mean MIND SSD + lambda * sum_axes mean_{voxels, components}(du^2)
-        # with lambda = 1.25; per unit of dirio's MIND loss (the channel mean) and diffusion (summed
-        # over components) that is lambda / 12 / 3 = 0.035.
-        "regularizers": {"diffusion": 1.25 / 36},
-        # Discrete step: grid_sp = 6, disp_hw = 4, its six coupling weights, inverse consistency
-        # (ic, 15 iterations); see ConvexConfig. Not ConvexAdam's: the descriptors of the discrete
-        # step are computed on 2x2x2 block averages (dilation 1 there ~ 2 at full resolution), 8x
-        # cheaper than at full resolution; same Dice on the brain-vs-mirror pair (0.7895 both).
-        "init": "convex",
-        "convex": {"feature_factor": 2, "mind_dilation": 1},
-        # Adam refinement of a half-resolution field (grid_sp_adam = 2) at lr 1, constant rate, three
-        # passes of a 3-voxel box over the parameters (ConvexAdam's three avg_pool3d). Not
-        # ConvexAdam's: 60 quarter-resolution iterations, then 15 at half resolution instead of 80
-        # there. A half-resolution iteration of the 160x192x224 brain costs ~0.35 s on the 2-core
-        # development CPU (12 MIND channels), a quarter-resolution one ~0.04 s. Dice (30 labels) /
-        # lung TRE (index, world set-ups) with ConvexAdam's 80 half-resolution iterations (~34 s on
-        # the brain), 60 + 15 here (~14 s) and 60 + 25 (~17 s): brain-vs-mirror 0.790 / 0.790 /
-        # 0.789; synthetic brain warp (seed 1) 0.928 / 0.925 / 0.927; lung 2.45, 2.71 / 2.40, 2.62 /
-        # 2.55, 2.99 mm. With a constant rate the result does not improve steadily with iterations.
-        "engine": {"levels": (4, 2), "iterations": (60, 15), "grid_spacing": 1.0, "lr": 1.0,
-                   "schedule": "constant", "smoothing": 3},
-    },
-    "continuous": {
-        # Vujovic et al., "continuous optimisation for large displacements": ConvexAdam's similarity
-        # and regulariser (as the convex-adam preset), no discrete step, Adam on a half-resolution
-        # field for 270 steps with the constant -> cosine -> linear schedule (phases end at steps
-        # 70 and 180; see dirio.optim.schedules.Piecewise) and a large initial learning rate.
-        "normalise": "percentile",
-        "similarity": "mind",
-        "similarity_options": {"radius": 1, "dilation": 2},
-        "regularizers": {"diffusion": 1.25 / 36},
-        # The paper gives the schedule's shape but not its initial value in the text; it reports
-        # ConvexAdam's rate 1 and a "very high" constant rate 15 as the two ends. On the elastix
-        # lung pair (index set-up, masks) initial rates 2 and 5 both gave TRE 2.44 mm, 10 diverged
-        # (12.2 mm, 1 % folding): 5 is the largest tested rate that stays stable there.
-        "engine": {"levels": (2,), "iterations": (270,), "grid_spacing": 1.0, "lr": 5.0, "schedule": "piecewise",
-                   "smoothing": 3},
-    },
+# Sections whose fields are flat keys, and the classes that hold them.
+SECTIONS = {
+    "preprocessing": Preprocessing,
+    "terms": TermsConfig,
+    "transform": DenseConfig,
+    "optimization": OptimizerConfig,
+    "pyramid": PyramidConfig,
 }
+# Settings fields holding a nested stage configuration: overrides give them as dicts of field values.
+NESTED = {"affine_options": AffineConfig, "convex": ConvexConfig}
+TOP_LEVEL = ("seed", "progress", "stages", "affine_family")
+# The flat keys that edit the stage list.
+STAGE_KEYS = ("affine", "init")
+
+
+def flat_keys() -> dict[str, str]:
+    """``{flat key: section}`` for every section field."""
+    keys = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            keys[f.name] = section
+    return keys
+
+
+def _with_stage(stages: list[str], name: str, on: bool) -> list[str]:
+    present = [s for s in stages if s != name] + ([name] if on else [])
+    return sorted(present, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
 
 
 def make_settings(preset: str | None = None, **overrides) -> Settings:
     """Settings from the defaults, then a preset, then explicit overrides.
 
-    ``overrides`` take :class:`Settings` field names; :class:`EngineConfig` fields may be given
-    directly (``iterations=...``, ``lr=...``) or inside ``engine={...}``. ``None`` values are ignored.
+    ``overrides`` take flat keys (any section field: ``iterations=...``, ``lr=...``,
+    ``similarity=...``), ``affine`` (a family or ``"none"``), ``init`` (``"none"`` or
+    ``"convex"``), the nested ``affine_options`` / ``convex`` (dicts of their fields), ``seed``,
+    ``progress``, ``stages``, or whole sections by name as dicts (``pyramid={"levels": (2, 1)}``).
+    ``None`` values are ignored. Raises ``ValueError`` naming an unknown key or a wrong value.
     """
-    values: dict[str, Any] = {}
-    engine_values: dict[str, Any] = {}
-    nested_values: dict[str, dict[str, Any]] = {}
     layers = []
     if preset is not None:
         if preset not in PRESETS:
@@ -174,41 +219,62 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
         # A similarity chosen explicitly does not inherit the options of another one's preset.
         overrides = {**overrides, "similarity_options": {}}
     layers.append(overrides)
-    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    settings_fields = {f.name for f in dataclasses.fields(Settings)}
+    return apply_overrides(Settings(), layers)
+
+
+def apply_overrides(base: Settings, layers) -> Settings:
+    """A copy of ``base`` with each layer of flat overrides applied in turn (see :func:`make_settings`)."""
+    keys = flat_keys()
+    sections = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
+    nested = {name: dataclasses.asdict(getattr(base, name)) for name in NESTED}
+    top = {name: getattr(base, name) for name in TOP_LEVEL}
+    stages = list(base.stages)
     for layer in layers:
         for key, value in layer.items():
             if value is None:
                 continue
-            if key == "engine":
-                engine_values.update({k: v for k, v in value.items() if v is not None})
-            elif key in _NESTED and isinstance(value, dict):
-                merged = nested_values.setdefault(key, {})
-                merged.update({k: v for k, v in value.items() if v is not None})
-            elif key in engine_fields:
-                engine_values[key] = value
-            elif key in settings_fields:
-                values[key] = value
+            if key in SECTIONS and isinstance(value, dict):
+                for inner_key, inner_value in value.items():
+                    if inner_key not in sections[key]:
+                        raise ValueError(f"unknown {key} setting {inner_key!r}")
+                    if inner_value is not None:
+                        sections[key][inner_key] = inner_value
+            elif key in keys:
+                sections[keys[key]][key] = value
+            elif key in NESTED:
+                values = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+                known = {f.name for f in dataclasses.fields(NESTED[key])}
+                unknown = sorted(set(values) - known)
+                if unknown:
+                    raise ValueError(f"unknown {key} setting {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+                nested[key].update({k: v for k, v in values.items() if v is not None})
+            elif key == "affine":
+                if value not in AFFINE_CHOICES:
+                    raise ValueError(f"unknown affine model {value!r}; choose one of {', '.join(AFFINE_CHOICES)}")
+                stages = _with_stage(stages, "affine", value != "none")
+                if value != "none":
+                    top["affine_family"] = value
+            elif key == "init":
+                if value not in INIT_CHOICES:
+                    raise ValueError(f"unknown initialisation {value!r}; choose one of {', '.join(INIT_CHOICES)}")
+                stages = _with_stage(stages, "convex", value == "convex")
+            elif key == "stages":
+                stages = list(value)
+            elif key in TOP_LEVEL:
+                top[key] = value
             else:
                 raise ValueError(f"unknown setting {key!r}")
-    if values.get("normalise", "percentile") not in NORMALISATIONS:
-        raise ValueError(f"unknown normalisation {values['normalise']!r}; choose one of {', '.join(NORMALISATIONS)}")
-    clip_range = values.get("clip_range")
+    clip_range = sections["preprocessing"].get("clip_range")
     if clip_range is not None:
         if len(clip_range) != 2 or not float(clip_range[0]) < float(clip_range[1]):
-            raise ValueError(f"clip range (--clip-range) needs two numbers LO,HI with LO < HI, got {tuple(clip_range)}")
-        values["clip_range"] = (float(clip_range[0]), float(clip_range[1]))
-    if values.get("normalise") == "clip" and clip_range is None:
-        raise ValueError("normalisation 'clip' needs a clip range (low, high)")
-    if values.get("affine", "none") not in AFFINE_CHOICES:
-        raise ValueError(f"unknown affine model {values['affine']!r}; choose one of {', '.join(AFFINE_CHOICES)}")
-    if values.get("init", "none") not in INIT_CHOICES:
-        raise ValueError(f"unknown initialisation {values['init']!r}; choose one of {', '.join(INIT_CHOICES)}")
-    for key, values_of_key in nested_values.items():
-        known = {f.name for f in dataclasses.fields(_NESTED[key])}
-        unknown = sorted(set(values_of_key) - known)
-        if unknown:
-            raise ValueError(f"unknown {key} setting {unknown[0]!r}; choose from {', '.join(sorted(known))}")
-        values[key] = _NESTED[key](**values_of_key)
-        values[key].validate()
-    return Settings(**values, engine=EngineConfig(**engine_values))
+            raise ValueError(f"clip_range: the clip range needs two numbers LO,HI with LO < HI, got {tuple(clip_range)}")
+        sections["preprocessing"]["clip_range"] = (float(clip_range[0]), float(clip_range[1]))
+    built = {name: SECTIONS[name](**values) for name, values in sections.items()}
+    built["preprocessing"].validate()
+    for name, values in nested.items():
+        built[name] = NESTED[name](**values)
+        built[name].validate()
+    settings = Settings(**built, **{k: v for k, v in top.items() if k != "stages"}, stages=tuple(stages))
+    for name in settings.stages:
+        STAGES.get(name)
+    return settings

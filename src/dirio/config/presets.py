@@ -1,0 +1,100 @@
+"""The named presets: sets of overrides (flat option keys, see :func:`dirio.config.settings.make_settings`)
+over the defaults. Each documents where its values come from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Each preset documents where its defaults come from. Values were chosen on synthetic warps of
+# the voxelmorph brain and on brain-vs-mirrored-brain pairs (not on any evaluation pair); see
+# README "Presets" and benchmarks/RESULTS.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "brain-mri": {
+        # Skull-stripped T1 in [0, 1]: robust percentile scaling only removes outliers.
+        "normalise": "percentile",
+        # LNCC is the standard mono-modal brain similarity (VoxelMorph uses a 9^3 window at full
+        # resolution; 5^3 at half resolution covers about the same 9-10 mm).
+        "similarity": "lncc",
+        "similarity_options": {"window": 5},
+        # Weight chosen on synthetic warps and the brain-vs-mirror pair (benchmarks/RESULTS.md):
+        # 0.1 starts to fold on the mirror pair, 1.0 loses about 0.02 Dice on both.
+        "regularizers": {"diffusion": 0.3},
+        # Quarter then half resolution: full-resolution iterations cost ~10x more on a CPU and
+        # the half-resolution field, upsampled, already reaches sub-voxel accuracy.
+        # lr 0.5 level voxels per step with the [1, 2, 3, 2, 1] / 9 parameter smoothing and a
+        # cosine decay per level: lr 1.0 or no smoothing gave rough fields (see RESULTS.md).
+        "levels": (4, 2), "iterations": (80, 40), "lr": 0.5, "schedule": "cosine", "smoothing": 2,
+    },
+    "lung-ct": {
+        # Lung CT in HU: air is -1000; the elastix pair has padding down to -2048 outside the scan.
+        "normalise": "clip",
+        "clip_range": (-1000.0, 1500.0),
+        # MIND-SSC (MSE between descriptors) as ConvexAdam, with radius 1 and dilation 1 *of the
+        # pyramid level*: ConvexAdam's dilation 2 applies to full-resolution voxels, and its Adam
+        # stage sees those features pooled by 2, i.e. ~1 half-resolution voxel. On the elastix lung
+        # pair (index set-up, lung masks, 10 landmarks; benchmarks/lung_stages.py) dilation 1 gave
+        # TRE 2.23 mm against 2.37 mm for dilation 2 at the same weight; radius 2 was worse (3.12).
+        "similarity": "mind",
+        "similarity_options": {"radius": 1, "dilation": 1},
+        # Same pair: diffusion 1.0 -> 2.47 mm, 0.5 -> 2.18, 0.3 -> 2.23, 0.1 -> 2.30 (no folding).
+        # Tuned on the only 10 landmarks available to development: expect some optimism.
+        "regularizers": {"diffusion": 0.5},
+        # The continuous-optimisation paper: Adam with the constant -> cosine -> linear schedule.
+        "levels": (4, 2), "iterations": (100, 60), "lr": 1.0, "schedule": "piecewise",
+        # Scans of one patient taken at different times are shifted (35 mm table offset on the
+        # elastix pair when resampled through the headers) and breathing-scaled (3-7 %): an affine
+        # stage first, 150 quarter- then 30 half-resolution iterations (~5 s on the 2-core CPU).
+        # Against a quarter-resolution-only affine (150 iterations) it lowers the final TRE from
+        # 2.10 to 2.07 mm (index set-up) and 2.48 to 2.31 mm (world set-up), and the endpoint error
+        # on known warps of the baseline (benchmarks/lung_synthetic.py, not used for tuning) from
+        # 1.26 / 0.97 to 1.25 / 0.97 mm; 100 + 60 iterations: 2.06 / 2.29 mm but ~3 s more.
+        "affine": "affine",
+        "affine_options": {"levels": (4, 2), "iterations": (150, 30)},
+    },
+    "convex-adam": {
+        # ConvexAdam (Siebert, Hansen & Heinrich, Learn2Reg 2021): the defaults of its
+        # convex_adam_MIND.py unless said otherwise.
+        # MIND-SSC is nearly invariant to intensity scaling: robust percentile scaling is enough.
+        "normalise": "percentile",
+        # mind_r = 1, mind_d = 2.
+        "similarity": "mind",
+        "similarity_options": {"radius": 1, "dilation": 2},
+        # ConvexAdam minimises 12 * mean MIND SSD + lambda * sum_axes mean_{voxels, components}(du^2)
+        # with lambda = 1.25; per unit of dirio's MIND loss (the channel mean) and diffusion (summed
+        # over components) that is lambda / 12 / 3 = 0.035.
+        "regularizers": {"diffusion": 1.25 / 36},
+        # Discrete step: grid_sp = 6, disp_hw = 4, its six coupling weights, inverse consistency
+        # (ic, 15 iterations); see ConvexConfig. Not ConvexAdam's: the descriptors of the discrete
+        # step are computed on 2x2x2 block averages (dilation 1 there ~ 2 at full resolution), 8x
+        # cheaper than at full resolution; same Dice on the brain-vs-mirror pair (0.7895 both).
+        "init": "convex",
+        "convex": {"feature_factor": 2, "mind_dilation": 1},
+        # Adam refinement of a half-resolution field (grid_sp_adam = 2) at lr 1, constant rate, three
+        # passes of a 3-voxel box over the parameters (ConvexAdam's three avg_pool3d). Not
+        # ConvexAdam's: 60 quarter-resolution iterations, then 15 at half resolution instead of 80
+        # there. A half-resolution iteration of the 160x192x224 brain costs ~0.35 s on the 2-core
+        # development CPU (12 MIND channels), a quarter-resolution one ~0.04 s. Dice (30 labels) /
+        # lung TRE (index, world set-ups) with ConvexAdam's 80 half-resolution iterations (~34 s on
+        # the brain), 60 + 15 here (~14 s) and 60 + 25 (~17 s): brain-vs-mirror 0.790 / 0.790 /
+        # 0.789; synthetic brain warp (seed 1) 0.928 / 0.925 / 0.927; lung 2.45, 2.71 / 2.40, 2.62 /
+        # 2.55, 2.99 mm. With a constant rate the result does not improve steadily with iterations.
+        "levels": (4, 2), "iterations": (60, 15), "grid_spacing": 1.0, "lr": 1.0,
+        "schedule": "constant", "smoothing": 3,
+    },
+    "continuous": {
+        # Vujovic et al., "continuous optimisation for large displacements": ConvexAdam's similarity
+        # and regulariser (as the convex-adam preset), no discrete step, Adam on a half-resolution
+        # field for 270 steps with the constant -> cosine -> linear schedule (phases end at steps
+        # 70 and 180; see dirio.optim.schedules.Piecewise) and a large initial learning rate.
+        "normalise": "percentile",
+        "similarity": "mind",
+        "similarity_options": {"radius": 1, "dilation": 2},
+        "regularizers": {"diffusion": 1.25 / 36},
+        # The paper gives the schedule's shape but not its initial value in the text; it reports
+        # ConvexAdam's rate 1 and a "very high" constant rate 15 as the two ends. On the elastix
+        # lung pair (index set-up, masks) initial rates 2 and 5 both gave TRE 2.44 mm, 10 diverged
+        # (12.2 mm, 1 % folding): 5 is the largest tested rate that stays stable there.
+        "levels": (2,), "iterations": (270,), "grid_spacing": 1.0, "lr": 5.0, "schedule": "piecewise",
+        "smoothing": 3,
+    },
+}

@@ -1,0 +1,437 @@
+"""The one schema of dirio's registration and run options, for the command line and configuration files.
+
+Each :class:`Option` names a *key* (the configuration-file key and the command-line ``dest``:
+``similarity_options`` is ``--similarity-options`` on the command line), the pure function that
+parses its value, its choices, help text and default, and where it goes:
+
+* ``target="settings"``: into :class:`dirio.config.settings.Settings`, through
+  :func:`settings_from_values`. Most options set the flat key of
+  :func:`dirio.config.settings.make_settings` of their own name; a few are combined:
+  ``regularizer`` + ``weight`` -> ``regularizers``, ``grid_spacing`` (one value or one per level),
+  ``affine_levels`` / ``affine_iterations`` / ``affine_lr`` -> ``affine_options``, ``convex_*``
+  -> ``convex``, ``quiet`` -> ``progress``.
+* ``target="run"``: options of a run that are no settings (``device``, ``itk_field``,
+  ``label_ids``, ``use_masks``, ``resample``, ``tre_order``).
+
+A parser takes either command-line text or a native TOML / YAML value and returns the same value
+for both: ``"4,2"`` and ``[4, 2]`` give ``(4, 2)``, ``"window=7"`` and ``{window = 7}`` give
+``{"window": 7}``. Parsers raise ``ValueError`` with the reason; :meth:`Option.convert` turns it
+into an :class:`OptionError` naming the key. Nothing here knows of argparse or flags: the command
+line (:mod:`dirio.apps.cli`) builds its options from :data:`OPTIONS` and words errors with flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from dirio.config.presets import PRESETS
+from dirio.errors import DirioError
+
+if TYPE_CHECKING:
+    from dirio.config.settings import Settings
+
+
+class OptionError(DirioError):
+    """A value of option ``key`` that its parser or its choices refuse.
+
+    ``str()`` names the key (``key 'levels' expects integers, got [2.5]``); :meth:`describe` words
+    the same reason for another name (the command line names the flag).
+    """
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(self.describe(f"key {key!r}"))
+
+    def describe(self, name: str) -> str:
+        """The message with ``name`` for the option: ``"<name> expects ..."`` or ``"<name>: <reason>"``."""
+        return f"{name} {self.reason}" if self.reason.startswith("expects ") else f"{name}: {self.reason}"
+
+
+# --- parsers: command-line text or a native TOML / YAML value -> the option's value --------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(value: Any) -> int:
+    """``"3"`` or ``3`` -> ``3``."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if not _is_number(value) or value != int(value):
+        raise ValueError(f"expects an integer, got {value!r}")
+    return int(value)
+
+
+def number(value: Any) -> float:
+    """``"0.5"`` or ``0.5`` -> ``0.5``."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if not _is_number(value):
+        raise ValueError(f"expects a number, got {value!r}")
+    return float(value)
+
+
+def integers(value: Any) -> tuple[int, ...]:
+    """``"4,2"``, ``[4, 2]`` or ``4`` -> ``(4, 2)`` / ``(4,)``."""
+    if isinstance(value, str):
+        try:
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {value!r}") from None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(_is_number(v) for v in items):
+        raise ValueError(f"expects a number or a list of numbers, got {value!r}")
+    if any(v != int(v) for v in items):
+        raise ValueError(f"expects integers, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def numbers(value: Any) -> tuple[float, ...]:
+    """``"2,1"``, ``[2, 1]`` or ``2`` -> ``(2.0, 1.0)`` / ``(2.0,)``."""
+    if isinstance(value, str):
+        try:
+            return tuple(float(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(_is_number(v) for v in items):
+        raise ValueError(f"expects a number or a list of numbers, got {value!r}")
+    return tuple(float(v) for v in items)
+
+
+def window(values: tuple[float, ...]) -> None:
+    """Check two numbers ``LO < HI`` (a parsed clip range)."""
+    if len(values) != 2 or not values[0] < values[1]:
+        raise ValueError(f"the clip range needs two numbers LO,HI with LO < HI, got {tuple(values)}")
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def key_values(value: Any) -> dict:
+    """``"window=7,kernel=gaussian"`` or a table -> ``{"window": 7, "kernel": "gaussian"}`` (numbers
+    and true/false parsed in text)."""
+    if isinstance(value, str):
+        result = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            if "=" not in item:
+                raise ValueError(f"expected key=value pairs, got {item!r}")
+            key, text = item.split("=", 1)
+            result[key.strip()] = _scalar(text.strip())
+        return result
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expects a table / mapping of option = value, got {value!r}")
+    return dict(value)
+
+
+def regularizer_weights(value: Any) -> dict[str, float | None]:
+    """``"diffusion,bending=0.5"``, ``["diffusion"]`` or ``{diffusion = 0.3}`` -> ``{name: weight or
+    None}`` (``None``: the ``weight`` option's, else 1)."""
+    if isinstance(value, str):
+        result = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            name, _, weight = item.partition("=")
+            try:
+                result[name.strip()] = float(weight) if weight else None
+            except ValueError:
+                raise ValueError(f"regularizer weight must be a number, got {item!r}") from None
+        return result
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return {name: None for name in value}
+    if isinstance(value, Mapping) and all(v is None or _is_number(v) for v in value.values()):
+        return {str(name): None if weight is None else float(weight) for name, weight in value.items()}
+    raise ValueError(f"expects a table of name = weight, a list of names, or NAME[=W],... text, got {value!r}")
+
+
+def text(value: Any) -> str:
+    """A string as it is."""
+    if not isinstance(value, str):
+        raise ValueError(f"expects text, got {value!r}")
+    return value
+
+
+def true_false_text(value: Any) -> str:
+    """``"true"`` / ``"false"``, also from a boolean."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return text(value)
+
+
+def switch(value: Any) -> bool:
+    """``true`` / ``false`` (or that text)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"expects true or false, got {value!r}")
+
+
+def label_ids(value: Any) -> list[int]:
+    """Label ids: a list of integers, comma-separated integers, or a file: ``.npz`` (first array),
+    ``.txt`` / ``.csv`` of integers."""
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"expects a list of integers or a file, got {value!r}")
+        return [int(v) for v in value]
+    if not isinstance(value, str):
+        raise ValueError(f"expects a list of integers or a file, got {value!r}")
+    path = Path(value)
+    if path.exists():
+        import numpy as np
+
+        try:
+            if path.suffix == ".npz":
+                with np.load(path) as archive:
+                    values = archive[archive.files[0]]
+            else:
+                values = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None)
+        except Exception as error:  # noqa: BLE001 - any parse failure is a user error here
+            raise ValueError(f"cannot read label ids from {value}: {error}") from None
+        return [int(v) for v in np.ravel(values)]
+    if path.suffix.lower() in (".npz", ".txt", ".csv") or os.sep in value or "/" in value:
+        raise ValueError(f"label ids file {value} does not exist")
+    return list(integers(value))
+
+
+# --- the options ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of the schema (see the module docstring).
+
+    Attributes:
+        key: configuration-file key and command-line ``dest``.
+        parse: text or native value -> value; raises ``ValueError`` with the reason.
+        help: one line; ``{other_key}`` stands for another option (the command line writes its flag).
+        group: title of the command line's argument group (``None``: each command adds it itself).
+        choices: the accepted values, or ``None``.
+        metavar: the value's placeholder in the command line's help.
+        default: the value when not given (``None``: the preset's or the settings' default).
+        target: ``"settings"`` or ``"run"``.
+        in_files: accepted as a configuration-file key.
+        check: a condition on the parsed value, checked when settings are built (raises
+            ``ValueError``; the command line reports it after parsing, as a settings error).
+    """
+
+    key: str
+    parse: Callable[[Any], Any]
+    help: str | None = None
+    group: str | None = None
+    choices: tuple | None = None
+    metavar: str | None = None
+    default: Any = None
+    target: str = "settings"
+    in_files: bool = True
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def is_switch(self) -> bool:
+        """An on/off option (a flag without a value on the command line)."""
+        return self.parse is switch
+
+    def convert(self, value: Any) -> Any:
+        """``value`` parsed and checked against the choices.
+
+        Raises:
+            OptionError: naming the key, with the parser's reason.
+        """
+        try:
+            converted = self.parse(value)
+        except ValueError as error:
+            raise OptionError(self.key, str(error)) from None
+        if self.choices is not None and converted not in self.choices:
+            raise OptionError(self.key, f"{converted!r} is not one of {', '.join(map(str, self.choices))}")
+        return converted
+
+    def help_text(self, name: Callable[[str], str] = str) -> str | None:
+        """The help with each ``{key}`` written as ``name(key)``."""
+        if self.help is None:
+            return None
+        return self.help.format_map({option.key: name(option.key) for option in OPTIONS})
+
+
+METHOD = "method"
+OPTIMISATION = "optimisation"
+STAGES = "stages before the dense optimisation"
+OUTPUTS = "extra outputs"
+
+OPTIONS: tuple[Option, ...] = (
+    # method
+    Option("preset", text, "named defaults (see README)", METHOD, choices=tuple(PRESETS)),
+    Option("similarity", text, None, METHOD, choices=("lncc", "ncc", "mse", "mind", "nmi")),
+    Option("similarity_options", key_values, "e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND)",
+           METHOD, metavar="K=V,..."),
+    Option("regularizer", regularizer_weights, "diffusion, l1, tv or bending, each with an optional weight",
+           METHOD, metavar="NAME[=W],..."),
+    Option("weight", number, "weight of the regularizer(s) given without one", METHOD),
+    Option("normalise", text, None, METHOD, choices=("none", "minmax", "percentile", "clip")),
+    Option("clip_range", numbers, "window of {normalise} clip", METHOD, metavar="LO,HI", check=window),
+    # optimisation
+    Option("levels", integers, "pyramid shrink factors, coarse to fine", OPTIMISATION, metavar="F,..."),
+    Option("iterations", integers, "iterations per level", OPTIMISATION, metavar="N,..."),
+    Option("grid_spacing", numbers, "parameter grid spacing in voxels of each level (one value or one per level)",
+           OPTIMISATION, metavar="S[,...]"),
+    Option("lr", number, "learning rate, voxels of the level grid per step", OPTIMISATION),
+    Option("optimizer", text, None, OPTIMISATION, choices=("adam", "amsgrad", "sgd")),
+    Option("schedule", text, None, OPTIMISATION, choices=("constant", "cosine", "piecewise")),
+    Option("schedule_options", key_values, "e.g. constant_until=0.26,cosine_until=0.67 for piecewise",
+           OPTIMISATION, metavar="K=V,..."),
+    Option("diffeomorphic", switch, "optimise a stationary velocity field (scaling and squaring)", OPTIMISATION),
+    Option("combine", text, "how similarity and regulariser gradients are combined (default sum)", OPTIMISATION,
+           choices=("sum", "pcgrad", "surgery")),
+    Option("combine_options", key_values,
+           "e.g. scope=block,block_size=8 (pcgrad, surgery); project=random|similarity|regularizer|all "
+           "(pcgrad); diagnose=true (sum)", OPTIMISATION, metavar="K=V,..."),
+    Option("early_stop", text, "stop a level when the similarity plateaus (default none: fixed iteration counts)",
+           OPTIMISATION, choices=("none", "plateau")),
+    Option("early_stop_options", key_values, "e.g. window=10,tolerance=0.01,min_iterations=20 for plateau",
+           OPTIMISATION, metavar="K=V,..."),
+    Option("seed", integer, None, OPTIMISATION),
+    Option("device", text, "auto (CUDA when present), cpu, cuda, cuda:N", OPTIMISATION, default="auto",
+           target="run"),
+    # stages
+    Option("affine", text, "pre-alignment model (default: the preset's, else none); the written field is the "
+           "composition, the matrix is written as affine_*.json (and .tfm with SimpleITK)", STAGES,
+           choices=("none", "translation", "rigid", "similarity", "affine")),
+    Option("affine_levels", integers, "pyramid of the affine stage", STAGES, metavar="F,..."),
+    Option("affine_iterations", integers, "iterations per affine level", STAGES, metavar="N,..."),
+    Option("affine_lr", number, "Adam step of the affine stage, voxels per iteration", STAGES),
+    Option("init", text, "initial field of the dense stage: none, or convex (discrete + coupled convex step)",
+           STAGES, choices=("none", "convex")),
+    Option("convex_spacing", integer, "cell size of the discrete step, voxels", STAGES, metavar="G"),
+    Option("convex_radius", integer, "search radius of the discrete step in cells (displacements up to R*G voxels)",
+           STAGES, metavar="R"),
+    Option("convex_coupling", numbers, "increasing coupling weights of the convex step", STAGES, metavar="W,..."),
+    Option("convex_symmetric", true_false_text, "also solve moving->fixed and make the two fields inverse "
+           "consistent", STAGES, choices=("true", "false")),
+    Option("convex_memory", number, "largest cost volume kept in memory; larger ones are recomputed slab by slab",
+           STAGES, metavar="MB"),
+    # extra outputs
+    Option("itk_field", switch, "also write the field as an ITK displacement field (LPS mm): .nii.gz with the "
+           "vector intent, and .h5 with SimpleITK (for ANTs, SimpleITK, ITK-SNAP, 3D Slicer)", OUTPUTS,
+           target="run"),
+    # options every command adds itself (own help, short flags, command-line spelling)
+    Option("quiet", switch, "no progress output", in_files=False),
+    Option("label_ids", label_ids, "labels scored by Dice/HD95: 2,3,4 or a .npz/.txt file", target="run"),
+    Option("use_masks", switch, "pass the dataset's masks to the registration as similarity masks", target="run"),
+    Option("resample", switch, "resample moving-side inputs onto the fixed grid", target="run"),
+    Option("tre_order", integer, "interpolation of u at keypoints", choices=(1, 3), target="run"),
+)
+OPTIONS_BY_KEY: dict[str, Option] = {option.key: option for option in OPTIONS}
+# The options shared by every command that registers, in the order of their groups.
+REGISTRATION_OPTIONS: tuple[Option, ...] = tuple(option for option in OPTIONS if option.group is not None)
+# The keys of a configuration file.
+FILE_KEYS: tuple[str, ...] = tuple(option.key for option in OPTIONS if option.in_files)
+
+_AFFINE = {"affine_levels": "levels", "affine_iterations": "iterations", "affine_lr": "lr"}
+_CONVEX = {"convex_spacing": "grid_spacing", "convex_radius": "radius", "convex_coupling": "coupling",
+           "convex_symmetric": "symmetric", "convex_memory": "memory_mb"}
+# Options of target "settings" that do not set the flat key of their own name.
+_COMBINED = {"preset", "regularizer", "weight", "grid_spacing", "quiet", *_AFFINE, *_CONVEX}
+
+
+def option(key: str) -> Option:
+    """The option of ``key``; ``KeyError`` for another."""
+    return OPTIONS_BY_KEY[key]
+
+
+def parse_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every value of ``{key: text or native value}`` parsed by its option (``None`` values kept).
+
+    Raises:
+        OptionError: naming the first unknown key or refused value.
+    """
+    parsed = {}
+    for key, value in values.items():
+        if key not in OPTIONS_BY_KEY:
+            raise OptionError(key, f"unknown option; choose from {', '.join(sorted(OPTIONS_BY_KEY))}")
+        parsed[key] = None if value is None else OPTIONS_BY_KEY[key].convert(value)
+    return parsed
+
+
+def settings_overrides(values: Mapping[str, Any], preset: str | None = None) -> dict[str, Any]:
+    """Parsed option values -> the flat overrides of :func:`dirio.config.settings.make_settings`.
+
+    ``regularizer`` names regularizers with optional weights; those without take ``weight`` (else
+    1). ``weight`` alone weights every regularizer of the preset (else diffusion). One
+    ``grid_spacing`` value applies to every level. ``quiet`` turns progress bars off. Options
+    of target ``"run"`` are left out.
+    """
+    preset = values.get("preset") or preset
+    weight = values.get("weight")
+    regularizers = values.get("regularizer")
+    if regularizers is not None:
+        default = 1.0 if weight is None else weight
+        regularizers = {name: (default if w is None else w) for name, w in regularizers.items()}
+    elif weight is not None:
+        base = PRESETS.get(preset, {}).get("regularizers", {"diffusion": 1.0})
+        regularizers = {name: weight for name in base}
+    grid_spacing = values.get("grid_spacing")
+    if grid_spacing is not None and len(grid_spacing) == 1:
+        grid_spacing = grid_spacing[0]
+    symmetric = values.get("convex_symmetric")
+    convex = {name: values.get(key) for key, name in _CONVEX.items()}
+    convex["symmetric"] = None if symmetric is None else symmetric == "true"
+    overrides = {
+        key: value for key, value in values.items()
+        if key not in _COMBINED and OPTIONS_BY_KEY[key].target == "settings"
+    }
+    overrides.update(
+        regularizers=regularizers,
+        grid_spacing=grid_spacing,
+        affine_options={name: values.get(key) for key, name in _AFFINE.items()},
+        convex=convex,
+    )
+    if values.get("quiet") is not None:
+        overrides["progress"] = not values["quiet"]
+    return overrides
+
+
+def settings_from_values(values: Mapping[str, Any], preset: str | None = None) -> Settings:
+    """:class:`Settings` from option values (text or native, by key) over the defaults and the preset.
+
+    ``preset`` applies when ``values`` has no ``preset`` key. Options of target ``"run"`` are
+    accepted and left out; ``None`` values count as not given.
+
+    Raises:
+        OptionError: a refused value, naming its key.
+        DirioError: settings a run would fail on (unknown similarity options, inconsistent levels...),
+            with the one-line reason.
+    """
+    from dirio.config.settings import make_settings  # torch and the engine: only when settings are built
+
+    parsed = parse_values(values)
+    for key, value in parsed.items():
+        check = OPTIONS_BY_KEY[key].check
+        if check is not None and value is not None:
+            try:
+                check(value)
+            except ValueError as error:
+                raise OptionError(key, str(error)) from None
+    preset = parsed.get("preset") or preset
+    try:
+        settings = make_settings(preset, **settings_overrides(parsed, preset))
+        settings.validate()
+    except (ValueError, TypeError) as error:
+        raise DirioError(str(error)) from None
+    return settings
