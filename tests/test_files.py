@@ -50,7 +50,7 @@ def test_atomic_output_leaves_nothing_when_a_new_file_fails(tmp_path):
 def test_atomic_output_refuses_to_overwrite_without_the_flag(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(DirioError, match=r"out\.txt exists; pass --overwrite to replace it"):
+    with pytest.raises(DirioError, match=r"out\.txt exists; pass `overwrite` to replace it"):
         with atomic_output(target) as tmp:
             tmp.write_text("new")  # never reached
     assert target.read_text() == "old"
@@ -71,7 +71,7 @@ def test_check_writable_names_the_first_existing_path(tmp_path):
     taken.write_text("{}")
     check_writable([free], overwrite=False)  # nothing exists: no error
     check_writable([free, taken], overwrite=True)  # existing file allowed with the flag
-    with pytest.raises(DirioError, match=r"b\.json exists; pass --overwrite"):
+    with pytest.raises(DirioError, match=r"b\.json exists; pass `overwrite`"):
         check_writable([free, taken], overwrite=False)
     with pytest.raises(DirioError, match="directory"):
         check_writable(tmp_path, overwrite=True)

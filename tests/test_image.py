@@ -113,7 +113,7 @@ def test_save_image_casts_floats_to_a_requested_integer_type_by_rounding(tmp_pat
 def test_save_image_refuses_to_overwrite_without_the_flag(tmp_path):
     path = tmp_path / "img.nii.gz"
     save_image(path, np.zeros((2, 2, 2)), np.eye(4))
-    with pytest.raises(DirioError, match=r"img\.nii\.gz exists; pass --overwrite"):
+    with pytest.raises(DirioError, match=r"img\.nii\.gz exists; pass `overwrite`"):
         save_image(path, np.ones((2, 2, 2)), np.eye(4))
     save_image(path, np.ones((2, 2, 2)), np.eye(4), overwrite=True)
     assert load_image(path).data.min() == 1.0
@@ -356,12 +356,12 @@ def test_check_same_grid_accepts_float32_rounding_and_names_both_files_otherwise
     message = _error_message(check_same_grid, fixed, other_shape)
     assert message == (
         "moving image 'b.nii.gz' is on a different grid from the fixed image 'a.nii.gz' "
-        "(shape (4, 5, 7) vs (4, 5, 6)); pass --resample to resample it onto the fixed grid"
+        "(shape (4, 5, 7) vs (4, 5, 6)); pass `resample` to resample it onto the fixed grid"
     )
     shifted = affine.copy()
     shifted[2, 3] += 0.5
     message = _error_message(check_same_grid, fixed, Image(np.zeros((4, 5, 6), np.float32), shifted, path="b.nii.gz"))
-    assert "'b.nii.gz'" in message and "'a.nii.gz'" in message and "--resample" in message
+    assert "'b.nii.gz'" in message and "'a.nii.gz'" in message and "`resample`" in message
 
 
 def test_resample_pure_translation_shifts_the_array():

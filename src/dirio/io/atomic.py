@@ -32,7 +32,7 @@ def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool) -> Non
         paths: one path or an iterable of paths.
         overwrite: when true, existing files are allowed (they will be replaced).
     Raises:
-        DirioError: ``"<path> exists; pass --overwrite to replace it"`` for the first existing
+        DirioError: ``"<path> exists; pass `overwrite` to replace it"`` for the first existing
             path, or when a path is an existing directory (never replaced, whatever ``overwrite``).
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -42,7 +42,7 @@ def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool) -> Non
         if path.is_dir():
             raise DirioError(f"{path} is a directory; expected a file name")
         if path.exists() and not overwrite:
-            raise DirioError(f"{path} exists; pass --overwrite to replace it")
+            raise DirioError(f"{path} exists; pass `overwrite` to replace it")
 
 
 def _temporary_sibling(path: Path) -> Path:

@@ -455,7 +455,7 @@ def check_same_grid(fixed: Image, moving: Image, what: str = "moving") -> None:
         detail = f"shape {moving.shape} vs {fixed.shape}"
     raise DirioError(
         f"{what} image {moving.name!r} is on a different grid from the fixed image {fixed.name!r} "
-        f"({detail}); pass --resample to resample it onto the fixed grid"
+        f"({detail}); pass `resample` to resample it onto the fixed grid"
     )
 
 

@@ -39,6 +39,10 @@ FAMILIES = ("translation", "rigid", "similarity", "affine")
 CENTRES = ("mass", "grid")
 _LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+# An affine learning rate above this many voxels per Adam step is refused (as the dense stage's,
+# dirio.config.settings.MAX_LR): no pre-alignment moves hundreds of voxels per step.
+MAX_LR = 100.0
+
 
 @dataclass
 class AffineConfig:
@@ -77,6 +81,9 @@ class AffineConfig:
             raise ValueError(f"unknown affine centre {self.centre!r}; choose one of {', '.join(CENTRES)}")
         if not self.lr > 0:
             raise ValueError(f"affine learning rate must be positive, got {self.lr}")
+        if not self.lr <= MAX_LR:
+            raise ValueError(f"affine learning rate {self.lr:g} is absurd: it is an Adam step of about that many "
+                             f"voxels per iteration, and at most {MAX_LR:g} is accepted (the presets use 0.5)")
 
 
 def check_family(family: str) -> str:
