@@ -81,30 +81,26 @@ def registration_values(args: argparse.Namespace) -> dict:
 FLAG_ALIASES = {"allow_outside": "--allow-outside-paths"}
 
 
-def with_flags(message: str, args: argparse.Namespace) -> str:
-    """A user error's message with each option named `key` (see :class:`dirio.errors.DirioError`)
-    written as the command's flag; names that are no option of the command stay as they are."""
+def with_flags(error: DirioError, args: argparse.Namespace) -> str:
+    """A user error's message with its options written as the command's flags: an
+    :class:`~dirio.config.schema.OptionError` names its flag instead of its key, and each option named
+    `key` (see :class:`dirio.errors.DirioError`) becomes its flag when the command has it."""
+    if isinstance(error, OptionError):
+        return error.describe(flag(error.key))
+
     def replace(match: re.Match) -> str:
         key = match.group(1)
         if key in FLAG_ALIASES:
             return FLAG_ALIASES[key]
         return flag(key) if key in vars(args) else match.group(0)
 
-    return re.sub(r"`([a-z][a-z0-9_]*)`", replace, message)
-
-
-def flag_error(error: OptionError) -> DirioError:
-    """A schema option's error worded with its flag instead of its key."""
-    return DirioError(error.describe(flag(error.key)))
+    return re.sub(r"`([a-z][a-z0-9_]*)`", replace, str(error))
 
 
 def settings_from_args(args: argparse.Namespace):
     """:class:`dirio.config.settings.Settings` from parsed options over the chosen preset
     (:func:`dirio.config.schema.settings_from_values`), checked before any file is read."""
-    try:
-        return settings_from_values(registration_values(args))
-    except OptionError as error:
-        raise flag_error(error) from None
+    return settings_from_values(registration_values(args))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -369,7 +365,7 @@ def main(argv=None) -> int:
     try:
         code = handlers[args.command](args)
     except DirioError as error:
-        print(f"dirio: error: {with_flags(str(error), args)}", file=sys.stderr)
+        print(f"dirio: error: {with_flags(error, args)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("dirio: interrupted; no partial output was left under a final name", file=sys.stderr)

@@ -110,12 +110,6 @@ def numbers(value: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in items)
 
 
-def window(values: tuple[float, ...]) -> None:
-    """Check two numbers ``LO < HI`` (a parsed clip range)."""
-    if len(values) != 2 or not values[0] < values[1]:
-        raise ValueError(f"the clip range needs two numbers LO,HI with LO < HI, got {tuple(values)}")
-
-
 def _scalar(text: str) -> Any:
     for cast in (int, float):
         try:
@@ -229,8 +223,6 @@ class Option:
         default: the value when not given (``None``: the preset's or the settings' default).
         target: ``"settings"`` or ``"run"``.
         in_files: accepted as a configuration-file key.
-        check: a condition on the parsed value, checked when settings are built (raises
-            ``ValueError``; the command line reports it after parsing, as a settings error).
     """
 
     key: str
@@ -242,7 +234,6 @@ class Option:
     default: Any = None
     target: str = "settings"
     in_files: bool = True
-    check: Callable[[Any], None] | None = None
 
     @property
     def is_switch(self) -> bool:
@@ -285,7 +276,7 @@ OPTIONS: tuple[Option, ...] = (
            METHOD, metavar="NAME[=W],..."),
     Option("weight", number, "weight of the regularizer(s) given without one", METHOD),
     Option("normalise", text, None, METHOD, choices=("none", "minmax", "percentile", "clip")),
-    Option("clip_range", numbers, "window of {normalise} clip", METHOD, metavar="LO,HI", check=window),
+    Option("clip_range", numbers, "window of {normalise} clip", METHOD, metavar="LO,HI"),
     # optimisation
     Option("levels", integers, "pyramid shrink factors, coarse to fine", OPTIMISATION, metavar="F,..."),
     Option("iterations", integers, "iterations per level", OPTIMISATION, metavar="N,..."),
@@ -415,19 +406,12 @@ def settings_from_values(values: Mapping[str, Any], preset: str | None = None) -
 
     Raises:
         OptionError: a refused value, naming its key.
-        DirioError: settings a run would fail on (unknown similarity options, inconsistent levels...),
-            with the one-line reason.
+        DirioError: settings a run would fail on (unknown similarity options, inconsistent levels, a
+            clip range with LO >= HI...), with the one-line reason (an option named as `key`).
     """
     from dirio.config.settings import make_settings  # torch and the engine: only when settings are built
 
     parsed = parse_values(values)
-    for key, value in parsed.items():
-        check = OPTIONS_BY_KEY[key].check
-        if check is not None and value is not None:
-            try:
-                check(value)
-            except ValueError as error:
-                raise OptionError(key, str(error)) from None
     preset = parsed.get("preset") or preset
     try:
         settings = make_settings(preset, **settings_overrides(parsed, preset))

@@ -64,7 +64,7 @@ class Preprocessing:
             raise ValueError(f"unknown normalisation {self.normalise!r}; choose one of {', '.join(NORMALISATIONS)}")
         if self.clip_range is not None:
             if len(self.clip_range) != 2 or not float(self.clip_range[0]) < float(self.clip_range[1]):
-                raise ValueError(f"clip_range: the clip range needs two numbers LO,HI with LO < HI, "
+                raise ValueError(f"`clip_range`: the clip range needs two numbers LO,HI with LO < HI, "
                                  f"got {tuple(self.clip_range)}")
         if self.normalise == "clip" and self.clip_range is None:
             raise ValueError("normalisation 'clip' needs a clip range (low, high)")
@@ -267,7 +267,7 @@ def apply_overrides(base: Settings, layers) -> Settings:
     clip_range = sections["preprocessing"].get("clip_range")
     if clip_range is not None:
         if len(clip_range) != 2 or not float(clip_range[0]) < float(clip_range[1]):
-            raise ValueError(f"clip_range: the clip range needs two numbers LO,HI with LO < HI, got {tuple(clip_range)}")
+            raise ValueError(f"`clip_range`: the clip range needs two numbers LO,HI with LO < HI, got {tuple(clip_range)}")
         sections["preprocessing"]["clip_range"] = (float(clip_range[0]), float(clip_range[1]))
     built = {name: SECTIONS[name](**values) for name, values in sections.items()}
     built["preprocessing"].validate()
