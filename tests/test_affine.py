@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from dirio.api import register
-from dirio.core.fields import compose, gaussian_smooth, identity_grid, resize_field, sample
-from dirio.methods.affine import (
-    AffineConfig,
-    AffineTransform,
-    affine_displacement,
-    compose_affine_field,
-    parameter_count,
-    register_affine,
-    world_matrix,
-    write_itk_transform,
-)
+from dirio.core.fields import compose, identity_grid, resize_field, sample
+from dirio.core.filters import gaussian_smooth
+from dirio.methods.affine import AffineConfig, register_affine, world_matrix, write_itk_transform
+from dirio.transforms.affine import AffineTransform, affine_displacement, compose_affine_field, parameter_count
 from dirio.losses.similarity import make_similarity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "elastix-lung-ct"
@@ -268,7 +261,7 @@ def lung_pair():
 def test_masked_affine_on_the_lung_pair_removes_the_35_mm_offset(lung_pair):
     """The follow-up scan resampled onto the baseline grid through the image headers is 35 mm away
     (landmark TRE); the masked affine stage (lung masks, MIND) brings the landmarks within 6 mm."""
-    from dirio.evaluation.metrics import tre
+    from dirio.evaluation.landmarks import tre
 
     fixed, moving, fixed_mask, moving_mask, fixed_points, moving_points = lung_pair
     every_second = (slice(None, None, 2),) * 3  # half resolution keeps the test fast

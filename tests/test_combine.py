@@ -18,7 +18,11 @@ from dirio.optim.combine import (
     make_combine_rule,
     project_conflicting,
 )
-from dirio.optim.engine import EngineConfig, Objective, optimise
+from dirio.losses.terms import Role
+from engine_helpers import EngineConfig, Objective, optimise
+
+# the roles of the two objectives of these tests
+ROLES = {"sim": Role.SIMILARITY, "reg": Role.REGULARIZER}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +114,7 @@ def test_random_choices_are_reproducible_under_a_seed_and_change_with_it():
         rule = PCGrad(project="random", scope="block", block_size=2, generator=torch.Generator().manual_seed(seed))
         s = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(0))
         r = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(1))
-        return torch.stack([rule.combine(grads(s, r))[0][0] for _ in range(5)])
+        return torch.stack([rule.combine(grads(s, r), spatial=[True])[0][0] for _ in range(5)])
 
     assert torch.equal(sequence(7), sequence(7))
     assert not torch.equal(sequence(7), sequence(8))
@@ -154,7 +158,7 @@ def test_block_scope_projects_only_the_conflicting_block_where_a_global_scope_se
     global_update, global_result = GradientSurgery(scope="global").combine([s], [r])
     assert torch.equal(global_update[0], s)
     assert not global_result.conflict.any()
-    block_update, block_result = GradientSurgery(scope="block", block_size=8).combine([s], [r])
+    block_update, block_result = GradientSurgery(scope="block", block_size=8).combine([s], [r], spatial=[True])
     left, right = block_update[0][..., :8], block_update[0][..., 8:]
     assert torch.allclose(left[:, 0], torch.full((1, 8, 8), 0.5)) and torch.allclose(left[:, 1], torch.full((1, 8, 8), 0.5))
     assert torch.equal(right, s[..., 8:])
@@ -167,13 +171,25 @@ def test_block_scope_in_3d_is_orthogonal_per_block_and_sums_to_the_global_inner_
     generator = torch.Generator().manual_seed(5)
     s, r = torch.randn(1, 3, 7, 9, 10, generator=generator), torch.randn(1, 3, 7, 9, 10, generator=generator)
     scope = Scope("block", 4)
-    assert scope.unit_count([s]) == 2 * 3 * 3
-    assert float(scope.dots([s], [r]).sum()) == pytest.approx(float((s * r).sum()), rel=1e-5)
-    projected = project_conflicting([[s], [r]], scope, torch.tensor([[0.0] * 18, [1.0] * 18])).grads[0]
-    after = scope.dots(projected, [r])
-    before = scope.dots([s], [r])
+    assert scope.unit_count([s], [True]) == 2 * 3 * 3
+    assert float(scope.dots([s], [r], [True]).sum()) == pytest.approx(float((s * r).sum()), rel=1e-5)
+    projected = project_conflicting([[s], [r]], scope, torch.tensor([[0.0] * 18, [1.0] * 18]), spatial=[True]).grads[0]
+    after = scope.dots(projected, [r], [True])
+    before = scope.dots([s], [r], [True])
     assert torch.allclose(after[before < 0], torch.zeros(int((before < 0).sum())), atol=1e-4)
     assert torch.allclose(after[before >= 0], before[before >= 0])
+
+
+def test_block_scope_treats_untagged_tensors_as_one_unit_whatever_their_rank():
+    # a Conv3d weight (out, in, k, k, k) has the rank of a 3D field but is no spatial field:
+    # only the tensors the transform tags as spatial are cut into blocks
+    generator = torch.Generator().manual_seed(2)
+    weight, field = torch.randn(4, 2, 3, 3, 3, generator=generator), torch.randn(1, 3, 8, 8, 8, generator=generator)
+    scope = Scope("block", 4)
+    assert scope.unit_count([weight, field], [False, True]) == 1 + 8
+    dots = scope.dots([weight, field], [weight, field], [False, True])
+    assert dots.shape == (9,) and float(dots[0]) == pytest.approx(float((weight * weight).sum()), rel=1e-6)
+    assert scope.unit_count([weight, field]) == 2  # untagged: one unit per tensor
 
 
 def test_tensor_scope_decides_per_parameter_tensor():
@@ -214,14 +230,14 @@ def quadratic_losses(param):
 def test_backward_passes_sum_one_and_projections_one_per_objective(name, passes):
     param = torch.zeros(2, requires_grad=True)
     CountBackward.calls = 0
-    make_combine_rule(name).backward(quadratic_losses(param), {"sim": 1.0, "reg": 0.5}, [param])
+    make_combine_rule(name).backward(quadratic_losses(param), {"sim": 1.0, "reg": 0.5}, ROLES, [param])
     assert CountBackward.calls == passes
 
 
 def test_pcgrad_backward_applies_weights_and_sets_the_hand_computed_gradient():
     param = torch.zeros(2, requires_grad=True)
     rule = PCGrad(project="similarity")
-    diagnostics = rule.backward(quadratic_losses(param), {"sim": 1.0, "reg": 0.5}, [param])
+    diagnostics = rule.backward(quadratic_losses(param), {"sim": 1.0, "reg": 0.5}, ROLES, [param])
     # weighted gradients: SIM and 0.5 * 2 * REG = REG
     assert torch.allclose(param.grad, UPDATE_SIM_PROJECTED)
     assert diagnostics["cosine"] == pytest.approx(-1 / math.sqrt(2))
@@ -234,7 +250,7 @@ def test_surgery_ignores_the_regulariser_weight():
     results = []
     for weight in (0.01, 1.0, 100.0):
         param = torch.zeros(2, requires_grad=True)
-        GradientSurgery().backward(quadratic_losses(param), {"sim": 1.0, "reg": weight}, [param])
+        GradientSurgery().backward(quadratic_losses(param), {"sim": 1.0, "reg": weight}, ROLES, [param])
         results.append(param.grad.clone())
     assert all(torch.allclose(r, SIM_PROJECTED) for r in results)
 
@@ -242,9 +258,9 @@ def test_surgery_ignores_the_regulariser_weight():
 def test_diagnosed_sum_gives_the_same_gradient_as_the_one_pass_sum():
     weights = {"sim": 1.0, "reg": 0.3}
     plain = torch.zeros(2, requires_grad=True)
-    WeightedSum().backward(quadratic_losses(plain), weights, [plain])
+    WeightedSum().backward(quadratic_losses(plain), weights, ROLES, [plain])
     diagnosed = torch.zeros(2, requires_grad=True)
-    out = WeightedSum(diagnose=True).backward(quadratic_losses(diagnosed), weights, [diagnosed])
+    out = WeightedSum(diagnose=True).backward(quadratic_losses(diagnosed), weights, ROLES, [diagnosed])
     assert torch.allclose(plain.grad, diagnosed.grad)
     assert out["conflict"] == 1.0 and out["projected_similarity"] == 0.0
 
@@ -252,7 +268,7 @@ def test_diagnosed_sum_gives_the_same_gradient_as_the_one_pass_sum():
 def test_a_zero_regulariser_gradient_is_no_conflict_and_leaves_the_sum():
     param = torch.zeros(2, requires_grad=True)
     losses = {"sim": (SIM * param).sum(), "reg": (param**2).sum()}  # zero gradient at 0
-    diagnostics = PCGrad().backward(losses, {"sim": 1.0, "reg": 1.0}, [param])
+    diagnostics = PCGrad().backward(losses, {"sim": 1.0, "reg": 1.0}, ROLES, [param])
     assert torch.equal(param.grad, SIM)
     assert math.isnan(diagnostics["cosine"]) and diagnostics["conflict"] == 0.0
 
@@ -264,7 +280,7 @@ def test_conflict_rate_is_the_running_fraction_of_conflicting_steps():
         param = torch.zeros(2, requires_grad=True)
         other = REG if conflicting else torch.tensor([1.0, 1.0])
         losses = {"sim": (SIM * param).sum(), "reg": (other * param).sum()}
-        rates.append(rule.backward(losses, {"sim": 1.0, "reg": 1.0}, [param])["conflict_rate"])
+        rates.append(rule.backward(losses, {"sim": 1.0, "reg": 1.0}, ROLES, [param])["conflict_rate"])
     assert rates == [1.0, 0.5, 2 / 3, 0.75]
 
 

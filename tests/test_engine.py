@@ -6,7 +6,7 @@ import torch
 
 from dirio.errors import DirioError
 from dirio.core.fields import jacobian_determinant, warp
-from dirio.optim.engine import EngineConfig, Objective, optimise
+from engine_helpers import EngineConfig, Objective, optimise
 from dirio.testing.synthetic import endpoint_error, smooth_random_field
 
 
@@ -30,7 +30,7 @@ def blob_image(shape, seed=0):
     """A smooth random image with structure at several scales, values about [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(1, 1, *shape, generator=generator)
-    from dirio.core.fields import gaussian_smooth
+    from dirio.core.filters import gaussian_smooth
 
     image = gaussian_smooth(noise, 2.0) + 0.5 * gaussian_smooth(noise, 1.0)
     image = (image - image.min()) / (image.max() - image.min())

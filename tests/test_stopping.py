@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dirio.optim.engine import EngineConfig, Objective, optimise
+from engine_helpers import EngineConfig, Objective, optimise
 from dirio.optim.stopping import PlateauStop, make_stopping_rule
 
 

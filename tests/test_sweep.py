@@ -51,12 +51,12 @@ def test_settings_for_run_sets_every_weight_and_keeps_only_the_rules_options():
     base = make_settings(regularizers={"diffusion": 1.0, "bending": 2.0},
                          combine_options={"scope": "block", "project": "similarity"})
     run = settings_for_run(base, "surgery", 0.5)
-    assert run.regularizers == {"diffusion": 0.5, "bending": 0.5}
-    assert run.engine.combine == "surgery" and run.engine.combine_options == {"scope": "block"}
-    assert settings_for_run(base, "sum", 0.5).engine.combine_options == {"scope": "block"}  # its diagnostics' scope
+    assert run.terms.regularizers == {"diffusion": 0.5, "bending": 0.5}
+    assert run.optimization.combine == "surgery" and run.optimization.combine_options == {"scope": "block"}
+    assert settings_for_run(base, "sum", 0.5).optimization.combine_options == {"scope": "block"}  # its diagnostics' scope
     with pytest.raises(ValueError, match="lambda_"):
         check_sweep_options(["sum", "surgery"], {"lambda_": 1.0})
-    assert base.regularizers == {"diffusion": 1.0, "bending": 2.0}  # the base is not modified
+    assert base.terms.regularizers == {"diffusion": 1.0, "bending": 2.0}  # the base is not modified
 
 
 def tiny_pair(shape=(32, 32)):

@@ -7,22 +7,17 @@ the Learn2Reg layout together with the warped image and the optimisation log.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from dirio.errors import DirioError
-from dirio.methods.affine import AffineThenDense, affine_displacement, compose_affine_field, register_affine
-from dirio.methods.convex import convex_initialisation
-from dirio.transforms.dense import make_dense_model
+from dirio.config.settings import Settings, apply_overrides, make_settings
 from dirio.core.fields import field_to_numpy, warp
+from dirio.errors import DirioError
 from dirio.io.images import Image, normalise_intensity
-from dirio.optim.engine import EngineResult, Objective, optimise
-from dirio.losses.regularizers import make_regularizer
-from dirio.config.settings import AFFINE_CHOICES, INIT_CHOICES, Settings, make_settings
-from dirio.losses.similarity import make_similarity
+from dirio.losses.terms import Term
+from dirio.methods.stages import PairState, run_stages
 
 
 @dataclass
@@ -79,46 +74,33 @@ def _array(image) -> np.ndarray:
 
 def normalised(array: np.ndarray, settings: Settings) -> np.ndarray:
     """Apply the settings' intensity normalisation (float32 out)."""
-    if settings.normalise == "none":
+    preprocessing = settings.preprocessing
+    if preprocessing.normalise == "none":
         return np.asarray(array, dtype=np.float32)
-    if settings.normalise == "clip":
-        lo, hi = settings.clip_range
+    if preprocessing.normalise == "clip":
+        lo, hi = preprocessing.clip_range
         return normalise_intensity(array, "clip", lo=lo, hi=hi)
-    return normalise_intensity(array, settings.normalise)
+    return normalise_intensity(array, preprocessing.normalise)
 
 
-def build_objectives(settings: Settings) -> list[Objective]:
-    """The separately kept objectives of the settings: one similarity, then each regulariser."""
+def build_terms(settings: Settings) -> list[Term]:
+    """The separately kept terms of the dense stage: the similarity, then each regularizer."""
     try:
-        similarity = make_similarity(settings.similarity, **settings.similarity_options)
-        objectives = [Objective(settings.similarity, "similarity", similarity, 1.0)]
-        for name, weight in settings.regularizers.items():
-            objectives.append(Objective(name, "regularizer", make_regularizer(name), float(weight)))
+        return settings.terms.build()
     except (ValueError, TypeError) as error:
         raise DirioError(str(error)) from None
-    return objectives
 
 
 def check_settings(settings: Settings) -> None:
     """Reject settings a run would fail on, with a one-line :class:`DirioError`, before any work.
 
-    Builds the similarity and the regularisers (unknown names or options), validates the engine
-    configuration and builds the learning-rate schedule (unknown or inconsistent options).
+    Builds the terms (unknown names or options, weights that are not finite and >= 0), the stage
+    list, and validates every section (pyramid, transform, optimiser and schedule, stages).
     """
-    from dirio.optim.schedules import make_schedule
-
-    build_objectives(settings)
-    engine = settings.engine
     try:
-        engine.validate()
-        settings.affine_options.validate()
-        settings.convex.validate()
-    except ValueError as error:
-        raise DirioError(str(error)) from None
-    try:
-        make_schedule(engine.schedule, **engine.schedule_options)
+        settings.validate()
     except (ValueError, TypeError) as error:
-        raise DirioError(f"schedule options for schedule {engine.schedule!r}: {error}") from None
+        raise DirioError(str(error)) from None
 
 
 def register(
@@ -136,8 +118,9 @@ def register(
     device: str | torch.device = "auto",
     **overrides,
 ) -> RegistrationResult:
-    """Register ``moving`` to ``fixed``: optional affine stage, optional discrete initialisation,
-    then dense instance optimisation; the result is the composition of the stages.
+    """Register ``moving`` to ``fixed`` through the settings' stage pipeline (by default: optional
+    affine stage, optional discrete initialisation, then dense instance optimisation); the result
+    is the composition of the stages.
 
     Args:
         fixed, moving: arrays (or :class:`Image`) of the same spatial shape ``S`` (2D or 3D).
@@ -169,13 +152,11 @@ def register(
     elif preset is not None or set(overrides) - {"init", "affine"}:
         raise ValueError("give either settings or preset/overrides, not both")
     elif overrides:
-        # ``init="convex"`` / ``affine=...`` given with complete settings replace those two fields.
-        settings = dataclasses.replace(settings, **overrides)
-        if settings.affine not in AFFINE_CHOICES or settings.init not in INIT_CHOICES:
-            raise DirioError(
-                f"affine must be one of {', '.join(AFFINE_CHOICES)} and init one of {', '.join(INIT_CHOICES)}; "
-                f"got {settings.affine!r} and {settings.init!r}"
-            )
+        # ``init="convex"`` / ``affine=...`` given with complete settings edit its stage list.
+        try:
+            settings = apply_overrides(settings, [overrides])
+        except ValueError as error:
+            raise DirioError(str(error)) from None
     if spacing is None and isinstance(fixed, Image):
         spacing = fixed.spacing
     fixed_array, moving_array = _array(fixed), _array(moving)
@@ -183,7 +164,7 @@ def register(
         raise DirioError(f"fixed and moving images differ in shape: {fixed_array.shape} vs {moving_array.shape}")
     if fixed_array.ndim not in (2, 3):
         raise DirioError(f"images must be 2D or 3D, got shape {fixed_array.shape}")
-    torch.manual_seed(settings.engine.seed)
+    torch.manual_seed(settings.seed)
     device = resolve_device(device)
 
     def tensor(array):
@@ -196,88 +177,29 @@ def register(
     if init is not None:
         init_tensor = torch.from_numpy(np.moveaxis(np.asarray(init, dtype=np.float32), -1, 0).copy())[None].to(device)
     check_settings(settings)
-    objectives = build_objectives(settings)
-    stages: list[dict] = []
-    stage_fields: dict[str, np.ndarray] | None = {} if keep_stages else None
-    matrix = None
-    if settings.affine != "none":
-        matrix, affine_disp = _affine_stage(fixed_tensor, moving_tensor, objectives[0].function, settings, spacing,
-                                            masks, stages)
-        if stage_fields is not None:
-            stage_fields["affine"] = field_to_numpy(affine_disp)
-    if init_tensor is None and settings.init == "convex":
-        init_tensor = _convex_stage(fixed_tensor, moving_tensor, settings, matrix, masks, stages)
-        if stage_fields is not None:
-            total = init_tensor if matrix is None else compose_affine_field(torch.from_numpy(matrix), init_tensor)
-            stage_fields["convex"] = field_to_numpy(total)
-    factory = None
-    if matrix is not None:
-        factory = _affine_then_dense_factory(settings, torch.from_numpy(matrix), init_tensor, fixed_tensor)
-    result: EngineResult = optimise(
-        fixed_tensor, moving_tensor, objectives, settings.engine,
-        fixed_mask=masks[0], moving_mask=masks[1], init=init_tensor, model_factory=factory,
+    terms = build_terms(settings)
+    state = PairState(
+        fixed=fixed_tensor, moving=moving_tensor, terms=terms, similarity=terms[0].function.similarity,
+        fixed_mask=masks[0], moving_mask=masks[1], spacing=spacing, seed=settings.seed, progress=settings.progress,
+        init=init_tensor, stage_fields={} if keep_stages else None,
     )
-    stages.append({"stage": "dense", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb})
+    run_stages(state, settings.pipeline())
+    result = state.result
     with torch.no_grad():
         warped = warp(tensor(moving_array), result.displacement)[0, 0].cpu().numpy()
-    disp = field_to_numpy(result.displacement)
-    if stage_fields is not None:
-        stage_fields["dense"] = disp
     return RegistrationResult(
-        disp=disp,
+        disp=field_to_numpy(result.displacement),
         warped=warped,
         history=result.history,
         levels=result.levels,
-        seconds=sum(stage["seconds"] for stage in stages),
-        peak_memory_mb=max(stage["peak_memory_mb"] for stage in stages),
+        seconds=sum(stage["seconds"] for stage in state.records),
+        peak_memory_mb=max(stage["peak_memory_mb"] for stage in state.records),
         settings=settings,
         device=str(device),
-        affine_matrix=matrix,
-        stages=stages,
-        stage_fields=stage_fields,
+        affine_matrix=None if state.matrix is None else state.matrix.numpy(),
+        stages=state.records,
+        stage_fields=state.stage_fields,
     )
-
-
-def _affine_stage(fixed, moving, similarity, settings: Settings, spacing, masks, stages: list[dict]):
-    """Run the affine stage; append its record to ``stages``; return (voxel matrix, displacement)."""
-    result = register_affine(
-        fixed, moving, similarity, settings.affine, settings.affine_options, spacing=spacing,
-        fixed_mask=masks[0], moving_mask=masks[1], seed=settings.engine.seed, progress=settings.engine.progress,
-    )
-    stages.append({"stage": "affine", "family": settings.affine, "seconds": result.seconds,
-                   "peak_memory_mb": result.peak_memory_mb, "levels": result.levels})
-    return result.matrix, result.displacement
-
-
-def _convex_stage(fixed, moving, settings: Settings, matrix, masks, stages: list[dict]) -> torch.Tensor:
-    """Run the discrete + coupled convex step on the (affine pre-aligned) pair; return its full-grid field."""
-    moving_mask = masks[1]
-    if matrix is not None:
-        # The discrete search starts from the affine: the moving image (and mask) are pre-aligned.
-        affine_disp = affine_displacement(torch.from_numpy(matrix).to(fixed.device), fixed.shape[2:])
-        moving = warp(moving, affine_disp)
-        if moving_mask is not None:
-            moving_mask = warp(moving_mask, affine_disp, padding="zeros")
-    result = convex_initialisation(fixed, moving, settings.convex, fixed_mask=masks[0], moving_mask=moving_mask)
-    stages.append({
-        "stage": "convex", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
-        "cost_volume_mb": result.cost_volume_mb, "cost_volume_cached": result.cached, "slabs": result.slabs,
-        "consistency_error_cells": None if result.consistency_error is None else list(result.consistency_error),
-    })
-    return result.displacement
-
-
-def _affine_then_dense_factory(settings: Settings, matrix: torch.Tensor, init, fixed):
-    """Engine model factory: the dense model of the settings as a residual after the fixed affine."""
-    engine = settings.engine
-    full_shape = tuple(fixed.shape[2:])
-
-    def factory(param_shape):
-        dense = make_dense_model(engine.diffeomorphic, param_shape, init=init, device=fixed.device,
-                                 steps=engine.integration_steps, smoothing=engine.smoothing)
-        return AffineThenDense(dense, matrix.to(fixed.device), full_shape)
-
-    return factory
 
 
 def apply_field(image: np.ndarray, disp: np.ndarray, labels: bool = False, device="cpu") -> np.ndarray:

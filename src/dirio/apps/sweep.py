@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import inspect
 import io
 import math
 import time
@@ -26,7 +25,7 @@ import torch
 
 from dirio.errors import DirioError
 
-# Regularity measures on the x axes (all lower is better): keys of dirio.evaluation.metrics.evaluate_field.
+# Regularity measures on the x axes (all lower is better): keys of dirio.evaluation.evaluate.evaluate_field.
 REGULARITY = (
     ("percent_nonpositive_jacobian", "% det <= 0"),
     ("ndv_percent", "NDV %"),
@@ -88,7 +87,7 @@ def sweep_runs(rules: Sequence[str], weights: Sequence[float]) -> list[tuple[str
 def _valid_options(rule: str) -> set[str]:
     from dirio.optim.combine import COMBINE_RULES
 
-    return set(inspect.signature(COMBINE_RULES[rule].__init__).parameters) - {"self", "generator"}
+    return set(COMBINE_RULES.options(rule)) - {"generator"}
 
 
 def _rule_options(rule: str, options: dict) -> dict:
@@ -113,10 +112,10 @@ def check_sweep_options(rules: Sequence[str], options: dict) -> None:
 def settings_for_run(settings, rule: str, weight: float):
     """A copy of ``settings`` with the combination rule and every regulariser weight replaced."""
     run = copy.deepcopy(settings)
-    run.engine.combine = rule
-    run.engine.combine_options = _rule_options(rule, settings.engine.combine_options)
+    run.optimization.combine = rule
+    run.optimization.combine_options = _rule_options(rule, settings.optimization.combine_options)
     if not math.isnan(weight):
-        run.regularizers = {name: weight for name in settings.regularizers}
+        run.terms.regularizers = {name: weight for name in settings.terms.regularizers}
     return run
 
 
@@ -126,10 +125,10 @@ def full_resolution_similarity(fixed, moving, disp: np.ndarray, settings, fixed_
     Both images are normalised as for registration; the moving image is warped by ``disp``
     (``(*S, ndim)`` voxels) on the full grid. Lower is better.
     """
-    from dirio.api import build_objectives, normalised
+    from dirio.api import normalised
     from dirio.core.fields import field_from_numpy, warp
 
-    similarity = build_objectives(settings)[0].function
+    similarity = settings.terms.similarity_object()
 
     def tensor(array):
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
@@ -194,15 +193,15 @@ def run_sweep(
         log: optional ``callable(str)`` for one progress line per run.
     Returns:
         One dict per run: ``rule``, ``weight`` (NaN for surgery), ``seconds``, ``similarity``,
-        the regularity and accuracy metrics of :func:`dirio.evaluation.metrics.evaluate_field` (scalars
+        the regularity and accuracy metrics of :func:`dirio.evaluation.evaluate.evaluate_field` (scalars
         only), ``conflict_rate`` (NaN when the rule logs none) and ``front_<measure>`` flags.
     """
     from dirio.api import register
-    from dirio.evaluation.metrics import evaluate_field
+    from dirio.evaluation.evaluate import evaluate_field
 
     rows = []
     runs = sweep_runs(rules, weights)
-    check_sweep_options(rules, settings.engine.combine_options)
+    check_sweep_options(rules, settings.optimization.combine_options)
     for number, (rule, weight) in enumerate(runs, 1):
         run_settings = settings_for_run(settings, rule, weight)
         start = time.perf_counter()
@@ -363,9 +362,9 @@ def sweep_files(
     check_writable(paths.values(), overwrite)
     try:
         sweep_runs(rules, weights)
-        check_sweep_options(rules, settings.engine.combine_options)
+        check_sweep_options(rules, settings.optimization.combine_options)
         for rule in dict.fromkeys(rules):  # every run's settings are valid before the first one starts
-            settings_for_run(settings, rule, 1.0).engine.validate()
+            settings_for_run(settings, rule, 1.0).optimization.validate()
     except ValueError as error:
         raise DirioError(str(error)) from None
     inputs = load_inputs(

@@ -1,4 +1,4 @@
-"""Affine pre-alignment: translation, rigid, similarity and affine transformation models.
+"""The affine stage: pre-alignment by a translation, rigid, similarity or affine transform.
 
 The models are optimised by the same engine and similarity objects as the dense field
 (:func:`dirio.optim.engine.optimise` with ``model_factory``); they only change how the
@@ -24,18 +24,18 @@ displacement is parameterised. Geometry (binding for every function of this modu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from dirio.core.fields import identity_grid
+from dirio.losses.terms import Role, SimilarityTerm, Term
+from dirio.optim.pyramid import OptimizerConfig, PyramidConfig, run_pyramid
+from dirio.transforms.affine import FAMILIES, AffineTransform, check_family
 
-FAMILIES = ("translation", "rigid", "similarity", "affine")
 CENTRES = ("mass", "grid")
 _LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -86,50 +86,6 @@ class AffineConfig:
                              f"voxels per iteration, and at most {MAX_LR:g} is accepted (the presets use 0.5)")
 
 
-def check_family(family: str) -> str:
-    """Return ``family`` when it is a known affine family (else ``ValueError`` naming the choices)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown affine family {family!r}; choose one of none, {', '.join(FAMILIES)}")
-    return family
-
-
-def parameter_count(family: str, ndim: int) -> int:
-    """Number of parameters: translation ``ndim``; rigid adds 1 (2D) or 3 (3D) rotation angles;
-    similarity adds an isotropic log scale; affine has ``ndim**2 + ndim``."""
-    check_family(family)
-    rotations = 1 if ndim == 2 else 3
-    return {
-        "translation": ndim,
-        "rigid": ndim + rotations,
-        "similarity": ndim + rotations + 1,
-        "affine": ndim * ndim + ndim,
-    }[family]
-
-
-def _skew(vector: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Skew-symmetric generator of a rotation: angle (2D, 1 value) or rotation vector (3D)."""
-    if ndim == 2:
-        (a,) = vector
-        zero = torch.zeros((), dtype=vector.dtype, device=vector.device)
-        return torch.stack([torch.stack([zero, -a]), torch.stack([a, zero])])
-    x, y, z = vector
-    zero = torch.zeros((), dtype=vector.dtype, device=vector.device)
-    return torch.stack([
-        torch.stack([zero, -z, y]),
-        torch.stack([z, zero, -x]),
-        torch.stack([-y, x, zero]),
-    ])
-
-
-def rms_radius(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """RMS distance of a grid's voxels from its centre, in units of the mean voxel size.
-
-    Per axis the variance of ``0..n-1`` is ``(n^2 - 1) / 12``; scaled by ``h / mean(h)``.
-    """
-    unit = float(np.mean(spacing))
-    return math.sqrt(sum((h / unit) ** 2 * (n * n - 1) / 12.0 for n, h in zip(shape, spacing))) or 1.0
-
-
 def centre_of_mass(weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean voxel coordinate of a ``(1, 1, *S)`` non-negative weight image -> ``(ndim,)``.
 
@@ -142,186 +98,6 @@ def centre_of_mass(weights: torch.Tensor) -> torch.Tensor:
         return torch.tensor([(n - 1) / 2.0 for n in shape], dtype=torch.float64, device=weights.device)
     grid = identity_grid(shape, device=weights.device, dtype=torch.float64)
     return (grid * w).flatten(1).sum(1) / total
-
-
-class AffineTransform(nn.Module):
-    """A translation / rigid / similarity / affine transform as a model the engine can optimise.
-
-    Args:
-        family: one of :data:`FAMILIES`.
-        shape: the full-resolution grid ``S`` (fixed = moving grid).
-        spacing: voxel size in mm per axis (default 1): rotations and scalings are in mm.
-        centre: rotation centre, voxel coordinates of ``S`` (default: the grid centre).
-        translation: initial moving-minus-fixed offset in voxels of ``S`` (default 0).
-    The engine interface: ``param`` (one flat vector), ``displacement(shape)``, ``regularised()``
-    (``None``: no regulariser applies to an affine model) and ``resample`` (nothing to do).
-    """
-
-    kind = "affine"
-
-    def __init__(self, family: str, shape: Sequence[int], spacing: Sequence[float] | None = None,
-                 centre: Sequence[float] | None = None, translation: Sequence[float] | None = None, device=None):
-        super().__init__()
-        self.family = check_family(family)
-        self.full_shape = tuple(int(n) for n in shape)
-        ndim = len(self.full_shape)
-        if ndim not in (2, 3):
-            raise ValueError(f"affine models need 2 or 3 spatial axes, got shape {self.full_shape}")
-        self.ndim = ndim
-        spacing = [1.0] * ndim if spacing is None else [float(h) for h in spacing]
-        if len(spacing) != ndim or any(not h > 0 for h in spacing):
-            raise ValueError(f"spacing must be {ndim} positive numbers, got {spacing}")
-        self.spacing = tuple(spacing)
-        unit = float(np.mean(spacing))
-        # Voxel -> isotropic (mean-voxel) units, per axis.
-        self.scale = torch.tensor([h / unit for h in spacing], dtype=torch.float64, device=device)
-        if centre is None:
-            centre = [(n - 1) / 2.0 for n in self.full_shape]
-        self.centre = torch.as_tensor(centre, dtype=torch.float64, device=device).reshape(ndim)
-        self.radius = rms_radius(self.full_shape, spacing)
-        value = torch.zeros(parameter_count(family, ndim), dtype=torch.float32, device=device)
-        if translation is not None:
-            offset = torch.as_tensor(translation, dtype=torch.float64, device=device).reshape(ndim)
-            value[:ndim] = (offset * self.scale).to(torch.float32)
-        self.param = nn.Parameter(value)
-
-    # --- the transform -------------------------------------------------------------------------
-
-    def linear(self) -> torch.Tensor:
-        """``(ndim, ndim)`` linear part ``L`` in isotropic physical units (identity at zero parameters)."""
-        ndim = self.ndim
-        p = self.param.to(torch.float64)
-        eye = torch.eye(ndim, dtype=torch.float64, device=p.device)
-        if self.family == "translation":
-            return eye
-        if self.family == "affine":
-            return eye + p[ndim:].reshape(ndim, ndim) / self.radius
-        rotations = 1 if ndim == 2 else 3
-        rotation = torch.linalg.matrix_exp(_skew(p[ndim : ndim + rotations] / self.radius, ndim))
-        if self.family == "similarity":
-            rotation = rotation * torch.exp(p[ndim + rotations] / self.radius)
-        return rotation
-
-    def translation(self) -> torch.Tensor:
-        """``(ndim,)`` translation ``t`` in isotropic physical units (mean voxel sizes)."""
-        return self.param[: self.ndim].to(torch.float64)
-
-    def voxel_matrix(self) -> torch.Tensor:
-        """``(ndim + 1, ndim + 1)`` float64 homogeneous matrix: fixed voxel -> moving voxel of the full grid."""
-        linear = self.linear()
-        inverse_scale = 1.0 / self.scale
-        matrix_a = inverse_scale[:, None] * linear * self.scale[None, :]
-        offset = self.centre + inverse_scale * self.translation() - matrix_a @ self.centre
-        top = torch.cat([matrix_a, offset[:, None]], dim=1)
-        bottom = torch.zeros(1, self.ndim + 1, dtype=top.dtype, device=top.device)
-        bottom[0, -1] = 1.0
-        return torch.cat([top, bottom], dim=0)
-
-    # --- engine interface ----------------------------------------------------------------------
-
-    def displacement(self, shape: Sequence[int]) -> torch.Tensor:
-        """``(1, ndim, *shape)`` float32 pull displacement on a grid of ``shape`` covering the full grid
-        (``align_corners`` geometry), in voxels of that grid."""
-        return affine_displacement(self.voxel_matrix(), shape, self.full_shape)
-
-    def regularised(self):
-        """No smoothness regulariser applies to a global transform."""
-        return None
-
-    def resample(self, param_shape) -> None:
-        """Pyramid levels do not change an affine model's parameters."""
-
-
-def level_matrix(matrix: torch.Tensor, shape: Sequence[int], full_shape: Sequence[int]) -> torch.Tensor:
-    """Express a full-grid voxel matrix on a grid of ``shape`` covering the same extent.
-
-    A level voxel ``x'`` is the full-grid voxel ``r * x'`` with ``r = (n - 1) / (n' - 1)``
-    (``align_corners``), so the level matrix is ``diag(1/r) M diag(r)`` (homogeneous, float64).
-    """
-    ratio = torch.tensor([(n - 1) / max(m - 1, 1) for n, m in zip(full_shape, shape)] + [1.0],
-                         dtype=matrix.dtype, device=matrix.device)
-    return matrix * ratio[None, :] / ratio[:, None]
-
-
-def affine_displacement(matrix: torch.Tensor, shape: Sequence[int], full_shape: Sequence[int] | None = None,
-                        points: torch.Tensor | None = None) -> torch.Tensor:
-    """Displacement ``A x + b - x`` of a voxel matrix, on a grid or at given points.
-
-    Args:
-        matrix: ``(ndim + 1, ndim + 1)`` homogeneous voxel matrix of the full grid (any float dtype).
-        shape: the grid the displacement is wanted on (a pyramid level of ``full_shape``).
-        full_shape: the grid ``matrix`` is defined on (default ``shape``).
-        points: optional ``(1, ndim, *shape)`` voxel coordinates of that grid at which to evaluate
-            ``A y + b - y`` (default: the grid's own voxels).
-    Returns:
-        ``(1, ndim, *shape)`` float32 displacement in voxels of ``shape``.
-    """
-    full_shape = tuple(shape) if full_shape is None else tuple(full_shape)
-    ndim = len(shape)
-    m = level_matrix(matrix, shape, full_shape).to(torch.float32)
-    if points is None:
-        points = identity_grid(shape, device=matrix.device).unsqueeze(0)
-    linear = m[:ndim, :ndim] - torch.eye(ndim, device=m.device, dtype=m.dtype)
-    # Broadcast multiply-adds, one per input axis: a (ndim x ndim) @ (ndim x voxels) product or an
-    # einsum takes ~30 ms instead of ~0.02 ms when the BLAS library runs multi-threaded on a busy CPU.
-    points = points.to(m.dtype)
-    view = (1, ndim) + (1,) * ndim
-    moved = m[:ndim, ndim].view(view).expand_as(points)
-    for j in range(ndim):
-        moved = moved + linear[:, j].view(view) * points[:, j : j + 1]
-    return moved
-
-
-def compose_affine_field(matrix: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """Field of warping by the affine first and then by ``disp``: ``u(x) + a(x + u(x))``.
-
-    With pull warps, ``warp(warp(m, a), u)(x) = m(y + a(y))`` at ``y = x + u(x)``; the affine part
-    is evaluated analytically (no interpolation of the affine field).
-
-    Args:
-        matrix: full-grid homogeneous voxel matrix of the affine ``a``.
-        disp: ``(1, ndim, *S)`` displacement on the full grid ``S``.
-    Returns:
-        ``(1, ndim, *S)`` composite displacement.
-    """
-    shape = tuple(disp.shape[2:])
-    points = identity_grid(shape, device=disp.device, dtype=disp.dtype).unsqueeze(0) + disp
-    return disp + affine_displacement(matrix.to(disp.device), shape, shape, points=points)
-
-
-class AffineThenDense(nn.Module):
-    """A dense model (the residual) applied after a fixed affine: ``u_total = u + a(x + u)``.
-
-    The engine optimises and regularises only the dense residual ``u``; similarity and masks see
-    the composite, and the moving image is sampled once (no pre-warped copy is interpolated twice).
-
-    Args:
-        dense: a :class:`dirio.transforms.dense.DenseDisplacement` (or velocity) model.
-        matrix: full-grid homogeneous voxel matrix of the fixed affine.
-        full_shape: the full grid ``S``.
-    """
-
-    def __init__(self, dense: nn.Module, matrix: torch.Tensor, full_shape: Sequence[int]):
-        super().__init__()
-        self.dense = dense
-        self.register_buffer("matrix", matrix.detach().to(torch.float64))
-        self.full_shape = tuple(full_shape)
-        self.kind = getattr(dense, "kind", "displacement")
-
-    @property
-    def param(self) -> nn.Parameter:
-        return self.dense.param
-
-    def displacement(self, shape: Sequence[int]) -> torch.Tensor:
-        residual = self.dense.displacement(shape)
-        points = identity_grid(shape, device=residual.device, dtype=residual.dtype).unsqueeze(0) + residual
-        return residual + affine_displacement(self.matrix, shape, self.full_shape, points=points)
-
-    def regularised(self) -> torch.Tensor:
-        return self.dense.regularised()
-
-    def resample(self, param_shape) -> None:
-        self.dense.resample(param_shape)
 
 
 def initial_alignment(fixed_weights: torch.Tensor, moving_weights: torch.Tensor, centre: str
@@ -456,8 +232,6 @@ def register_affine(
     Returns:
         An :class:`AffineResult`.
     """
-    from dirio.optim.engine import EngineConfig, Objective, optimise
-
     config = config or AffineConfig()
     config.validate()
     check_family(family)
@@ -465,22 +239,17 @@ def register_affine(
     fixed_weights = fixed_mask if fixed_mask is not None else fixed[:, :1].clamp_min(0)
     moving_weights = moving_mask if moving_mask is not None else moving[:, :1].clamp_min(0)
     centre, offset = initial_alignment(fixed_weights, moving_weights, config.centre)
-    holder: dict = {}
-
-    def factory(_param_shape):
-        holder["model"] = AffineTransform(family, shape, spacing=spacing, centre=centre, translation=offset,
-                                          device=fixed.device)
-        return holder["model"]
-
-    engine = EngineConfig(
-        levels=tuple(config.levels), iterations=tuple(config.iterations), grid_spacing=1.0, lr=config.lr,
-        optimizer="adam", schedule=config.schedule, smoothing=0, seed=seed, progress=progress,
+    transform = AffineTransform(family, shape, spacing=spacing, centre=centre, translation=offset, device=fixed.device)
+    terms = [Term(getattr(similarity, "name", "similarity"), Role.SIMILARITY, SimilarityTerm(similarity), 1.0)]
+    result = run_pyramid(
+        transform, terms, fixed, moving,
+        PyramidConfig(levels=tuple(config.levels), iterations=tuple(config.iterations)),
+        OptimizerConfig(optimizer="adam", lr=config.lr, schedule=config.schedule),
+        fixed_mask=fixed_mask, moving_mask=moving_mask, spacing=spacing, seed=seed, progress=progress,
+        description="affine",
     )
-    objectives = [Objective(getattr(similarity, "name", "similarity"), "similarity", similarity, 1.0)]
-    result = optimise(fixed, moving, objectives, engine, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                      model_factory=factory)
     with torch.no_grad():
-        matrix = holder["model"].voxel_matrix().cpu().numpy()
+        matrix = result.transform.voxel_matrix().cpu().numpy()
     return AffineResult(
         matrix=matrix,
         displacement=result.displacement,

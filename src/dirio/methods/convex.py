@@ -3,7 +3,7 @@
 The method of Siebert, Hansen & Heinrich (ConvexAdam, Learn2Reg 2021; summarised in section 2.1
 of the continuous-optimisation paper), written for dirio's conventions:
 
-1. MIND-SSC descriptors (:func:`dirio.losses.similarity.mind_ssc`) of both images (full resolution as
+1. MIND-SSC descriptors (:func:`dirio.losses.mind.mind_ssc`) of both images (full resolution as
    ConvexAdam, or shrunk by ``feature_factor``) are averaged over cells of ``g x g x g`` fine voxels
    (``g`` = ``grid_spacing``). Cell ``c`` covers the fine voxels ``g c .. g c + g - 1`` (incomplete
    cells at the far border are dropped); its centre is the fine position ``g c + (g - 1) / 2``.
@@ -42,8 +42,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from dirio.core.fields import box_smooth, identity_grid, sample, warp
-from dirio.losses.similarity import mind_ssc
+from dirio.core.fields import identity_grid, sample, warp
+from dirio.core.filters import box_smooth
+from dirio.losses.mind import mind_ssc
+from dirio.core.profiling import peak_memory_mb, reset_peak_memory
 
 # ConvexAdam's coupling weights (convex_adam_utils.coupled_convex), applied to a cost summed
 # over the 12 MIND channels and to squared displacements in cells.
@@ -355,18 +357,6 @@ def symmetrise(forward: torch.Tensor, backward: torch.Tensor, iterations: int) -
     return forward, backward
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    from dirio.optim.engine import peak_memory_mb
-
-    return peak_memory_mb(device)
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    from dirio.optim.engine import reset_peak_memory
-
-    reset_peak_memory(device)
-
-
 def convex_initialisation(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -390,7 +380,7 @@ def convex_initialisation(
     config.validate()
     start_time = time.perf_counter()
     device = fixed.device
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     shape = tuple(fixed.shape[2:])
     ndim = len(shape)
     g = config.grid_spacing
@@ -425,7 +415,7 @@ def convex_initialisation(
         backward=backward,
         consistency_error=errors,
         seconds=time.perf_counter() - start_time,
-        peak_memory_mb=_peak_memory_mb(device),
+        peak_memory_mb=peak_memory_mb(device),
         cost_volume_mb=volume.megabytes,
         cached=volume.cached,
         slabs=volume.slabs,

@@ -1,9 +1,17 @@
 """Gradient combination rules: how the separately kept objectives become one update direction.
 
-A rule receives every objective's scalar loss and its weight, and leaves the combined gradient
-in ``param.grad`` of every optimised parameter; the optimiser (Adam, AMSGrad, SGD) then consumes
-it. Rules therefore never depend on the optimiser. A rule returns a dict of diagnostics (floats)
-that the engine logs with the iteration.
+A rule receives every objective's scalar loss, its weight and its role
+(:class:`dirio.losses.terms.Role`), and leaves the combined gradient in ``param.grad`` of every
+optimised parameter; the optimiser (Adam, AMSGrad, SGD) then consumes it. Rules therefore never
+depend on the optimiser. A rule returns a dict of diagnostics (floats) that the engine logs with
+the iteration.
+
+Data terms (roles similarity and supervision) are the gradients a rule keeps or projects;
+regularizers are the smoothness side. Under ``torch.distributed`` each objective's gradient is
+averaged across ranks (the ``reduce`` argument, :func:`dirio.core.distributed.average_gradients`)
+*before* any inner product or projection, so that every rank projects the same global gradients
+and takes the same step; ``DistributedDataParallel``'s hooks would not fire for the per-objective
+``torch.autograd.grad`` passes.
 
 Rules (chosen by name, :data:`COMBINE_RULES`):
 
@@ -17,11 +25,11 @@ Rules (chosen by name, :data:`COMBINE_RULES`):
   is the similarity gradient alone, projected onto the normal plane of the regularisation
   gradient where the two conflict. No weight to tune.
 
-Conventions every rule relies on: ``losses`` is ordered, **the similarity first**, then the
-regularisers (the engine builds it that way); weights are the objectives' weights (a weight of 0
-drops the objective and its backward pass). Separate gradients cost one backward pass per
-objective (``torch.autograd.grad``; the graph is retained for all passes but the last, and the
-similarity, whose backward dominates the cost, goes last so that its graph is never retained).
+Conventions every rule relies on: roles come from ``roles`` (never from the order of
+``losses``); weights are the objectives' weights (a weight of 0 drops the objective and its
+backward pass). Separate gradients cost one backward pass per objective
+(``torch.autograd.grad``; the graph is retained for all passes but the last, and the data terms,
+whose backward dominates the cost, go last so that the last one's graph is never retained).
 
 Scope of the inner products (:class:`Scope`), for ``pcgrad`` and ``surgery``:
 
@@ -32,10 +40,10 @@ Scope of the inner products (:class:`Scope`), for ``pcgrad`` and ``surgery``:
   choice reads as what it means for a multi-level run.
 * ``tensor``: one inner product per parameter tensor (GSMorph's layer-wise rule for networks).
   A dense field is a single tensor, so for dense IO ``tensor`` equals ``global``.
-* ``block``: for tensors with spatial axes ``(B, C, *S)`` (a dense field ``(1, ndim, *S)``), one
-  inner product per spatial block of ``block_size`` voxels per axis of the parameter grid, all
-  components of the block together (edge blocks are smaller); tensors without spatial axes are
-  one unit each. Everything is computed with reshapes and reductions, no loop over blocks.
+* ``block``: for the parameters the transform tags as spatial fields ``(B, C, *S)`` (a dense
+  field ``(1, ndim, *S)``; see ``Transform.spatial_parameters``), one inner product per spatial
+  block of ``block_size`` voxels per axis of the parameter grid, all components of the block
+  together (edge blocks are smaller); every other parameter (a Conv3d weight) is one unit. Everything is computed with reshapes and reductions, no loop over blocks.
   Reasoning: a global inner product of two dense-field gradients is a sum of local terms whose
   signs differ from place to place (the similarity pulls the field towards detail at edges, the
   regulariser pulls it back; in flat regions the similarity gradient is ~0). A single global
@@ -52,18 +60,22 @@ Scope of the inner products (:class:`Scope`), for ``pcgrad`` and ``surgery``:
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from dirio.core.registry import Registry
+from dirio.losses.terms import Role
 
 SCOPES = ("global", "level", "tensor", "block")
 PROJECT_CHOICES = ("random", "similarity", "regularizer", "all")
 # Default block edge in parameter-grid voxels (see the module docstring for why 8).
 DEFAULT_BLOCK_SIZE = 8
+# A unit's squared gradient norm below this fraction of the objective's total is rounding noise.
+NOISE_FLOOR = 1e-12
 
 
 class CombineRule(Protocol):
@@ -72,11 +84,23 @@ class CombineRule(Protocol):
     name: str
 
     def backward(
-        self, losses: Mapping[str, torch.Tensor], weights: Mapping[str, float], params: Sequence[torch.Tensor]
+        self,
+        losses: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float],
+        roles: Mapping[str, Role],
+        params: Sequence[torch.Tensor],
+        *,
+        spatial: Sequence[bool] | None = None,
+        reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     ) -> dict[str, float]:
         """Set ``p.grad`` for every ``p`` in ``params``; return diagnostics for the log.
 
-        ``losses`` is ordered: the similarity first, then the regularisers.
+        Args:
+            losses: every objective's scalar loss, by name.
+            weights, roles: each objective's weight and :class:`Role`, by name.
+            params: the optimised parameters.
+            spatial: per parameter, whether it is a spatial field (for the ``block`` scope).
+            reduce: averages one objective's gradients across processes (identity alone).
         """
 
 
@@ -124,9 +148,9 @@ def block_map(coefficients: torch.Tensor, block_size: int, shape: Sequence[int])
     return full[tuple(slice(0, n) for n in shape)]
 
 
-def _is_spatial(tensor: torch.Tensor) -> bool:
-    """A ``(B, C, *S)`` tensor with 2 or 3 spatial axes (a dense 2D or 3D field)."""
-    return 4 <= tensor.dim() <= 5
+def _flags(spatial: Sequence[bool] | None, count: int) -> list[bool]:
+    """Per-parameter spatial flags; ``None`` means no parameter is a spatial field."""
+    return [False] * count if spatial is None else [bool(s) for s in spatial]
 
 
 class Scope:
@@ -145,44 +169,48 @@ class Scope:
         self.kind = kind
         self.block_size = int(block_size)
 
-    def unit_count(self, tensors: Sequence[torch.Tensor]) -> int:
-        """Number of units the gradients of ``tensors`` are cut into."""
+    def unit_count(self, tensors: Sequence[torch.Tensor], spatial: Sequence[bool] | None = None) -> int:
+        """Number of units the gradients of ``tensors`` are cut into (``spatial``: per-tensor flags)."""
         if self.kind in ("global", "level"):
             return 1
         if self.kind == "tensor":
             return len(tensors)
+        flags = _flags(spatial, len(tensors))
         return sum(
-            math.prod(math.ceil(n / self.block_size) for n in t.shape[2:]) if _is_spatial(t) else 1 for t in tensors
+            math.prod(math.ceil(n / self.block_size) for n in t.shape[2:]) if s else 1 for t, s in zip(tensors, flags)
         )
 
-    def dots(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    def dots(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], spatial: Sequence[bool] | None = None
+             ) -> torch.Tensor:
         """Inner products ``<a, b>`` per unit: ``(U,)``; they sum to the global inner product."""
         if self.kind in ("global", "level"):
             return sum((x * y).sum() for x, y in zip(a, b)).reshape(1)
         if self.kind == "tensor":
             return torch.stack([(x * y).sum() for x, y in zip(a, b)])
         parts = []
-        for x, y in zip(a, b):
-            if _is_spatial(x):
+        for x, y, s in zip(a, b, _flags(spatial, len(a))):
+            if s:
                 parts.append(block_sums((x * y).sum(dim=(0, 1)), self.block_size).reshape(-1))
             else:
                 parts.append((x * y).sum().reshape(1))
         return torch.cat(parts)
 
-    def axpy(self, coefficients: torch.Tensor, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def axpy(self, coefficients: torch.Tensor, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor],
+             spatial: Sequence[bool] | None = None) -> list[torch.Tensor]:
         """``y + c_u * x`` with each unit's coefficient ``c_u`` applied to its part of ``x``.
 
         Args:
             coefficients: ``(U,)`` one coefficient per unit.
             x, y: gradients, one tensor per parameter.
+            spatial: per-parameter spatial flags (``block`` scope).
         """
         if self.kind in ("global", "level"):
             return [yy + coefficients[0] * xx for xx, yy in zip(x, y)]
         if self.kind == "tensor":
             return [yy + coefficients[i] * xx for i, (xx, yy) in enumerate(zip(x, y))]
         out, start = [], 0
-        for xx, yy in zip(x, y):
-            if _is_spatial(xx):
+        for xx, yy, s in zip(x, y, _flags(spatial, len(x))):
+            if s:
                 spatial = xx.shape[2:]
                 counts = [math.ceil(n / self.block_size) for n in spatial]
                 count = math.prod(counts)
@@ -222,6 +250,7 @@ def project_conflicting(
     scope: Scope,
     priorities: torch.Tensor | None = None,
     order: Sequence[int] | None = None,
+    spatial: Sequence[bool] | None = None,
 ) -> Projection:
     """Project conflicting gradients onto each other's normal planes, unit by unit.
 
@@ -239,17 +268,19 @@ def project_conflicting(
             unit is never projected and, for two objectives, exactly the lower one is). ``None``:
             every objective may be projected onto every other (Yu et al.'s original PCGrad).
         order: the order in which ``j`` is visited for each ``i`` (default ``0 .. K-1``).
+        spatial: per-parameter spatial flags (``block`` scope).
     Returns:
         A :class:`Projection`.
     """
     count = len(grads)
     order = list(range(count)) if order is None else list(order)
-    norms = [scope.dots(g, g) for g in grads]
+    norms = [scope.dots(g, g, spatial) for g in grads]
     tiny = torch.finfo(norms[0].dtype).tiny
     pair_dots: dict[tuple[int, int], torch.Tensor] = {}
     for i in range(count):
         for j in range(i + 1, count):
-            pair_dots[i, j] = pair_dots[j, i] = scope.dots(grads[i], grads[j])
+            pair_dots[i, j] = pair_dots[j, i] = scope.dots(grads[i], grads[j], spatial)
+    significant = [n > NOISE_FLOOR * n.sum() for n in norms]
     conflict = torch.zeros_like(norms[0], dtype=torch.bool)
     for value in pair_dots.values():
         conflict |= value < 0
@@ -261,14 +292,16 @@ def project_conflicting(
             if j == i:
                 continue
             # the first projection of G_i uses the precomputed inner product of the originals
-            dot = pair_dots[i, j] if not touched else scope.dots(projected[i], grads[j])
-            allowed = dot < 0
+            dot = pair_dots[i, j] if not touched else scope.dots(projected[i], grads[j], spatial)
+            # a unit where G_j is numerical noise (squared norm below 1e-12 of its total, e.g. the
+            # exactly-zero regularizer gradient of a network's last bias) defines no direction
+            allowed = (dot < 0) & significant[j]
             if priorities is not None:
                 allowed = allowed & (priorities[j] > priorities[i])
             if not bool(allowed.any()):
                 continue
             coefficient = torch.where(allowed, -dot / norms[j].clamp_min(tiny), torch.zeros_like(dot))
-            projected[i] = scope.axpy(coefficient, grads[j], projected[i])
+            projected[i] = scope.axpy(coefficient, grads[j], projected[i], spatial)
             projected_mask[i] |= allowed
             touched = True
     return Projection(projected, projected_mask, conflict, norms, pair_dots)
@@ -295,14 +328,26 @@ def objective_gradients(
     return grads
 
 
-def _separate_gradients(losses, weights, names, params):
-    """Weighted gradients of the similarity (``names[0]``) and of each regulariser.
+def _identity(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return grads
 
-    The regularisers' passes run first with the graph retained; the similarity's runs last.
+
+def _split_roles(names: Sequence[str], roles: Mapping[str, Role]) -> tuple[list[str], list[str]]:
+    """``(data terms, regularizers)`` among ``names``: similarity and supervision are data terms."""
+    data = [n for n in names if Role(roles[n]) is not Role.REGULARIZER]
+    regularizers = [n for n in names if Role(roles[n]) is Role.REGULARIZER]
+    return data, regularizers
+
+
+def _separate_gradients(losses, weights, data, regularizers, params, reduce):
+    """Weighted, process-averaged gradients of each data term and of each regularizer.
+
+    The regularizers' passes run first with the graph retained; the data terms' run last.
+    Returns ``(data gradients, regularizer gradients)``, each a list of per-parameter lists.
     """
-    ordered = names[1:] + names[:1]
-    grads = objective_gradients([weights[n] * losses[n] for n in ordered], params)
-    return grads[-1], grads[:-1]
+    ordered = list(regularizers) + list(data)
+    grads = [reduce(g) for g in objective_gradients([weights[n] * losses[n] for n in ordered], params)]
+    return grads[len(regularizers):], grads[:len(regularizers)]
 
 
 def _set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
@@ -343,34 +388,45 @@ def _active_fraction(mask: torch.Tensor, active: torch.Tensor) -> float:
     return float((mask & active).sum()) / count if count else 0.0
 
 
-def projection_diagnostics(result: Projection, names: Sequence[str], log: _ConflictLog) -> dict[str, float]:
-    """The per-iteration diagnostics of a projection (objective 0 is the similarity).
+def projection_diagnostics(result: Projection, names: Sequence[str], log: _ConflictLog,
+                           data_count: int = 1) -> dict[str, float]:
+    """The per-iteration diagnostics of a projection (objectives ``0 .. data_count-1`` are the data terms).
 
-    ``cosine``: global cosine between the similarity gradient and the sum of the others (from
+    ``cosine``: global cosine between the data terms' gradient and the sum of the others (from
     the per-unit products, which sum to the global ones); ``grad_norm_<name>``; ``conflict``:
     fraction of active units with a conflicting pair; ``conflict_rate``: its mean over the steps
     so far; ``projected_similarity`` / ``projected_regularizer``: fraction of active units where
-    the similarity / some other gradient was projected. A unit is active when the similarity
-    gradient and at least one other gradient are nonzero in it.
+    a data gradient / some other gradient was projected. A unit is active when the data gradient
+    and at least one other gradient are nonzero in it.
     """
     count = len(result.norms)
+    d = data_count
     norms = [float(n.sum()) for n in result.norms]
-    dot = sum(float(result.dots[0, j].sum()) for j in range(1, count))
-    others = sum(norms[1:]) + 2.0 * sum(
-        float(result.dots[i, j].sum()) for i in range(1, count) for j in range(i + 1, count)
+
+    def pair_sum(group_a, group_b):
+        return sum(float(result.dots[i, j].sum()) for i in group_a for j in group_b if i != j)
+
+    data, others_idx = range(d), range(d, count)
+    data_norm = sum(norms[:d]) + 2.0 * sum(float(result.dots[i, j].sum()) for i in data for j in data if i < j)
+    dot = pair_sum(data, others_idx)
+    others = sum(norms[d:]) + 2.0 * sum(
+        float(result.dots[i, j].sum()) for i in others_idx for j in others_idx if i < j
     )
-    out = {"cosine": cosine_from_products(dot, norms[0], others)}
+    out = {"cosine": cosine_from_products(dot, data_norm, others)}
     out.update({f"grad_norm_{name}": math.sqrt(max(n, 0.0)) for name, n in zip(names, norms)})
     nonzero_other = torch.zeros_like(result.conflict)
-    for n in result.norms[1:]:
+    for n in result.norms[d:]:
         nonzero_other |= n > 0
-    active = (result.norms[0] > 0) & nonzero_other
+    nonzero_data = torch.zeros_like(result.conflict)
+    for n in result.norms[:d]:
+        nonzero_data |= n > 0
+    active = nonzero_data & nonzero_other
     conflict = _active_fraction(result.conflict, active)
     out.update(
         conflict=conflict,
         conflict_rate=log.add(conflict),
-        projected_similarity=_active_fraction(result.projected[0], active),
-        projected_regularizer=_active_fraction(result.projected[1:].any(dim=0), active),
+        projected_similarity=_active_fraction(result.projected[:d].any(dim=0), active),
+        projected_regularizer=_active_fraction(result.projected[d:].any(dim=0), active),
     )
     return out
 
@@ -402,24 +458,30 @@ class WeightedSum:
         self._log = _ConflictLog()
         self._scope = Scope(scope, block_size)
 
-    def backward(self, losses, weights, params) -> dict[str, float]:
+    def backward(self, losses, weights, roles, params, *, spatial=None, reduce=None) -> dict[str, float]:
+        reduce = reduce or _identity
         names = _nonzero(losses, weights)
         for p in params:
             p.grad = None
         if not names:
             _set_grads(params, [torch.zeros_like(p) for p in params])
             return {}
-        if not self.diagnose or len(names) < 2:
+        data, regularizers = _split_roles(names, roles)
+        if not self.diagnose or not data or not regularizers:
             total = sum(weights[name] * losses[name] for name in names)
             total.backward()
+            if reduce is not _identity:
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                _set_grads(params, reduce(grads))
             return {}
-        similarity, regularisers = _separate_gradients(losses, weights, names, params)
-        grads = [similarity, *regularisers]
+        data_grads, regularizer_grads = _separate_gradients(losses, weights, data, regularizers, params, reduce)
+        grads = [*data_grads, *regularizer_grads]
         _set_grads(params, _summed(grads, params))
         # a projection that may project nothing: every priority equal
-        units = self._scope.unit_count(params)
-        result = project_conflicting(grads, self._scope, torch.zeros(len(grads), units, device=params[0].device))
-        return projection_diagnostics(result, names, self._log)
+        units = self._scope.unit_count(params, spatial)
+        result = project_conflicting(grads, self._scope, torch.zeros(len(grads), units, device=params[0].device),
+                                     spatial=spatial)
+        return projection_diagnostics(result, data + regularizers, self._log, len(data))
 
 
 class PCGrad:
@@ -464,40 +526,43 @@ class PCGrad:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._log = _ConflictLog()
 
-    def draw(self, count: int, units: int) -> tuple[torch.Tensor | None, list[int]]:
+    def draw(self, count: int, units: int, data_count: int = 1) -> tuple[torch.Tensor | None, list[int]]:
         """This step's random choices: ``(priorities (count, units) or None, visiting order)``.
 
-        Objective 0 is the similarity. Both are drawn every step, whether or not a conflict
-        occurs, so the random stream does not depend on the conflicts.
+        Objectives ``0 .. data_count-1`` are the data terms. Both are drawn every step, whether
+        or not a conflict occurs, so the random stream does not depend on the conflicts.
         """
         keys = torch.rand(count, units, generator=self.generator)
         order = torch.randperm(count, generator=self.generator).tolist()
         if self.project == "all":
             return None, order
         if self.project == "similarity":
-            keys[0] = -1.0  # below every uniform draw: the similarity is always the one projected
+            keys[:data_count] = -1.0  # below every uniform draw: the data terms are always the ones projected
         elif self.project == "regularizer":
-            keys[0] = 2.0  # above every uniform draw: the similarity is never projected
+            keys[:data_count] = 2.0  # above every uniform draw: the data terms are never projected
         return keys, order
 
-    def combine(self, grads: Sequence[Sequence[torch.Tensor]]) -> tuple[list[torch.Tensor], Projection]:
-        """The combined update of weighted gradients (objective 0 = the similarity), no autograd."""
-        priorities, order = self.draw(len(grads), self.scope.unit_count(grads[0]))
+    def combine(self, grads: Sequence[Sequence[torch.Tensor]], data_count: int = 1,
+                spatial: Sequence[bool] | None = None) -> tuple[list[torch.Tensor], Projection]:
+        """The combined update of weighted gradients (the first ``data_count`` are data terms), no autograd."""
+        priorities, order = self.draw(len(grads), self.scope.unit_count(grads[0], spatial), data_count)
         if priorities is not None:
             priorities = priorities.to(grads[0][0].device)
-        result = project_conflicting(grads, self.scope, priorities, order)
+        result = project_conflicting(grads, self.scope, priorities, order, spatial)
         return _summed(result.grads, grads[0]), result
 
-    def backward(self, losses, weights, params) -> dict[str, float]:
+    def backward(self, losses, weights, roles, params, *, spatial=None, reduce=None) -> dict[str, float]:
+        reduce = reduce or _identity
         names = _nonzero(losses, weights)
         for p in params:
             p.grad = None
         if len(names) < 2:
-            return WeightedSum().backward(losses, weights, params)
-        similarity, regularisers = _separate_gradients(losses, weights, names, params)
-        combined, result = self.combine([similarity, *regularisers])
+            return WeightedSum().backward(losses, weights, roles, params, spatial=spatial, reduce=reduce)
+        data, regularizers = _split_roles(names, roles)
+        data_grads, regularizer_grads = _separate_gradients(losses, weights, data, regularizers, params, reduce)
+        combined, result = self.combine([*data_grads, *regularizer_grads], len(data), spatial)
         _set_grads(params, combined)
-        return projection_diagnostics(result, names, self._log)
+        return projection_diagnostics(result, data + regularizers, self._log, len(data))
 
 
 class GradientSurgery:
@@ -533,35 +598,40 @@ class GradientSurgery:
         self.scope = Scope(scope, block_size)
         self._log = _ConflictLog()
 
-    def combine(self, similarity: Sequence[torch.Tensor], regulariser: Sequence[torch.Tensor]):
-        """The update from the weighted similarity gradient and the regularisers' gradient, no autograd."""
-        units = self.scope.unit_count(similarity)
+    def combine(self, similarity: Sequence[torch.Tensor], regularizer: Sequence[torch.Tensor],
+                spatial: Sequence[bool] | None = None):
+        """The update from the weighted data gradient and the regularizers' gradient, no autograd."""
+        units = self.scope.unit_count(similarity, spatial)
         priorities = torch.ones(2, units, device=similarity[0].device)
-        priorities[0] = 0.0  # the similarity has the lower priority: it is the one projected
-        result = project_conflicting([similarity, regulariser], self.scope, priorities)
+        priorities[0] = 0.0  # the data gradient has the lower priority: it is the one projected
+        result = project_conflicting([similarity, regularizer], self.scope, priorities, spatial=spatial)
         return result.grads[0], result
 
-    def backward(self, losses, weights, params) -> dict[str, float]:
+    def backward(self, losses, weights, roles, params, *, spatial=None, reduce=None) -> dict[str, float]:
+        reduce = reduce or _identity
         names = _nonzero(losses, weights)
         for p in params:
             p.grad = None
-        similarity_name = next(iter(losses))
-        regularisers = [n for n in names if n != similarity_name]
-        if similarity_name not in names:
+        data, regularizers = _split_roles(names, roles)
+        if not data:
             _set_grads(params, [torch.zeros_like(p) for p in params])
             return {}
-        if not regularisers:
-            return WeightedSum().backward({similarity_name: losses[similarity_name]}, weights, params)
-        regulariser_loss = sum(weights[n] * losses[n] for n in regularisers)
-        regulariser, similarity = objective_gradients(
-            [regulariser_loss, weights[similarity_name] * losses[similarity_name]], params
-        )
-        update, result = self.combine(similarity, regulariser)
+        if not regularizers:
+            return WeightedSum().backward({n: losses[n] for n in data}, weights, roles, params, spatial=spatial,
+                                         reduce=reduce)
+        regularizer_loss = sum(weights[n] * losses[n] for n in regularizers)
+        data_loss = weights[data[0]] * losses[data[0]] if len(data) == 1 else sum(weights[n] * losses[n] for n in data)
+        regularizer, similarity = (reduce(g) for g in objective_gradients([regularizer_loss, data_loss], params))
+        update, result = self.combine(similarity, regularizer, spatial)
         _set_grads(params, update)
-        return projection_diagnostics(result, [similarity_name, "regularizers"], self._log)
+        data_name = data[0] if len(data) == 1 else "data"
+        return projection_diagnostics(result, [data_name, "regularizers"], self._log)
 
 
-COMBINE_RULES = {"sum": WeightedSum, "pcgrad": PCGrad, "surgery": GradientSurgery}
+COMBINE_RULES: Registry[CombineRule] = Registry("combination rule", hidden_options=("generator",))
+COMBINE_RULES.register("sum", WeightedSum)
+COMBINE_RULES.register("pcgrad", PCGrad)
+COMBINE_RULES.register("surgery", GradientSurgery)
 
 
 def make_combine_rule(name: str, **options) -> CombineRule:
@@ -570,12 +640,4 @@ def make_combine_rule(name: str, **options) -> CombineRule:
     Raises:
         ValueError: unknown name, unknown option (lists the valid ones) or invalid option value.
     """
-    if name not in COMBINE_RULES:
-        raise ValueError(f"unknown combination rule {name!r}; choose one of {', '.join(COMBINE_RULES)}")
-    cls = COMBINE_RULES[name]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        listed = ", ".join(v for v in valid if v != "generator")
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for combination rule {name!r}; valid options: {listed}")
-    return cls(**options)
+    return COMBINE_RULES.create(name, **options)

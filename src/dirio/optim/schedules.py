@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from dirio.core.registry import Registry
+
 Schedule = Callable[[int, int], float]
 
-SCHEDULES = ("constant", "cosine", "piecewise")
 
 
 def constant(step: int, total: int) -> float:
@@ -78,15 +79,19 @@ class Piecewise:
         return self.middle + (self.final - self.middle) * (t - self.cosine_until) / span
 
 
+def _constant_schedule() -> Schedule:
+    """The constant schedule (no options)."""
+    return constant
+
+
+SCHEDULE_REGISTRY: Registry[Schedule] = Registry("schedule")
+SCHEDULE_REGISTRY.register("constant", _constant_schedule)
+SCHEDULE_REGISTRY.register("cosine", Cosine)
+SCHEDULE_REGISTRY.register("piecewise", Piecewise)
+SCHEDULES = SCHEDULE_REGISTRY.names()
+
+
 def make_schedule(name: str, **options) -> Schedule:
     """Schedule by name: ``"constant"``, ``"cosine"`` (option ``final``) or ``"piecewise"``
     (options ``constant_until``, ``cosine_until``, ``middle``, ``final``)."""
-    if name == "constant":
-        if options:
-            raise ValueError(f"the constant schedule takes no options, got {sorted(options)}")
-        return constant
-    if name == "cosine":
-        return Cosine(**options)
-    if name == "piecewise":
-        return Piecewise(**options)
-    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULE_REGISTRY.create(name, **options)

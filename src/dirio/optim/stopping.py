@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-STOPPING_RULES = ("none", "plateau")
+from dirio.core.registry import Registry
+
 
 
 class StoppingRule(Protocol):
@@ -68,22 +69,21 @@ class PlateauStop:
         return previous - latest <= self.tolerance * max(progress, 0.0)
 
 
+def _no_stopping() -> None:
+    """Fixed iteration counts: no stopping rule."""
+    return None
+
+
+STOPPING_REGISTRY: Registry[StoppingRule | None] = Registry("early stopping rule")
+STOPPING_REGISTRY.register("none", _no_stopping)
+STOPPING_REGISTRY.register("plateau", PlateauStop)
+STOPPING_RULES = STOPPING_REGISTRY.names()
+
+
 def make_stopping_rule(name: str, **options) -> StoppingRule | None:
     """The stopping rule by name: ``"none"`` (returns None: fixed iteration counts) or ``"plateau"``.
 
     Raises:
         ValueError: unknown name, unknown option or invalid option value.
     """
-    if name == "none":
-        if options:
-            raise ValueError(f"early stopping 'none' takes no options, got {', '.join(sorted(options))}")
-        return None
-    if name == "plateau":
-        valid = ("window", "tolerance", "min_iterations")
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(unknown)} for early stopping 'plateau'; valid options: {', '.join(valid)}"
-            )
-        return PlateauStop(**options)
-    raise ValueError(f"unknown early stopping rule {name!r}; choose one of {', '.join(STOPPING_RULES)}")
+    return STOPPING_REGISTRY.create(name, **options)

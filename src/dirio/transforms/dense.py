@@ -6,11 +6,16 @@ The parameter grid may be coarser than the image grid on which the similarity is
 grid**, so that resampling between pyramid levels is :func:`dirio.core.fields.resize_field` and the
 finite differences the regularisers take on the parameter grid are dimensionless derivatives
 ``du/dx`` whatever the grid. Learning rates given to the engine are in voxels of the level's image
-grid and are divided by ``grid_spacing`` for the optimiser.
+grid; the transform's optimiser group divides them by ``grid_spacing`` (``lr_divisor``).
+
+Both models implement :class:`dirio.transforms.base.Transform`: at each pyramid level
+(``start_level``) the parameters move to the level's parameter grid, ``field(ctx)`` is the
+displacement on the level's image grid, and the regularizers see the parameters themselves.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,7 +23,10 @@ from torch import nn
 
 from torch.autograd.function import once_differentiable
 
-from dirio.core.fields import box_smooth, box_smooth_adjoint, integrate_velocity, resize_field
+from dirio.core.fields import integrate_velocity, resize_field
+from dirio.core.filters import box_smooth, box_smooth_adjoint
+from dirio.core.context import LevelContext, RegularizedField
+from dirio.transforms.base import TransformModule
 
 
 def grid_shape(shape: Sequence[int], spacing: float) -> tuple[int, ...]:
@@ -56,29 +64,75 @@ def smooth_parameters(param: torch.Tensor, passes: int) -> torch.Tensor:
     return _BoxSmoothing.apply(param, passes)
 
 
-class DenseDisplacement(nn.Module):
+class DenseDisplacement(TransformModule):
     """A displacement field optimised directly (dense instance optimisation).
 
     Args:
-        param_shape: spatial shape of the parameter grid.
+        param_shape: spatial shape of the parameter grid when the model is used on its own;
+            ``None`` (the engine's use) creates the parameters at the first ``start_level``.
         init: optional ``(1, ndim, *S)`` initial displacement on any grid, in voxels of that grid.
+        device: device of the parameters.
+        smoothing: passes of the parameter smoothing (:func:`smooth_parameters`).
+        grid_spacing: parameter-grid spacing in voxels of each level's image grid: one number, or
+            one per pyramid level (indexed by ``ctx.level``).
     """
 
     kind = "displacement"
 
-    def __init__(self, param_shape: Sequence[int], init: torch.Tensor | None = None, device=None, smoothing: int = 0):
+    def __init__(self, param_shape: Sequence[int] | None = None, init: torch.Tensor | None = None, device=None,
+                 smoothing: int = 0, grid_spacing: float | Sequence[float] = 1.0):
         super().__init__()
         self.smoothing = smoothing
-        ndim = len(param_shape)
-        if init is None:
-            value = torch.zeros(1, ndim, *param_shape, device=device)
-        else:
-            value = resize_field(init.to(device=device, dtype=torch.float32), param_shape)
-        self.param = nn.Parameter(value.contiguous())
+        self.grid_spacing = grid_spacing
+        self.init = init
+        self.device = device
+        self.current_spacing = 1.0
+        self.register_parameter("param", None)
+        if param_shape is not None:
+            self.param = nn.Parameter(self._initial(param_shape))
+
+    def _initial(self, param_shape: Sequence[int]) -> torch.Tensor:
+        if self.init is None:
+            return torch.zeros(1, len(param_shape), *param_shape, device=self.device).contiguous()
+        return resize_field(self.init.to(device=self.device, dtype=torch.float32), param_shape).contiguous()
+
+    def spacing_of_level(self, level: int) -> float:
+        """Parameter-grid spacing (image voxels per parameter voxel) of pyramid level ``level``."""
+        if isinstance(self.grid_spacing, (int, float)):
+            return float(self.grid_spacing)
+        return float(self.grid_spacing[level])
 
     @property
     def param_shape(self) -> tuple[int, ...]:
         return tuple(self.param.shape[2:])
+
+    # --- the Transform contract ----------------------------------------------------------------
+
+    def start_level(self, ctx: LevelContext) -> bool:
+        """Create the parameters on the level's parameter grid, or resample them onto it."""
+        self.current_spacing = self.spacing_of_level(ctx.level)
+        param_shape = grid_shape(ctx.shape, self.current_spacing)
+        if self.param is None:
+            self.param = nn.Parameter(self._initial(param_shape))
+        else:
+            self.resample(param_shape)
+        return True
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": [self.param], "lr_divisor": self.current_spacing}]
+
+    def spatial_parameters(self) -> list[torch.Tensor]:
+        return [self.param]
+
+    def field(self, ctx: LevelContext) -> torch.Tensor:
+        """``(1, ndim, *ctx.shape)`` displacement on the level's image grid, in its voxels."""
+        return self.displacement(ctx.shape)
+
+    def regularized(self, ctx: LevelContext, field: torch.Tensor | None = None) -> RegularizedField:
+        """The parameters, in parameter-grid voxels (unit spacing: derivatives are dimensionless)."""
+        return RegularizedField(self.param, (1.0,) * (self.param.dim() - 2))
+
+    # --- field on any grid ---------------------------------------------------------------------
 
     def grid_displacement(self) -> torch.Tensor:
         """``(1, ndim, *P)`` displacement on the parameter grid, in parameter-grid voxels."""
@@ -87,10 +141,6 @@ class DenseDisplacement(nn.Module):
     def displacement(self, shape: Sequence[int]) -> torch.Tensor:
         """``(1, ndim, *shape)`` displacement on an image grid of ``shape``, in voxels of that grid."""
         return resize_field(self.grid_displacement(), shape)
-
-    def regularised(self) -> torch.Tensor:
-        """The field the regularisers act on: ``(1, ndim, *P)`` in parameter-grid voxels."""
-        return self.param
 
     @torch.no_grad()
     def resample(self, param_shape: Sequence[int]) -> None:
@@ -102,16 +152,16 @@ class StationaryVelocity(DenseDisplacement):
     """A stationary velocity field exponentiated by scaling and squaring (diffeomorphic).
 
     The velocity lives on the parameter grid and is integrated there (``steps`` squarings), then
-    the displacement is upsampled. Regularisers act on the velocity.
+    the displacement is upsampled. Regularizers act on the velocity. An initial displacement is
+    used as the initial velocity: exact for translations and a first-order approximation
+    (``exp(v) ~ id + v``) otherwise.
     """
 
     kind = "velocity"
 
-    def __init__(self, param_shape: Sequence[int], init: torch.Tensor | None = None, device=None, steps: int = 7,
-                 smoothing: int = 0):
-        # An initial displacement is used as the initial velocity: exact for translations and a
-        # first-order approximation (exp(v) ~ id + v) otherwise.
-        super().__init__(param_shape, init=init, device=device, smoothing=smoothing)
+    def __init__(self, param_shape: Sequence[int] | None = None, init: torch.Tensor | None = None, device=None,
+                 steps: int = 7, smoothing: int = 0, grid_spacing: float | Sequence[float] = 1.0):
+        super().__init__(param_shape, init=init, device=device, smoothing=smoothing, grid_spacing=grid_spacing)
         self.steps = steps
 
     def grid_displacement(self) -> torch.Tensor:
@@ -119,9 +169,51 @@ class StationaryVelocity(DenseDisplacement):
 
 
 def make_dense_model(
-    diffeomorphic: bool, param_shape, init=None, device=None, steps: int = 7, smoothing: int = 0
+    diffeomorphic: bool, param_shape=None, init=None, device=None, steps: int = 7, smoothing: int = 0,
+    grid_spacing: float | Sequence[float] = 1.0,
 ) -> DenseDisplacement:
     """The dense transformation model: a velocity field when ``diffeomorphic`` else a displacement field."""
     if diffeomorphic:
-        return StationaryVelocity(param_shape, init=init, device=device, steps=steps, smoothing=smoothing)
-    return DenseDisplacement(param_shape, init=init, device=device, smoothing=smoothing)
+        return StationaryVelocity(param_shape, init=init, device=device, steps=steps, smoothing=smoothing,
+                                  grid_spacing=grid_spacing)
+    return DenseDisplacement(param_shape, init=init, device=device, smoothing=smoothing, grid_spacing=grid_spacing)
+
+
+@dataclass
+class DenseConfig:
+    """Settings of the dense transform.
+
+    Attributes:
+        diffeomorphic: optimise a stationary velocity field integrated by scaling and squaring
+            with ``integration_steps`` squarings, instead of a displacement field.
+        grid_spacing: parameter-grid spacing in voxels of each level's image grid (one number
+            for every level or one per level); 1 optimises a field at the level's resolution.
+        smoothing: passes of a 3-voxel box filter applied to the parameters to form the field
+            (see :func:`smooth_parameters`); 0 uses the parameters as they are.
+    """
+
+    diffeomorphic: bool = False
+    grid_spacing: float | Sequence[float] = 1.0
+    integration_steps: int = 7
+    smoothing: int = 2
+
+    def spacings(self, levels: int) -> list[float]:
+        """One parameter-grid spacing per pyramid level."""
+        if isinstance(self.grid_spacing, (int, float)):
+            return [float(self.grid_spacing)] * levels
+        return [float(s) for s in self.grid_spacing]
+
+    def validate(self, levels: int) -> None:
+        """Raise ``ValueError`` when the settings do not fit a pyramid of ``levels`` levels."""
+        spacings = self.spacings(levels)
+        if len(spacings) != levels or any(not s > 0 for s in spacings):
+            raise ValueError(f"grid spacing must be positive, one value or one per level; got {self.grid_spacing}")
+        if int(self.smoothing) != self.smoothing or self.smoothing < 0:
+            raise ValueError(f"smoothing must be a non-negative integer, got {self.smoothing!r}")
+        if int(self.integration_steps) != self.integration_steps or self.integration_steps < 0:
+            raise ValueError(f"integration_steps must be a non-negative integer, got {self.integration_steps!r}")
+
+    def build(self, init: torch.Tensor | None = None, device=None) -> DenseDisplacement:
+        """The transform, its parameters created at the first pyramid level."""
+        return make_dense_model(self.diffeomorphic, None, init=init, device=device, steps=self.integration_steps,
+                                smoothing=self.smoothing, grid_spacing=self.grid_spacing)

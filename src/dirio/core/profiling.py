@@ -1,0 +1,35 @@
+"""Peak-memory measurement for a run: CUDA allocator statistics, or the process's resident-set
+high-water mark on the CPU."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement (CUDA statistics, or Linux's per-process VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the resident-set high-water mark (VmHWM).
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated (CUDA devices), else the peak resident set size of the process
+    since :func:`reset_peak_memory` (Linux VmHWM; elsewhere the all-time ``ru_maxrss``), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

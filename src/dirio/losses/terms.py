@@ -1,0 +1,217 @@
+"""Terms with roles: the separately kept objectives the engine minimises.
+
+A :class:`Term` has a name, a :class:`Role`, a weight and a function of one :class:`Evaluation`
+(the transform's field at the current iteration on a :class:`~dirio.core.context.LevelContext`).
+Any number of terms of each role may be given: several similarity terms (MIND plus NCC, one per
+pyramid level), any regularizers, supervision terms (Dice of label maps, keypoint distances). The
+combination rules (:mod:`dirio.optim.combine`) read the roles, never the order or the names.
+
+Every term is lower-is-better and returns a scalar; the weight is applied by the rule, never
+inside the term.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dirio.core.fields import sample
+
+if TYPE_CHECKING:  # the contract only, for annotations
+    from dirio.transforms.base import Transform
+from dirio.core.context import LevelContext, RegularizedField
+
+
+class Role(str, enum.Enum):
+    """What a term is for. The combination rules treat similarity and supervision as data terms
+    (the gradient that is kept or projected) and regularizers as the smoothness side."""
+
+    SIMILARITY = "similarity"
+    REGULARIZER = "regularizer"
+    SUPERVISION = "supervision"
+
+
+class Evaluation:
+    """The transform evaluated once at one iteration: the field and what the terms derive from it.
+
+    Args:
+        ctx: the level (or batch) context.
+        field: ``(B, ndim, *ctx.shape)`` displacement in voxels of the level grid.
+        transform: the transform (for :attr:`regularized`).
+    Derived values are computed on first use and shared by all terms of the iteration.
+    """
+
+    def __init__(self, ctx: LevelContext, field: torch.Tensor, transform: Transform):
+        self.ctx = ctx
+        self.field = field
+        self.transform = transform
+        self._coords: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._mask_done = False
+        self._regularized: RegularizedField | None = None
+        self._regularized_done = False
+
+    @property
+    def coords(self) -> torch.Tensor:
+        """``(B, ndim, *S)`` sampling coordinates ``x + u(x)`` in voxels of the level grid."""
+        if self._coords is None:
+            self._coords = self.ctx.identity + self.field
+        return self._coords
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The fixed mask times the moving mask pulled into fixed space (either may be absent)."""
+        if not self._mask_done:
+            mask = self.ctx.fixed_mask
+            if self.ctx.moving_mask is not None:
+                warped = sample(self.ctx.moving_mask, self.coords, mode="linear", padding="zeros")
+                mask = warped if mask is None else mask * warped
+            self._mask, self._mask_done = mask, True
+        return self._mask
+
+    @property
+    def regularized(self) -> RegularizedField | None:
+        if not self._regularized_done:
+            self._regularized = self.transform.regularized(self.ctx, self.field)
+            self._regularized_done = True
+        return self._regularized
+
+
+@dataclass
+class Term:
+    """One separately kept objective.
+
+    Attributes:
+        name: unique name, used in the log (``history.csv`` columns).
+        role: a :class:`Role`.
+        function: ``function(evaluation, name) -> scalar tensor``; an object with
+            ``prepare(ctx, name)`` gets it called once per level (or batch) before the first
+            evaluation (it may store per-level values in ``ctx.cache[name]``).
+        weight: the term's weight (finite, >= 0; 0 drops the term and its backward pass).
+    """
+
+    name: str
+    role: Role
+    function: Callable[[Evaluation], torch.Tensor]
+    weight: float = 1.0
+
+    def __post_init__(self):
+        self.role = Role(self.role)
+        weight = float(self.weight)
+        if not weight >= 0.0 or weight == float("inf"):
+            raise ValueError(f"the weight of term {self.name!r} must be finite and >= 0, got {self.weight!r}")
+        self.weight = weight
+
+    def prepare(self, ctx: LevelContext) -> None:
+        prepare = getattr(self.function, "prepare", None)
+        if prepare is not None:
+            prepare(ctx, self.name)
+
+
+def ordered(terms: Sequence[Term]) -> list[Term]:
+    """Terms in evaluation order: similarity, supervision, then regularizers (stable within a role)."""
+    rank = {Role.SIMILARITY: 0, Role.SUPERVISION: 1, Role.REGULARIZER: 2}
+    names = [t.name for t in terms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"term names must be unique, {duplicates[0]!r} is given twice")
+    return sorted(terms, key=lambda t: rank[t.role])
+
+
+# --- the term functions --------------------------------------------------------------------------
+
+
+class SimilarityTerm:
+    """An image similarity of :mod:`dirio.losses.similarity` as a term function.
+
+    The fixed and moving features (``similarity.features(image)``, e.g. MIND descriptors) are
+    computed once per level in :meth:`prepare`; each evaluation warps the moving features with
+    the field and compares them with the fixed ones inside :attr:`Evaluation.mask`.
+    """
+
+    def __init__(self, similarity):
+        self.similarity = similarity
+
+    def prepare(self, ctx: LevelContext, name: str) -> None:
+        ctx.cache[name] = (self.similarity.features(ctx.fixed), self.similarity.features(ctx.moving))
+
+    def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
+        fixed_features, moving_features = evaluation.ctx.cache[name]
+        warped = sample(moving_features, evaluation.coords)
+        return self.similarity(fixed_features, warped, evaluation.mask)
+
+
+class RegularizerTerm:
+    """A regularizer of :mod:`dirio.losses.regularizers` applied to what the transform exposes."""
+
+    def __init__(self, regularizer):
+        self.regularizer = regularizer
+
+    def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
+        regularized = evaluation.regularized
+        if regularized is None:
+            raise ValueError(f"the regularizer {name!r} needs a transform with a field to regularize")
+        return self.regularizer(regularized.field, regularized.spacing)
+
+
+class DiceSupervision:
+    """Soft Dice loss of label maps: ``1 - mean_l 2 |F_l . W_l| / (|F_l| + |W_l|)`` in [0, 1].
+
+    The labels are taken from ``ctx.extra["fixed_labels"]`` and ``ctx.extra["moving_labels"]``:
+    ``(B, L, *S)`` one-hot (or probability) maps of the level grid; the moving maps are warped
+    with trilinear interpolation, which makes the loss differentiable (VoxelMorph's
+    semi-supervised loss).
+    """
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = float(eps)
+
+    def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
+        extra = evaluation.ctx.extra
+        if "fixed_labels" not in extra or "moving_labels" not in extra:
+            raise ValueError(f"the supervision term {name!r} needs fixed and moving label maps")
+        fixed, moving = extra["fixed_labels"], extra["moving_labels"]
+        warped = sample(moving.float(), evaluation.coords, mode="linear", padding="zeros")
+        axes = tuple(range(2, warped.dim()))
+        overlap = (fixed * warped).sum(axes)
+        total = fixed.sum(axes) + warped.sum(axes)
+        return 1.0 - (2.0 * overlap / (total + self.eps)).mean()
+
+
+class KeypointSupervision:
+    """Mean squared distance of corresponding keypoints after the transform, voxels² of the level grid.
+
+    ``ctx.extra["fixed_keypoints"]`` and ``ctx.extra["moving_keypoints"]``: ``(B, N, ndim)`` voxel
+    coordinates of the level grid. The field is sampled at the fixed points (trilinear), so the
+    loss is ``mean || p_f + u(p_f) - p_m ||^2``, the squared TRE of the Learn2Reg convention.
+    """
+
+    def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
+        extra = evaluation.ctx.extra
+        if "fixed_keypoints" not in extra or "moving_keypoints" not in extra:
+            raise ValueError(f"the supervision term {name!r} needs fixed and moving keypoints")
+        fixed, moving = extra["fixed_keypoints"], extra["moving_keypoints"]
+        ndim = fixed.shape[-1]
+        # (B, ndim, N, 1[, 1]) sampling positions: sample() takes voxel coordinates on a grid layout
+        coords = fixed.transpose(1, 2).reshape(fixed.shape[0], ndim, fixed.shape[1], *([1] * (ndim - 1)))
+        moved = sample(evaluation.field, coords.to(evaluation.field.dtype), mode="linear", padding="border")
+        moved = moved.reshape(fixed.shape[0], ndim, -1).transpose(1, 2) + fixed
+        return ((moved - moving) ** 2).sum(-1).mean()
+
+
+def evaluate_terms(terms: Sequence[Term], evaluation: Evaluation) -> dict[str, torch.Tensor]:
+    """Every term's scalar loss, in the given order."""
+    return {term.name: term.function(evaluation, term.name) for term in terms}
+
+
+def one_hot(labels: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    """``(B, 1, *S)`` integer label map -> ``(B, L, *S)`` float one-hot maps of ``label_ids`` (sorted)."""
+    ids = torch.as_tensor(list(label_ids), device=labels.device)
+    index = torch.searchsorted(ids, labels.long().clamp(min=0))
+    hit = (index < len(ids)) & (ids[index.clamp(max=len(ids) - 1)] == labels.long())
+    onehot = F.one_hot(torch.where(hit, index, torch.full_like(index, len(ids))), len(ids) + 1)
+    return onehot[:, 0, ..., :-1].movedim(-1, 1).float()

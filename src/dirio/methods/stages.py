@@ -1,0 +1,139 @@
+"""The stage pipeline: registration as a list of named stages run in order on one pair.
+
+A stage reads and updates a :class:`PairState` (the normalised images, masks, terms, the affine
+matrix and the dense stage's initial field found so far) and appends a record of what it did.
+The pipeline is data: ``run_stages(state, [("affine", options), ("convex", options), ("dense",
+options)])``; each name is looked up in :data:`STAGES`, so a new method is one more registered
+function, not an edit of the API.
+
+Stages of dirio (their options objects in brackets):
+
+* ``affine`` (:class:`AffineStage`): affine pre-alignment, :func:`dirio.methods.affine.register_affine`.
+* ``convex`` (:class:`~dirio.methods.convex.ConvexConfig`): discrete + coupled convex
+  initialisation of the dense stage, on the affinely pre-aligned pair.
+* ``dense`` (:class:`DenseStage`): instance optimisation of a dense field (after the affine, when
+  one ran), :func:`dirio.methods.dense.register_dense`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dirio.core.fields import field_to_numpy, warp
+from dirio.core.registry import Registry
+from dirio.losses.terms import Term
+from dirio.methods.affine import AffineConfig, register_affine
+from dirio.methods.convex import ConvexConfig, convex_initialisation
+from dirio.methods.dense import DenseStage, register_dense
+from dirio.optim.pyramid import PyramidResult
+from dirio.transforms.affine import affine_displacement, compose_affine_field
+
+
+@dataclass
+class AffineStage:
+    """Options of the ``affine`` stage: the family and the stage's optimisation settings."""
+
+    family: str = "affine"
+    config: AffineConfig = field(default_factory=AffineConfig)
+
+
+@dataclass
+class PairState:
+    """One pair on its way through the stages.
+
+    Attributes:
+        fixed, moving: ``(1, C, *S)`` normalised images on the same grid.
+        fixed_mask, moving_mask: optional ``(1, 1, *S)`` masks.
+        terms: the dense stage's terms; ``similarity`` the similarity object the affine stage uses.
+        spacing: voxel size in mm (rigid is rigid in mm), or ``None``.
+        seed, progress: the run's seed and whether to show progress bars.
+        matrix: ``(ndim + 1, ndim + 1)`` float64 voxel matrix found by the affine stage, or ``None``.
+        init: ``(1, ndim, *S)`` initial field of the dense stage (after the affine), or ``None``.
+        result: the dense stage's :class:`~dirio.optim.pyramid.PyramidResult`.
+        records: one dict per stage run (``stage``, ``seconds``, ``peak_memory_mb``, details).
+        stage_fields: when not ``None``, the ``(*S, ndim)`` field after each stage (everything so
+            far composed), by stage name.
+    """
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    terms: Sequence[Term]
+    similarity: Any
+    fixed_mask: torch.Tensor | None = None
+    moving_mask: torch.Tensor | None = None
+    spacing: Sequence[float] | None = None
+    seed: int = 0
+    progress: bool = True
+    matrix: torch.Tensor | None = None
+    init: torch.Tensor | None = None
+    result: PyramidResult | None = None
+    records: list[dict] = field(default_factory=list)
+    stage_fields: dict | None = None
+
+
+def affine_stage(state: PairState, options: AffineStage) -> None:
+    """Affine pre-alignment; sets ``state.matrix``."""
+    result = register_affine(
+        state.fixed, state.moving, state.similarity, options.family, options.config, spacing=state.spacing,
+        fixed_mask=state.fixed_mask, moving_mask=state.moving_mask, seed=state.seed, progress=state.progress,
+    )
+    state.records.append({"stage": "affine", "family": options.family, "seconds": result.seconds,
+                          "peak_memory_mb": result.peak_memory_mb, "levels": result.levels})
+    state.matrix = torch.from_numpy(result.matrix)
+    if state.stage_fields is not None:
+        state.stage_fields["affine"] = field_to_numpy(result.displacement)
+
+
+def convex_stage(state: PairState, options: ConvexConfig) -> None:
+    """Discrete + coupled convex step on the (affinely pre-aligned) pair; sets ``state.init``.
+
+    Skipped when the dense stage already has an initial field (given by the caller).
+    """
+    if state.init is not None:
+        return
+    fixed, moving, moving_mask = state.fixed, state.moving, state.moving_mask
+    if state.matrix is not None:
+        # The discrete search starts from the affine: the moving image (and mask) are pre-aligned.
+        affine_disp = affine_displacement(state.matrix.to(fixed.device), fixed.shape[2:])
+        moving = warp(moving, affine_disp)
+        if moving_mask is not None:
+            moving_mask = warp(moving_mask, affine_disp, padding="zeros")
+    result = convex_initialisation(fixed, moving, options, fixed_mask=state.fixed_mask, moving_mask=moving_mask)
+    state.records.append({
+        "stage": "convex", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
+        "cost_volume_mb": result.cost_volume_mb, "cost_volume_cached": result.cached, "slabs": result.slabs,
+        "consistency_error_cells": None if result.consistency_error is None else list(result.consistency_error),
+    })
+    state.init = result.displacement
+    if state.stage_fields is not None:
+        total = state.init if state.matrix is None else compose_affine_field(state.matrix, state.init)
+        state.stage_fields["convex"] = field_to_numpy(total)
+
+
+def dense_stage(state: PairState, options: DenseStage) -> None:
+    """Dense instance optimisation (a residual after the affine when one ran); sets ``state.result``."""
+    result = register_dense(
+        state.fixed, state.moving, state.terms, options, init=state.init, matrix=state.matrix,
+        fixed_mask=state.fixed_mask, moving_mask=state.moving_mask, spacing=state.spacing, seed=state.seed,
+        progress=state.progress,
+    )
+    state.records.append({"stage": "dense", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb})
+    state.result = result
+    if state.stage_fields is not None:
+        state.stage_fields["dense"] = field_to_numpy(result.displacement)
+
+
+STAGES: Registry[Callable[[PairState, Any], None]] = Registry("stage")
+STAGES.register("affine", affine_stage)
+STAGES.register("convex", convex_stage)
+STAGES.register("dense", dense_stage)
+
+
+def run_stages(state: PairState, stages: Sequence[tuple[str, Any]]) -> PairState:
+    """Run ``(name, options)`` stages in order on ``state``; return it."""
+    for name, options in stages:
+        STAGES.get(name)(state, options)
+    return state

@@ -1,0 +1,42 @@
+"""Optimisers by name: Adam, AMSGrad and plain SGD over a transform's parameter groups.
+
+Every factory takes the parameter groups (dicts with ``params``; any extra keys such as the
+transform's ``lr_divisor`` are kept by ``torch.optim``), the base learning rate and its own
+options (e.g. ``weight_decay``, which network instance optimisation uses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dirio.core.registry import Registry
+
+
+def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+         weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam (Kingma & Ba), ``weight_decay`` as an L2 term added to the gradient (torch's Adam)."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def amsgrad(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+            weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam with the AMSGrad maximum of the second moments (the gradient-projection IO paper's optimiser)."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=True)
+
+
+def sgd(params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Plain (or momentum) stochastic gradient descent."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+OPTIMIZER_REGISTRY: Registry[torch.optim.Optimizer] = Registry("optimizer", hidden_options=("params", "lr"))
+OPTIMIZER_REGISTRY.register("adam", adam)
+OPTIMIZER_REGISTRY.register("amsgrad", amsgrad)
+OPTIMIZER_REGISTRY.register("sgd", sgd)
+OPTIMIZERS = OPTIMIZER_REGISTRY.names()
+
+
+def make_optimizer(name: str, params, lr: float, **options) -> torch.optim.Optimizer:
+    """The optimiser ``name`` over ``params`` (tensors or parameter groups) at base rate ``lr``."""
+    OPTIMIZER_REGISTRY.check_options(name, {"params": None, "lr": None, **options})
+    return OPTIMIZER_REGISTRY.get(name)(params, lr, **options)

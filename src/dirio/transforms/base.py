@@ -1,0 +1,106 @@
+"""The transform contract: what the engine optimises.
+
+A transform maps a :class:`~dirio.core.context.LevelContext` (the images, masks and grid of one pyramid level, or one
+training batch) to a displacement ``(B, ndim, *S)`` in voxels of that level's grid, Learn2Reg
+convention (``warped(x) = moving(x + u(x))``). Dense displacement and velocity fields, the affine
+family, an affine followed by a dense residual, and registration networks all implement
+:class:`Transform`; the engine (:mod:`dirio.optim.pyramid`, :mod:`dirio.optim.step`) receives one
+and returns it, so the caller keeps the optimised object.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from dirio.core.context import LevelContext, RegularizedField
+
+
+@runtime_checkable
+class Transform(Protocol):
+    """What is optimised. Every transform of dirio is a ``torch.nn.Module`` implementing this.
+
+    * ``parameters()``: the tensors the optimiser updates (``nn.Module.parameters``).
+    * ``parameter_groups()``: optimiser groups ``{"params": [...], "lr_divisor": d}``; the engine
+      sets each group's rate to ``lr / d`` where ``lr`` is in voxels of the level grid per step
+      (a dense field on a coarser parameter grid divides by its spacing; an affine or a network by 1).
+    * ``spatial_parameters()``: the parameters that are spatial fields ``(B, C, *S)``, for the
+      ``block`` scope of the combination rules (a network's Conv3d weights are not).
+    * ``start_level(ctx) -> bool``: the per-level hook, called before a level's first iteration
+      (resample a field onto the level's parameter grid, freeze or unfreeze parts); returns True
+      when the parameter tensors were replaced, so that the optimiser must be rebuilt.
+    * ``field(ctx)``: ``(B, ndim, *ctx.shape)`` displacement in voxels of the level grid.
+    * ``regularized(ctx, field)``: a :class:`RegularizedField`, or ``None`` when no smoothness
+      regularizer applies (an affine transform); ``field`` is this iteration's ``field(ctx)``
+      (a network regularizes its prediction, a dense field its parameters).
+    * ``save_state()`` / ``restore_state(state)``: a detached copy of every parameter and buffer,
+      and its exact restoration (parameter shapes included), e.g. to restore pretrained weights
+      after per-pair fine-tuning.
+    """
+
+    def parameters(self) -> Iterable[torch.Tensor]: ...
+
+    def parameter_groups(self) -> list[dict]: ...
+
+    def spatial_parameters(self) -> list[torch.Tensor]: ...
+
+    def start_level(self, ctx: LevelContext) -> bool: ...
+
+    def field(self, ctx: LevelContext) -> torch.Tensor: ...
+
+    def regularized(self, ctx: LevelContext, field: torch.Tensor) -> RegularizedField | None: ...
+
+    def save_state(self) -> dict[str, torch.Tensor]: ...
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class TransformModule(torch.nn.Module):
+    """Defaults shared by dirio's transforms: one optimiser group at the level rate, no spatial
+    parameters, nothing to do between levels, no regularized field, state as detached copies."""
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_divisor": 1.0}]
+
+    def spatial_parameters(self) -> list[torch.Tensor]:
+        return []
+
+    def start_level(self, ctx: LevelContext) -> bool:
+        return False
+
+    def regularized(self, ctx: LevelContext, field: torch.Tensor) -> RegularizedField | None:
+        return None
+
+    def save_state(self) -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in self.state_dict(keep_vars=True).items()}
+
+    @torch.no_grad()
+    def restore_state(self, state: dict[str, torch.Tensor]) -> None:
+        current = self.state_dict(keep_vars=True)
+        missing = sorted(set(current) - set(state))
+        unexpected = sorted(set(state) - set(current))
+        if missing or unexpected:
+            raise ValueError(f"state does not match the transform: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, value in state.items():
+            target = current[name]
+            # ``.data`` assignment restores the value and the shape (a resampled field changes shape)
+            target.data = value.detach().clone().to(device=target.device, dtype=target.dtype)
+
+
+def parameter_flags(params: Sequence[torch.Tensor], spatial: Iterable[torch.Tensor]) -> list[bool]:
+    """For each of ``params``, whether it is one of the ``spatial`` tensors (by identity)."""
+    ids = {id(p) for p in spatial}
+    return [id(p) in ids for p in params]
+
+
+@contextmanager
+def restored(transform: Transform):
+    """Restore ``transform``'s parameters and buffers, bit for bit, when the block exits, however
+    it exits (a result, an error, an interrupt): per-pair fine-tuning never leaks into the next pair."""
+    state = transform.save_state()
+    try:
+        yield transform
+    finally:
+        transform.restore_state(state)

@@ -1,0 +1,70 @@
+"""A network is one more transform: a tiny CNN registers a pair through the same engine, terms and
+combination rules as the dense field, and its weights are restored bit for bit afterwards."""
+
+import pytest
+import torch
+
+from dirio.losses.regularizers import make_regularizer
+from dirio.losses.similarity import make_similarity
+from dirio.losses.terms import RegularizerTerm, Role, SimilarityTerm, Term
+from dirio.optim.pyramid import OptimizerConfig, PyramidConfig, run_pyramid
+from dirio.transforms.base import Transform, restored
+from dirio.transforms.network import NetworkTransform
+from tiny_networks import TinyRegistrationNet, blob_pair
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def terms(weight=0.1):
+    return [Term("mse", Role.SIMILARITY, SimilarityTerm(make_similarity("mse")), 1.0),
+            Term("diffusion", Role.REGULARIZER, RegularizerTerm(make_regularizer("diffusion")), weight)]
+
+
+@pytest.mark.parametrize("combine", ["sum", "pcgrad", "surgery"])
+def test_a_tiny_network_registers_a_shifted_blob_and_its_weights_are_restored(combine):
+    fixed, moving = blob_pair(shift=1.5)
+    transform = NetworkTransform(TinyRegistrationNet())
+    assert isinstance(transform, Transform)
+    before = {k: v.clone() for k, v in transform.state_dict().items()}
+    with restored(transform):
+        result = run_pyramid(transform, terms(), fixed, moving, PyramidConfig(levels=(1,), iterations=(60,)),
+                             OptimizerConfig(optimizer="adam", lr=3e-3, schedule="constant", combine=combine),
+                             progress=False)
+        assert result.transform is transform
+        tuned = {k: v.clone() for k, v in transform.state_dict().items()}
+    history = result.history
+    assert history[-1]["mse"] < 0.5 * history[0]["mse"], (history[0]["mse"], history[-1]["mse"])
+    # fixed(x) = moving(x + u): the fixed blob sits 1.5 voxels lower along axis 0, so u_0 ~ +1.5 at its centre
+    centre = result.displacement[0, 0, 10:13, 11:14].mean()
+    assert 0.7 < float(centre) < 2.3, float(centre)
+    if combine != "sum":
+        assert "conflict" in history[-1]
+    assert any(not torch.equal(tuned[k], before[k]) for k in before)
+    assert all(torch.equal(transform.state_dict()[k], before[k]) for k in before)
+
+
+def test_weights_are_restored_after_an_error_in_the_middle_of_a_run():
+    fixed, moving = blob_pair()
+    transform = NetworkTransform(TinyRegistrationNet())
+    before = {k: v.clone() for k, v in transform.state_dict().items()}
+
+    class Exploding:
+        calls = 0
+
+        def __call__(self, evaluation, name):
+            Exploding.calls += 1
+            value = (evaluation.field ** 2).mean()
+            return value * float("nan") if Exploding.calls > 5 else value
+
+    broken = terms() + [Term("broken", Role.SUPERVISION, Exploding(), 1.0)]
+    with pytest.raises(Exception, match="broken loss became nan"):
+        with restored(transform):
+            run_pyramid(transform, broken, fixed, moving, PyramidConfig(levels=(1,), iterations=(20,)),
+                        OptimizerConfig(lr=1e-2, schedule="constant"), progress=False)
+    assert all(torch.equal(transform.state_dict()[k], before[k]) for k in before)
+
+
+def test_network_parameters_are_not_tagged_as_spatial_fields():
+    transform = NetworkTransform(TinyRegistrationNet())
+    assert transform.spatial_parameters() == []
+    assert [len(g["params"]) for g in transform.parameter_groups()] == [len(list(transform.parameters()))]
