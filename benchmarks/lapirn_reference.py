@@ -23,7 +23,7 @@ import torch
 
 from dirio.core.fields import field_to_numpy, warp
 from dirio.evaluation.overlap import dice_per_label, warp_labels
-from dirio.io.checkpoints import build_network
+from dirio.transforms.networks import build_network
 from dirio.io.images import load_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

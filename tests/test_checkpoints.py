@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from dirio.errors import DirioError
-from dirio.io.checkpoints import CHECKPOINT_FORMAT, build_network, load_checkpoint, save_checkpoint
+from dirio.io.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from dirio.transforms.networks import build_network
 from dirio.transforms.networks import NETWORKS, LapIRN, UNet, default_brain_model
 from dirio.transforms.networks import lapirn as lapirn_module
+from dirio.transforms.networks import registry as registry_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +134,7 @@ def test_packaged_brain_model_loads_and_a_missing_file_is_a_one_line_error(monke
     assert isinstance(model, LapIRN) and model.architecture == "lapirn-disp" and model.start_channel == 7
     assert sum(p.numel() for p in model.parameters()) == 923_748
     assert (lapirn_module.PRETRAINED_DIR / "LICENSE.md").is_file()
-    monkeypatch.setattr(lapirn_module, "DEFAULT_BRAIN_WEIGHTS", tmp_path / "LapIRN_disp_fea7.pth")
+    monkeypatch.setattr(registry_module, "DEFAULT_BRAIN_WEIGHTS", tmp_path / "LapIRN_disp_fea7.pth")
     with pytest.raises(DirioError) as info:
-        lapirn_module.default_brain_model()
+        registry_module.default_brain_model()
     _one_line_naming(info, "LapIRN_disp_fea7.pth", "missing")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dirio.core.fields import warp
 from dirio.errors import DirioError
 from dirio.evaluation.overlap import dice_per_label
-from dirio.io.checkpoints import build_network
+from dirio.transforms.networks import build_network
 from dirio.io.images import load_image
 from dirio.transforms.networks.lapirn import (
     LapIRN,

@@ -173,12 +173,7 @@ def _read(path: Path) -> Any:
         raise DirioError(f"{path}: not a readable weights-only PyTorch checkpoint ({reason})") from None
 
 
-def is_upstream_lapirn(state_dict: Mapping[str, Any]) -> bool:
-    """Whether a plain state_dict has the key layout of upstream LapIRN (``cwmok/LapIRN``) checkpoints."""
-    return "output_lvl1.0.weight" in state_dict and any(k.startswith("model_lvl2.model_lvl1.") for k in state_dict)
-
-
-def load_checkpoint(path: PathLike, architecture: str | None = None) -> dict:
+def load_checkpoint(path: PathLike, architecture: str | None = None, convert_plain=None) -> dict:
     """Read a network checkpoint into the dict of the dirio format (module docstring).
 
     Args:
@@ -186,6 +181,10 @@ def load_checkpoint(path: PathLike, architecture: str | None = None) -> dict:
         architecture: needed for upstream LapIRN files only (``"lapirn-disp"`` or
             ``"lapirn-diff"``: the file does not say which field its network predicts); for a dirio
             checkpoint it is checked against the file's architecture when given.
+        convert_plain: ``convert_plain(state_dict, architecture, path) -> dict | None`` turns a
+            plain state_dict of a known foreign layout into the dirio dict (``None``: unknown);
+            :func:`dirio.transforms.networks.registry.build_network` passes the upstream LapIRN
+            converter. The io layer knows no network architecture.
     Returns:
         ``{"format", "version", "architecture", "settings", "state_dict", "extra"}``. For an
         upstream file the state_dict is renamed to dirio's keys, settings hold the
@@ -216,68 +215,11 @@ def load_checkpoint(path: PathLike, architecture: str | None = None) -> dict:
             "extra": dict(content.get("extra") or {}),
         }
     if content and all(isinstance(v, torch.Tensor) for v in content.values()):
-        if is_upstream_lapirn(content):
-            from dirio.transforms.networks.lapirn import from_upstream_state_dict
-
-            if architecture not in ("lapirn-disp", "lapirn-diff"):
-                raise DirioError(
-                    f"{path}: an upstream LapIRN state_dict; say which field it predicts with "
-                    f"architecture='lapirn-disp' or 'lapirn-diff' (got {architecture!r})"
-                )
-            state_dict, settings = from_upstream_state_dict(content)
-            return {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "architecture": architecture,
-                "settings": settings,
-                "state_dict": state_dict,
-                "extra": {"source": f"upstream LapIRN state_dict {path.name}"},
-            }
+        converted = None if convert_plain is None else convert_plain(content, architecture, path)
+        if converted is not None:
+            return converted
         raise DirioError(
             f"{path}: a plain state_dict of unknown layout ({_listed(list(content))}); "
             "dirio reads its own checkpoints and upstream LapIRN weights"
         )
     raise DirioError(f"{path}: not a dirio network checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry)")
-
-
-def build_network(
-    checkpoint: PathLike | Mapping[str, Any], architecture: str | None = None, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """Build the network a checkpoint describes and load its weights.
-
-    Args:
-        checkpoint: a path (dirio checkpoint or upstream LapIRN file, see :func:`load_checkpoint`)
-            or a dict already returned by :func:`load_checkpoint`.
-        architecture: required for upstream LapIRN files, else an optional check.
-        device: where to put the network.
-    Returns:
-        The network in eval mode (``module.train()`` to fine-tune it), on ``device``.
-    Raises:
-        DirioError: one line naming the file and the problem: unknown architecture, settings the
-            architecture does not take, or weights that do not fit (missing / unexpected keys,
-            shapes).
-    """
-    # The registry lives with the networks (transforms layer); imported here, not at module level,
-    # so that dirio.io does not depend on dirio.transforms when no network is built.
-    from dirio.transforms.networks import NETWORKS
-
-    if isinstance(checkpoint, Mapping):
-        source = str(checkpoint.get("extra", {}).get("source", "checkpoint"))
-        content = dict(checkpoint)
-        if architecture is not None and content.get("architecture") != architecture:
-            raise DirioError(f"{source}: holds architecture {content.get('architecture')!r}, expected {architecture!r}")
-    else:
-        source = str(checkpoint)
-        content = load_checkpoint(checkpoint, architecture)
-        if str(content["extra"].get("source", "")).startswith("upstream"):
-            source += " (upstream LapIRN layout; keys named as in dirio)"
-    name = content["architecture"]
-    if name not in NETWORKS:
-        raise DirioError(f"{source}: unknown network architecture {name!r}; known: {', '.join(NETWORKS.names())}")
-    try:
-        module = NETWORKS.create(name, **content["settings"])
-    except (TypeError, ValueError) as exc:
-        raise DirioError(f"{source}: cannot build {name} from its settings: {exc}") from None
-    what = f"{name} ({', '.join(f'{k}={v}' for k, v in content['settings'].items())})"
-    load_state_dict_checked(module, content["state_dict"], source, what)
-    return module.to(device).eval()

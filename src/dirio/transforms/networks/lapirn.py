@@ -387,24 +387,3 @@ def from_upstream_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[Or
     first = state_dict.get("input_encoder_lvl1.0.weight")
     settings = {"start_channel": int(first.shape[0]) // 4} if isinstance(first, torch.Tensor) else {}
     return renamed, settings
-
-
-def default_brain_model(device: str | torch.device = "cpu") -> LapIRN:
-    """The pretrained LapIRN displacement model shipped with dirio (upstream ``LapIRN_disp_fea7.pth``).
-
-    Trained by Mok & Chung on OASIS T1 brains (160 x 192 x 144, 1 mm, skull-stripped, affinely
-    aligned, min-max normalised to [0, 1]); MIT licence, see ``pretrained/README.md``.
-
-    Returns:
-        The network in eval mode on ``device``.
-    Raises:
-        DirioError: when the packaged weights file is missing (a broken installation).
-    """
-    from dirio.io.checkpoints import build_network
-
-    if not DEFAULT_BRAIN_WEIGHTS.is_file():
-        raise DirioError(
-            f"{DEFAULT_BRAIN_WEIGHTS}: the packaged LapIRN brain weights are missing; reinstall dirio "
-            "(they are package data of dirio.transforms.networks)"
-        )
-    return build_network(DEFAULT_BRAIN_WEIGHTS, architecture="lapirn-disp", device=device)
