@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dirio.evaluation.metrics import mean_dice
+from dirio.evaluation.overlap import mean_dice
 import torch
 
 from dirio.io.atomic import write_json, write_text
@@ -92,7 +92,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     are off so that the printed output stays a table.
     """
     preset = make_settings(args.preset)
-    levels = args.levels if args.levels is not None else tuple(preset.engine.levels)
+    levels = args.levels if args.levels is not None else tuple(preset.pyramid.levels)
     iterations = args.iterations
     if iterations is None and args.quick:
         iterations = (QUICK_ITERATIONS,) * len(levels)
@@ -104,7 +104,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     if args.lr is not None:
         overrides["lr"] = args.lr
     if args.weight is not None:
-        overrides["regularizers"] = {name: args.weight for name in preset.regularizers}
+        overrides["regularizers"] = {name: args.weight for name in preset.terms.regularizers}
     return overrides
 
 

@@ -24,7 +24,9 @@ import numpy as np
 
 import _common as C
 from dirio.api import register
-from dirio.evaluation.metrics import dice_per_label, evaluate_field, hd95_per_label, mean_dice
+from dirio.evaluation.evaluate import evaluate_field
+from dirio.evaluation.overlap import dice_per_label, mean_dice
+from dirio.evaluation.surface import hd95_per_label
 
 NAME = "brain_mirror"
 # FreeSurfer aseg left/right pairs (FreeSurferColorLUT): cerebral WM, cortex, lateral ventricle,

@@ -22,7 +22,10 @@ import numpy as np
 import _common as C
 from dirio.api import register
 from dirio.io.images import save_image
-from dirio.evaluation.metrics import dice_per_label, evaluate_field, fraction_nonpositive_jacobian, hd95_per_label, mean_dice, sdlogj_l2r
+from dirio.evaluation.evaluate import evaluate_field
+from dirio.evaluation.jacobian import fraction_nonpositive_jacobian, sdlogj_l2r
+from dirio.evaluation.overlap import dice_per_label, mean_dice
+from dirio.evaluation.surface import hd95_per_label
 from dirio.testing.synthetic import endpoint_error, warped_pair
 
 NAME = "brain_synthetic"

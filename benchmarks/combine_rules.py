@@ -40,7 +40,7 @@ import torch
 import _common as C
 from dirio.api import register
 from dirio.core.fields import identity_grid, resize_image, sample
-from dirio.evaluation.metrics import evaluate_field
+from dirio.evaluation.evaluate import evaluate_field
 from dirio.testing.synthetic import endpoint_error, warped_pair
 
 NAME = "combine_rules"
@@ -190,44 +190,36 @@ def before_metrics(pair: dict) -> dict:
 
 
 class IterationLoop:
-    """One rule's optimisation state and the engine's loop body (dirio.optim.engine.optimise), timed.
+    """One rule's optimisation state and the engine's step (dirio.optim.step.Step), timed.
 
-    Every rule keeps its own field and optimiser, so each follows its own trajectory; the loop
-    body is the engine's: field from the parameters, warp the moving image, LNCC + diffusion,
+    Every rule keeps its own field and optimiser, so each follows its own trajectory; the step is
+    the engine's: field from the parameters, warp the moving image, LNCC + diffusion,
     ``rule.backward``, Adam step.
     """
 
     def __init__(self, variant: str, fixed: torch.Tensor, moving: torch.Tensor, settings):
-        from dirio.api import build_objectives
-        from dirio.transforms.dense import make_dense_model
+        from dirio.api import build_terms
+        from dirio.core.context import LevelContext
         from dirio.optim.combine import make_combine_rule
-        from dirio.optim.engine import make_optimizer
+        from dirio.optim.optimizers import make_optimizer
+        from dirio.optim.step import Step
+        from dirio.transforms.dense import make_dense_model
 
         rule, options = VARIANTS[variant]
         self.shape = tuple(fixed.shape[2:])
-        self.model = make_dense_model(False, self.shape, smoothing=settings.engine.smoothing)
-        self.objectives = build_objectives(settings)
-        self.similarity = self.objectives[0].function
-        self.fixed_features = self.similarity.features(fixed)
-        self.moving_features = self.similarity.features(moving)
-        self.weights = {o.name: o.weight for o in self.objectives}
+        self.model = make_dense_model(False, self.shape, smoothing=settings.transform.smoothing)
         options = dict(options)
         if rule != "sum":
             options["generator"] = torch.Generator().manual_seed(0)
-        self.rule = make_combine_rule(rule, **options)
-        self.optimizer = make_optimizer("adam", [self.model.param], settings.engine.lr)
-        self.identity = identity_grid(self.shape).unsqueeze(0)
+        self.step_function = Step(build_terms(settings), make_combine_rule(rule, **options))
+        self.ctx = LevelContext(level=0, shape=self.shape, full_shape=self.shape, fixed=fixed, moving=moving)
+        self.step_function.prepare(self.ctx)
+        self.optimizer = make_optimizer("adam", [self.model.param], settings.optimization.lr)
 
     def step(self) -> float:
         """One iteration; its wall time in seconds."""
         start = time.perf_counter()
-        coords = self.identity + self.model.displacement(self.shape)
-        warped = sample(self.moving_features, coords)
-        losses = {self.objectives[0].name: self.similarity(self.fixed_features, warped, None)}
-        for objective in self.objectives[1:]:
-            losses[objective.name] = objective.function(self.model.regularised())
-        self.rule.backward(losses, self.weights, [self.model.param])
-        self.optimizer.step()
+        self.step_function(self.model, self.ctx, self.optimizer, [self.model.param])
         return time.perf_counter() - start
 
 

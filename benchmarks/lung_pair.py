@@ -30,7 +30,10 @@ import numpy as np
 import _common as C
 from dirio.api import register
 from dirio.io.images import Image, load_image, load_keypoints, resample_to_grid
-from dirio.evaluation.metrics import dice_per_label, evaluate_field, sdlogj_l2r, tre
+from dirio.evaluation.evaluate import evaluate_field
+from dirio.evaluation.jacobian import sdlogj_l2r
+from dirio.evaluation.landmarks import tre
+from dirio.evaluation.overlap import dice_per_label
 from dirio.apps.workflow import map_points
 
 NAME = "lung_pair"

@@ -39,7 +39,8 @@ import torch
 import _common as C
 from dirio.api import register
 from dirio.io.images import Image, load_image, resample_to_grid
-from dirio.evaluation.metrics import fraction_nonpositive_jacobian, sdlogj_l2r, tre
+from dirio.evaluation.jacobian import fraction_nonpositive_jacobian, sdlogj_l2r
+from dirio.evaluation.landmarks import tre
 
 NAME = "lung_stages"
 FOLDER = C.DATA / "elastix-lung-ct"
@@ -99,7 +100,7 @@ def run_method(pair: dict, method: dict, args) -> dict:
     """One register() call: TRE after every stage, regularity, per-stage time and memory."""
     overrides = dict(method)
     if args.quick:
-        levels = C.make_settings(method["preset"]).engine.levels
+        levels = C.make_settings(method["preset"]).pyramid.levels
         overrides["iterations"] = (C.QUICK_ITERATIONS,) * len(levels)
         overrides["affine_options"] = {"iterations": (C.QUICK_ITERATIONS,) * len(C.make_settings(
             method["preset"]).affine_options.levels)}

@@ -25,7 +25,7 @@ import _common as C
 from dirio.api import register
 from dirio.core.fields import warp
 from dirio.io.images import load_image
-from dirio.evaluation.metrics import fraction_nonpositive_jacobian, sdlogj_l2r
+from dirio.evaluation.jacobian import fraction_nonpositive_jacobian, sdlogj_l2r
 from dirio.testing.synthetic import smooth_random_field
 
 NAME = "lung_synthetic"
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         for name in methods:
             overrides = dict(METHODS[name])
             if args.quick:
-                levels = C.make_settings(overrides["preset"]).engine.levels
+                levels = C.make_settings(overrides["preset"]).pyramid.levels
                 overrides["iterations"] = (C.QUICK_ITERATIONS,) * len(levels)
             result = register(pair["fixed"], pair["moving"], fixed_mask=pair["fixed_mask"],
                               moving_mask=pair["moving_mask"], spacing=tuple(pair["spacing"]),

@@ -23,7 +23,9 @@ import numpy as np
 import _common as C
 from dirio.api import register
 from dirio.io.images import load_image
-from dirio.evaluation.metrics import dice_per_label, evaluate_field, hd95_per_label, mean_dice, warp_labels
+from dirio.evaluation.evaluate import evaluate_field
+from dirio.evaluation.overlap import dice_per_label, mean_dice, warp_labels
+from dirio.evaluation.surface import hd95_per_label
 
 NAME = "oasis_pair"
 DATA_DIR = C.DATA / "lapirn-oasis-brain"

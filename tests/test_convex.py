@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dirio.api import register
-from dirio.core.fields import gaussian_smooth, identity_grid, warp
+from dirio.core.fields import identity_grid, warp
+from dirio.core.filters import gaussian_smooth
 from dirio.methods.convex import (
     ConvexConfig,
     CostVolume,

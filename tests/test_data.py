@@ -52,8 +52,9 @@ def test_validation_pairs_get_official_names_and_existing_companions_only(tmp_pa
     dataset = load_dataset(dataset_json)
     assert dataset.name == "OASIS" and dataset.label_ids == [1, 2]
     pairs = dataset.pairs("val")
-    assert [p.name for p in pairs] == ["0001_0002", "0002_0003"]
-    assert pairs[0].disp_name == "disp_0001_0002.nii.gz"
+    # the evaluator accepts the short name only for modalities 0000 <- 0001: OASIS pairs get the long one
+    assert [p.name for p in pairs] == ["0001_0000_0002_0000", "0002_0000_0003_0000"]
+    assert pairs[0].disp_name == "disp_0001_0000_0002_0000.nii.gz"
     assert pairs[0].case_key == "0001_0000<--0002_0000"
     assert pairs[0].fixed.image == tmp_path / "imagesTr" / "OASIS_0001_0000.nii.gz"
     assert pairs[0].fixed.labels == tmp_path / "labelsTr" / "OASIS_0001_0000.nii.gz"
@@ -63,13 +64,14 @@ def test_validation_pairs_get_official_names_and_existing_companions_only(tmp_pa
         dataset.pairs("test")
 
 
-def test_pairs_within_one_case_use_the_long_names_when_short_ones_collide(tmp_path):
+def test_only_pairs_of_modalities_0000_and_0001_get_the_short_name(tmp_path):
     dataset_json = write_json(tmp_path / "d.json", {"registration_val": [
         {"fixed": "./imagesTr/L_0001_0000.nii.gz", "moving": "./imagesTr/L_0001_0001.nii.gz"},
         {"fixed": "./imagesTr/L_0001_0000.nii.gz", "moving": "./imagesTr/L_0001_0002.nii.gz"},
+        {"fixed": "./imagesTr/L_0002_0001.nii.gz", "moving": "./imagesTr/L_0002_0000.nii.gz"},
     ]})
     names = [p.name for p in load_dataset(dataset_json).pairs("val")]
-    assert names == ["0001_0000_0001_0001", "0001_0000_0001_0002"]
+    assert names == ["0001_0001", "0001_0000_0001_0002", "0002_0001_0002_0000"]
 
 
 def test_training_pairs_are_intra_case_when_cases_have_several_images(tmp_path):
@@ -82,7 +84,7 @@ def test_training_pairs_are_consecutive_when_every_case_has_one_image(tmp_path):
     training = [{"image": f"./imagesTr/OASIS_{c}_0000.nii.gz", "label": f"./other/{c}.nii.gz"} for c in ("0001", "0002", "0003")]
     touch(tmp_path / "other" / "0002.nii.gz")
     pairs = load_dataset(write_json(tmp_path / "d.json", {"training": training})).pairs("train")
-    assert [p.name for p in pairs] == ["0001_0002", "0002_0003"]
+    assert [p.name for p in pairs] == ["0001_0000_0002_0000", "0002_0000_0003_0000"]
     # an explicit "label" of a training entry wins over the sibling folder
     assert pairs[0].moving.labels == tmp_path / "other" / "0002.nii.gz"
     assert pairs[0].fixed.labels is None
@@ -91,7 +93,7 @@ def test_training_pairs_are_consecutive_when_every_case_has_one_image(tmp_path):
 def test_a_registration_train_list_is_used_as_given(tmp_path):
     content = {"training": [{"image": "./imagesTr/A_0001_0000.nii.gz"}, {"image": "./imagesTr/A_0002_0000.nii.gz"}],
                "registration_train": [{"fixed": "./imagesTr/A_0002_0000.nii.gz", "moving": "./imagesTr/A_0001_0000.nii.gz"}]}
-    assert [p.name for p in load_dataset(write_json(tmp_path / "d.json", content)).pairs("train")] == ["0002_0001"]
+    assert [p.name for p in load_dataset(write_json(tmp_path / "d.json", content)).pairs("train")] == ["0002_0000_0001_0000"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -123,7 +125,7 @@ def test_the_synthetic_dataset_has_the_learn2reg_layout_and_corresponding_keypoi
     dataset = load_dataset(path)
     assert dataset.label_ids == [1, 2]
     val = dataset.pairs("val")
-    assert [p.name for p in val] == ["0001_0002", "0002_0003"]
+    assert [p.name for p in val] == ["0001_0000_0002_0000", "0002_0000_0003_0000"]
     assert all(p.fixed.labels and p.fixed.mask and p.fixed.keypoints for p in val)
     points = np.loadtxt(val[0].fixed.keypoints, delimiter=",", ndmin=2)
     assert points.shape == (2, 3)
@@ -134,4 +136,4 @@ def test_the_synthetic_dataset_has_the_learn2reg_layout_and_corresponding_keypoi
     at_points = np.stack([ndimage.map_coordinates(truth[..., a], moving_points.T, order=1) for a in range(3)], axis=1)
     np.testing.assert_allclose(moving_points + at_points, points, atol=1e-3)
     assert np.abs(moving_points - points).max() > 0.2
-    assert [p.name for p in dataset.pairs("test")] == ["0001_0002", "0001_0003"]
+    assert [p.name for p in dataset.pairs("test")] == ["0001_0000_0002_0000", "0001_0000_0003_0000"]

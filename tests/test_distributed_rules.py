@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dirio.core.context import LevelContext
+from dirio.core.distributed import average_gradients
 from dirio.losses.regularizers import make_regularizer
 from dirio.losses.similarity import make_similarity
 from dirio.losses.terms import RegularizerTerm, Role, SimilarityTerm, Term
@@ -45,7 +46,7 @@ def train(rule_name: str, fixed: torch.Tensor, moving: torch.Tensor) -> dict[str
     terms = [Term("mse", Role.SIMILARITY, SimilarityTerm(make_similarity("mse")), 1.0),
              Term("diffusion", Role.REGULARIZER, RegularizerTerm(make_regularizer("diffusion")), 0.5)]
     options = {} if rule_name == "sum" else {"generator": torch.Generator().manual_seed(3)}
-    step = Step(terms, make_combine_rule(rule_name, **options))
+    step = Step(terms, make_combine_rule(rule_name, **options), reduce=average_gradients)
     ctx = LevelContext(level=0, shape=tuple(fixed.shape[2:]), full_shape=tuple(fixed.shape[2:]), fixed=fixed,
                        moving=moving)
     step.prepare(ctx)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dirio.core import fields as field
+from dirio.core import filters
 
 SHAPES = {3: (9, 11, 13), 2: (11, 13)}
 
@@ -30,7 +31,7 @@ def _random_image(shape, seed: int = 0) -> torch.Tensor:
 def _smooth_field(shape, amplitude: float, sigma: float = 2.5, seed: int = 0) -> torch.Tensor:
     """(1, ndim, *shape) Gaussian-smoothed noise rescaled so that max |u| == amplitude voxels."""
     noise = torch.randn((1, len(shape), *shape), generator=_generator(seed))
-    smooth = field.gaussian_smooth(noise, sigma)
+    smooth = filters.gaussian_smooth(noise, sigma)
     return smooth * (amplitude / smooth.abs().max())
 
 
@@ -441,5 +442,5 @@ def test_box_smooth_on_axes_of_one_and_two_voxels():
     """One voxel: left alone; two voxels: both become their mean (pooling refuses such grids)."""
     x = torch.randn(1, 1, 1, 2, dtype=torch.float64)
     expected = x.mean(dim=3, keepdim=True).expand_as(x)
-    torch.testing.assert_close(field.box_smooth(x, 1), expected)
-    torch.testing.assert_close(field.box_smooth_adjoint(torch.ones_like(x), 1), torch.ones_like(x))
+    torch.testing.assert_close(filters.box_smooth(x, 1), expected)
+    torch.testing.assert_close(filters.box_smooth_adjoint(torch.ones_like(x), 1), torch.ones_like(x))

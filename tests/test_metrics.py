@@ -1,4 +1,4 @@
-"""Tests for dirio.evaluation.metrics: hand-computed values for every metric, plus brute-force cross-checks.
+"""Tests for the dirio.evaluation metrics: hand-computed values for every metric, plus brute-force cross-checks.
 
 Fields are numpy arrays in the on-disk layout ``(*S, ndim)``, voxel units, pull convention.
 """
@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from dirio.evaluation import metrics
+from dirio.evaluation import evaluate, jacobian, landmarks, overlap, surface
 
 
 def zero_field(shape):
@@ -43,7 +43,7 @@ def test_warp_labels_integer_shift_pulls_from_x_plus_u_and_zero_fills_outside():
     moving = rng.integers(0, 5, size=(6, 5, 4)).astype(np.int16)
     disp = zero_field(moving.shape)
     disp[..., 0] = 1.0
-    warped = metrics.warp_labels(moving, disp)
+    warped = overlap.warp_labels(moving, disp)
     assert warped.dtype == np.int16
     np.testing.assert_array_equal(warped[:-1], moving[1:])
     np.testing.assert_array_equal(warped[-1], 0)
@@ -51,14 +51,14 @@ def test_warp_labels_integer_shift_pulls_from_x_plus_u_and_zero_fills_outside():
 
 def test_warp_labels_with_the_zero_field_is_a_copy_of_the_map():
     moving = np.random.default_rng(0).integers(0, 5, (6, 7, 8)).astype(np.int16)
-    warped = metrics.warp_labels(moving, np.zeros((6, 7, 8, 3), np.float32))
+    warped = overlap.warp_labels(moving, np.zeros((6, 7, 8, 3), np.float32))
     assert warped.dtype == moving.dtype and np.array_equal(warped, moving)
     assert not np.shares_memory(warped, moving)
     # the general path with a tiny shift rounds to the same voxels (but at the far border, which
     # it treats as outside: the evaluator's quirk)
     tiny = np.full((6, 7, 8, 3), 1e-3, np.float32)
     inner = (slice(0, -1),) * 3
-    assert np.array_equal(metrics.warp_labels(moving, tiny)[inner], moving[inner])
+    assert np.array_equal(overlap.warp_labels(moving, tiny)[inner], moving[inner])
 
 
 def test_warp_labels_2d_nearest_rounds_fractional_displacement():
@@ -68,18 +68,18 @@ def test_warp_labels_2d_nearest_rounds_fractional_displacement():
     moving = np.arange(1, 21, dtype=np.uint8).reshape(4, 5)
     disp = zero_field(moving.shape)
     disp[..., 1] = 0.4
-    warped = metrics.warp_labels(moving, disp)
+    warped = overlap.warp_labels(moving, disp)
     np.testing.assert_array_equal(warped[:, :-1], moving[:, :-1])
     np.testing.assert_array_equal(warped[:, -1], 0)
     disp[..., 1] = 0.6
-    warped = metrics.warp_labels(moving, disp)
+    warped = overlap.warp_labels(moving, disp)
     assert warped.dtype == np.uint8
     np.testing.assert_array_equal(warped[:, :-1], moving[:, 1:])
 
 
 def test_warp_labels_rejects_mismatched_grid():
     with pytest.raises(ValueError, match="does not match"):
-        metrics.warp_labels(np.zeros((4, 4, 4), np.int32), zero_field((4, 4, 5)))
+        overlap.warp_labels(np.zeros((4, 4, 4), np.int32), zero_field((4, 4, 5)))
 
 
 # --- Dice, mean Dice, DSC30 --------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_dice_of_cubes_with_known_overlap():
     """Two 4^3 cubes offset by one voxel overlap in 3*4*4 = 48 voxels: Dice = 96 / 128 = 0.75."""
     fixed = box((8, 8, 8), (1, 5), (1, 5), (1, 5)).astype(np.int32)
     warped = box((8, 8, 8), (2, 6), (1, 5), (1, 5)).astype(np.int32)
-    assert metrics.dice_per_label(fixed, warped) == {1: pytest.approx(0.75)}
+    assert overlap.dice_per_label(fixed, warped) == {1: pytest.approx(0.75)}
 
 
 def test_dice_2d_identical_and_disjoint_labels():
@@ -99,7 +99,7 @@ def test_dice_2d_identical_and_disjoint_labels():
     fixed[:2, :2] = warped[:2, :2] = 1
     fixed[4:, 4:] = 2
     warped[4:, :2] = 2
-    assert metrics.dice_per_label(fixed, warped) == {1: 1.0, 2: 0.0}
+    assert overlap.dice_per_label(fixed, warped) == {1: 1.0, 2: 0.0}
 
 
 def test_dice_missing_label_is_nan_and_excluded_from_mean():
@@ -109,10 +109,10 @@ def test_dice_missing_label_is_nan_and_excluded_from_mean():
     fixed[box(fixed.shape, (1, 5), (1, 5), (1, 5))] = 1
     warped[box(fixed.shape, (2, 6), (1, 5), (1, 5))] = 1
     fixed[6:, 6:, 6:] = 2
-    dice = metrics.dice_per_label(fixed, warped)
+    dice = overlap.dice_per_label(fixed, warped)
     assert set(dice) == {1, 2}
     assert math.isnan(dice[2])
-    assert metrics.mean_dice(dice) == pytest.approx(0.75)
+    assert overlap.mean_dice(dice) == pytest.approx(0.75)
 
 
 def test_dice_presence_follows_moving_map_like_learn2reg():
@@ -124,29 +124,29 @@ def test_dice_presence_follows_moving_map_like_learn2reg():
     moving = np.zeros_like(fixed)
     moving[:2] = 1
     warped = np.zeros_like(fixed)
-    dice = metrics.dice_per_label(fixed, warped, labels=[1, 2], moving_labels=moving)
+    dice = overlap.dice_per_label(fixed, warped, labels=[1, 2], moving_labels=moving)
     assert dice[1] == 0.0
     assert math.isnan(dice[2])
 
 
 def test_mean_dice_all_nan_is_nan_without_warning():
     with np.errstate(all="raise"):
-        assert math.isnan(metrics.mean_dice({1: float("nan"), 2: float("nan")}))
+        assert math.isnan(overlap.mean_dice({1: float("nan"), 2: float("nan")}))
 
 
 def test_dsc30_is_the_linear_0_3_quantile():
     """numpy's linear method: position 0.3 * (n - 1) between sorted values.
     [0.1 .. 0.5]: position 1.2 -> 0.2 + 0.2 * 0.1 = 0.22; [0.5, 0.7, 0.8, 0.9]: 0.9 -> 0.68."""
-    assert metrics.dsc30([0.5, 0.1, 0.4, 0.2, 0.3]) == pytest.approx(0.22)
-    assert metrics.dsc30([0.9, 0.5, 0.7, 0.8]) == pytest.approx(0.68)
-    assert metrics.dsc30([0.42]) == pytest.approx(0.42)
+    assert overlap.dsc30([0.5, 0.1, 0.4, 0.2, 0.3]) == pytest.approx(0.22)
+    assert overlap.dsc30([0.9, 0.5, 0.7, 0.8]) == pytest.approx(0.68)
+    assert overlap.dsc30([0.42]) == pytest.approx(0.42)
 
 
 def test_dsc30_nan_propagates_unless_skipped():
     values = [0.9, float("nan"), 0.5, 0.7, 0.8]
-    assert math.isnan(metrics.dsc30(values))
-    assert metrics.dsc30(values, skip_nan=True) == pytest.approx(0.68)
-    assert math.isnan(metrics.dsc30([]))
+    assert math.isnan(overlap.dsc30(values))
+    assert overlap.dsc30(values, skip_nan=True) == pytest.approx(0.68)
+    assert math.isnan(overlap.dsc30([]))
 
 
 # --- HD95 --------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def test_hd95_of_cubes_offset_by_two_voxels_is_two_voxels():
     from the other surface and nothing is farther, so the 95th percentile is 2 voxels."""
     fixed = box((12, 10, 10), (2, 6), (2, 6), (2, 6)).astype(np.uint8)
     warped = box((12, 10, 10), (4, 8), (2, 6), (2, 6)).astype(np.uint8)
-    assert metrics.hd95_per_label(fixed, warped) == {1: pytest.approx(2.0)}
+    assert surface.hd95_per_label(fixed, warped) == {1: pytest.approx(2.0)}
 
 
 def test_hd95_in_mm_with_anisotropic_spacing():
@@ -165,16 +165,16 @@ def test_hd95_in_mm_with_anisotropic_spacing():
     spacing (1, 3, 0.5) (offset axis at 1 mm) it is 2 mm; spacing=None stays in voxels."""
     fixed = box((12, 10, 10), (2, 6), (2, 6), (2, 6)).astype(np.uint8)
     warped = box((12, 10, 10), (4, 8), (2, 6), (2, 6)).astype(np.uint8)
-    assert metrics.hd95_per_label(fixed, warped, spacing=(2.0, 1.0, 1.0))[1] == pytest.approx(4.0)
-    assert metrics.hd95_per_label(fixed, warped, spacing=(1.0, 3.0, 0.5))[1] == pytest.approx(2.0)
-    assert metrics.hd95_per_label(fixed, warped, spacing=None)[1] == pytest.approx(2.0)
+    assert surface.hd95_per_label(fixed, warped, spacing=(2.0, 1.0, 1.0))[1] == pytest.approx(4.0)
+    assert surface.hd95_per_label(fixed, warped, spacing=(1.0, 3.0, 0.5))[1] == pytest.approx(2.0)
+    assert surface.hd95_per_label(fixed, warped, spacing=None)[1] == pytest.approx(2.0)
 
 
 def test_hd95_2d_squares_offset_by_three_pixels():
     fixed = box((16, 12), (2, 8), (3, 9)).astype(np.int32)
     warped = box((16, 12), (5, 11), (3, 9)).astype(np.int32)
-    assert metrics.hd95_per_label(fixed, warped)[1] == pytest.approx(3.0)
-    assert metrics.hd95_per_label(fixed, warped, spacing=(0.5, 2.0))[1] == pytest.approx(1.5)
+    assert surface.hd95_per_label(fixed, warped)[1] == pytest.approx(3.0)
+    assert surface.hd95_per_label(fixed, warped, spacing=(0.5, 2.0))[1] == pytest.approx(1.5)
 
 
 def test_hd95_ignores_a_thin_spike_that_the_maximum_sees():
@@ -183,8 +183,8 @@ def test_hd95_ignores_a_thin_spike_that_the_maximum_sees():
     cube = box((16, 16, 16), (2, 10), (2, 10), (2, 10))
     spiked = cube.copy()
     spiked[10:12, 6, 6] = True
-    assert metrics.robust_hausdorff(spiked, cube, 95.0) == 0.0
-    assert metrics.robust_hausdorff(spiked, cube, 100.0) == pytest.approx(2.0)
+    assert surface.robust_hausdorff(spiked, cube, 95.0) == 0.0
+    assert surface.robust_hausdorff(spiked, cube, 100.0) == pytest.approx(2.0)
 
 
 def test_hd95_missing_labels_follow_learn2reg():
@@ -196,7 +196,7 @@ def test_hd95_missing_labels_follow_learn2reg():
     moving[1:4, 1:4, 1:4] = 1
     moving[0:2, 5:7, 5:7] = 3
     warped = np.zeros_like(fixed)
-    hd = metrics.hd95_per_label(fixed, warped, labels=[1, 2, 3], moving_labels=moving)
+    hd = surface.hd95_per_label(fixed, warped, labels=[1, 2, 3], moving_labels=moving)
     assert hd[1] == math.inf
     assert math.isnan(hd[2]) and math.isnan(hd[3])
 
@@ -206,7 +206,7 @@ def test_surfel_areas_sum_to_the_marching_cubes_area_of_a_box():
     faces (a-1)(b-1)..., edges 4 (a-1 + b-1 + c-1) * sqrt(2)/2, corners 8 * sqrt(3)/8."""
     a, b, c = 5, 4, 3
     mask = box((9, 8, 7), (2, 2 + a), (2, 2 + b), (2, 2 + c))
-    found = metrics.surface_distances(mask, mask)
+    found = surface.surface_distances(mask, mask)
     faces = 2 * ((a - 1) * (b - 1) + (a - 1) * (c - 1) + (b - 1) * (c - 1))
     edges = 4 * ((a - 1) + (b - 1) + (c - 1)) * math.sqrt(2) / 2
     corners = 8 * math.sqrt(3) / 8
@@ -217,7 +217,7 @@ def test_surfel_areas_sum_to_the_marching_cubes_area_of_a_box():
 def _brute_force_hausdorff(a, b, percent, spacing):
     """Independent HD: enumerate corner points one by one, all-pairs distances, weighted percentile."""
     ndim = a.ndim
-    table = metrics._surfel_area_table(tuple(float(s) for s in spacing))
+    table = surface._surfel_area_table(tuple(float(s) for s in spacing))
     corners = list(itertools.product((0, 1), repeat=ndim))
 
     def surfels(mask):
@@ -254,7 +254,7 @@ def test_hd_matches_brute_force_on_random_tiny_shapes(seed):
         spacing = np.array([1.0, 2.5, 0.7][: len(shape)])
         for percent in (95.0, 50.0, 100.0):
             expected = _brute_force_hausdorff(a, b, percent, spacing)
-            assert metrics.robust_hausdorff(a, b, percent, spacing) == pytest.approx(expected, rel=1e-12)
+            assert surface.robust_hausdorff(a, b, percent, spacing) == pytest.approx(expected, rel=1e-12)
 
 
 def test_hd95_matches_deepmind_surface_distance_when_installed(monkeypatch):
@@ -267,7 +267,7 @@ def test_hd95_matches_deepmind_surface_distance_when_installed(monkeypatch):
         b = ndimage.gaussian_filter(rng.random((12, 12, 12)), 1.5) > 0.5
         for spacing in ((1.0, 1.0, 1.0), (0.8, 1.7, 3.0)):
             expected = sd.compute_robust_hausdorff(sd.compute_surface_distances(a, b, spacing), 95)
-            assert metrics.robust_hausdorff(a, b, 95.0, spacing) == pytest.approx(expected, rel=1e-12)
+            assert surface.robust_hausdorff(a, b, 95.0, spacing) == pytest.approx(expected, rel=1e-12)
 
 
 # --- TRE ---------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_tre_constant_field(order):
     disp[...] = (1.0, -2.0, 0.5)
     fixed = np.array([[5.0, 6.0, 5.5], [6.2, 5.1, 6.7]])
     moving = np.array([[5.0, 6.0, 5.5], [7.2, 3.1, 7.2]])
-    errors = metrics.tre(fixed, moving, disp, spacing=(2.0, 1.0, 3.0), order=order)
+    errors = landmarks.tre(fixed, moving, disp, spacing=(2.0, 1.0, 3.0), order=order)
     np.testing.assert_allclose(errors, [math.sqrt(10.25), 0.0], atol=1e-9)
 
 
@@ -298,16 +298,16 @@ def test_tre_linear_field_cubic_and_linear_agree():
     spacing = (1.5, 0.75, 2.0)
     expected = np.linalg.norm((fixed + fixed @ a.T + b - moving) * np.array(spacing), axis=1)
     for order in (1, 3):
-        np.testing.assert_allclose(metrics.tre(fixed, moving, disp, spacing, order=order), expected, atol=1e-6)
+        np.testing.assert_allclose(landmarks.tre(fixed, moving, disp, spacing, order=order), expected, atol=1e-6)
 
 
 def test_tre_2d_and_bad_shapes():
     disp = zero_field((8, 8))
     disp[..., 0] = 3.0
-    assert metrics.tre([[4.0, 4.0]], [[4.0, 4.0]], disp, spacing=(0.5, 1.0)) == pytest.approx([1.5])
+    assert landmarks.tre([[4.0, 4.0]], [[4.0, 4.0]], disp, spacing=(0.5, 1.0)) == pytest.approx([1.5])
     with pytest.raises(ValueError, match="shape"):
-        metrics.tre([[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0]], disp, spacing=(1.0, 1.0))
-    assert metrics.tre(np.zeros((0, 2)), np.zeros((0, 2)), disp, spacing=(1.0, 1.0)).shape == (0,)
+        landmarks.tre([[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0]], disp, spacing=(1.0, 1.0))
+    assert landmarks.tre(np.zeros((0, 2)), np.zeros((0, 2)), disp, spacing=(1.0, 1.0)).shape == (0,)
 
 
 # --- Jacobian-based metrics --------------------------------------------------------------------
@@ -315,11 +315,11 @@ def test_tre_2d_and_bad_shapes():
 
 def test_identity_has_zero_sdlogj_and_no_folding():
     disp = zero_field((9, 8, 7))
-    np.testing.assert_array_equal(metrics.jacobian_determinant_l2r(disp), 1.0)
-    assert metrics.jacobian_determinant_l2r(disp).shape == (5, 4, 3)
-    assert metrics.sdlogj_l2r(disp) == pytest.approx(0.0, abs=1e-12)
-    assert metrics.sdlogj(disp) == 0.0
-    assert metrics.fraction_nonpositive_jacobian(disp) == 0.0
+    np.testing.assert_array_equal(jacobian.jacobian_determinant_l2r(disp), 1.0)
+    assert jacobian.jacobian_determinant_l2r(disp).shape == (5, 4, 3)
+    assert jacobian.sdlogj_l2r(disp) == pytest.approx(0.0, abs=1e-12)
+    assert jacobian.sdlogj(disp) == 0.0
+    assert jacobian.fraction_nonpositive_jacobian(disp) == 0.0
 
 
 def test_uniform_scaling_has_constant_determinant():
@@ -327,9 +327,9 @@ def test_uniform_scaling_has_constant_determinant():
     s = 0.2
     shape = (9, 9, 9)
     disp = s * np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1)
-    np.testing.assert_allclose(metrics.jacobian_determinant_l2r(disp), (1 + s) ** 3, rtol=1e-12)
-    assert metrics.sdlogj_l2r(disp) == pytest.approx(0.0, abs=1e-12)
-    assert metrics.sdlogj(disp) == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(jacobian.jacobian_determinant_l2r(disp), (1 + s) ** 3, rtol=1e-12)
+    assert jacobian.sdlogj_l2r(disp) == pytest.approx(0.0, abs=1e-12)
+    assert jacobian.sdlogj(disp) == pytest.approx(0.0, abs=1e-12)
 
 
 def _two_region_field(shape):
@@ -346,15 +346,15 @@ def test_sdlogj_of_two_regions_with_known_determinants():
     """On a (12, 6, 6) grid the crop keeps x_0 = 2..9: dets [1.5]*4, 1.125, [0.75]*3 per row."""
     disp = _two_region_field((12, 6, 6))
     dets = [1.5] * 4 + [1.125] + [0.75] * 3
-    np.testing.assert_allclose(metrics.jacobian_determinant_l2r(disp)[:, 0, 0], dets, rtol=1e-12)
-    assert metrics.sdlogj_l2r(disp) == pytest.approx(float(np.std(np.log(np.array(dets) + 3.0))), rel=1e-12)
-    assert metrics.sdlogj(disp) == pytest.approx(float(np.std(np.log(dets))), rel=1e-12)
+    np.testing.assert_allclose(jacobian.jacobian_determinant_l2r(disp)[:, 0, 0], dets, rtol=1e-12)
+    assert jacobian.sdlogj_l2r(disp) == pytest.approx(float(np.std(np.log(np.array(dets) + 3.0))), rel=1e-12)
+    assert jacobian.sdlogj(disp) == pytest.approx(float(np.std(np.log(dets))), rel=1e-12)
 
 
 def test_sdlogj_2d_two_regions():
     disp = _two_region_field((12, 7))
     dets = [1.5] * 4 + [1.125] + [0.75] * 3
-    assert metrics.sdlogj(disp) == pytest.approx(float(np.std(np.log(dets))), rel=1e-12)
+    assert jacobian.sdlogj(disp) == pytest.approx(float(np.std(np.log(dets))), rel=1e-12)
 
 
 def test_sdlogj_l2r_mask_keeps_voxels_where_mask_is_one():
@@ -362,8 +362,8 @@ def test_sdlogj_l2r_mask_keeps_voxels_where_mask_is_one():
     disp = _two_region_field((12, 6, 6))
     mask = np.zeros((12, 6, 6))
     mask[:6] = 1
-    assert metrics.sdlogj_l2r(disp, mask) == pytest.approx(0.0, abs=1e-12)
-    assert math.isnan(metrics.sdlogj_l2r(disp, np.zeros((12, 6, 6))))
+    assert jacobian.sdlogj_l2r(disp, mask) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(jacobian.sdlogj_l2r(disp, np.zeros((12, 6, 6))))
 
 
 def _fold_field(shape):
@@ -382,15 +382,15 @@ def test_fraction_nonpositive_jacobian_on_a_fold():
     """The crop keeps x_0 = 2..9 (8 slabs); 4 of them (x_0 = 4..7) fold: fraction 0.5, 2D and 3D."""
     for shape in ((12, 6, 5), (12, 7)):
         disp = _fold_field(shape)
-        assert metrics.fraction_nonpositive_jacobian(disp) == 0.5
-    dets = metrics.jacobian_determinant_l2r(_fold_field((12, 6, 5)))[:, 0, 0]
+        assert jacobian.fraction_nonpositive_jacobian(disp) == 0.5
+    dets = jacobian.jacobian_determinant_l2r(_fold_field((12, 6, 5)))[:, 0, 0]
     np.testing.assert_allclose(dets, [1.0, 1.0, -0.5, -2.0, -2.0, -0.5, 1.0, 1.0])
-    assert metrics.sdlogj((_fold_field((12, 6, 5)))) == 0.0  # folded voxels are left out
+    assert jacobian.sdlogj((_fold_field((12, 6, 5)))) == 0.0  # folded voxels are left out
 
 
 def test_jacobian_needs_a_grid_larger_than_the_crop():
     with pytest.raises(ValueError, match="larger than 4"):
-        metrics.jacobian_determinant_l2r(zero_field((4, 8, 8)))
+        jacobian.jacobian_determinant_l2r(zero_field((4, 8, 8)))
 
 
 # --- NDV ---------------------------------------------------------------------------------------
@@ -403,20 +403,20 @@ def test_tetrahedral_determinants_of_an_affine_map():
     shape = (6, 6, 6)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1)
     disp = grid @ (a - np.eye(3)).T + np.array([0.3, -1.0, 2.0])
-    dets = metrics.tetrahedral_jacobian_determinants(disp)[:, 1:-1, 1:-1, 1:-1]
+    dets = jacobian.tetrahedral_jacobian_determinants(disp)[:, 1:-1, 1:-1, 1:-1]
     assert dets.shape[0] == 10
     np.testing.assert_allclose(dets[:8], np.linalg.det(a), rtol=1e-12)
     np.testing.assert_allclose(dets[8:], 2 * np.linalg.det(a), rtol=1e-12)
 
 
 def test_ndv_identity_and_smooth_field_are_zero():
-    assert metrics.ndv(zero_field((6, 7, 8))) == 0.0
-    assert metrics.ndv_fraction(zero_field((6, 7, 8))) == 0.0
-    assert metrics.ndv(zero_field((6, 7))) == 0.0
+    assert jacobian.ndv(zero_field((6, 7, 8))) == 0.0
+    assert jacobian.ndv_fraction(zero_field((6, 7, 8))) == 0.0
+    assert jacobian.ndv(zero_field((6, 7))) == 0.0
     shape = (10, 10, 10)
     x = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1)
     smooth = 0.8 * np.sin(2 * np.pi * x[..., [1, 2, 0]] / 10)  # |gradient| <= 0.5: no fold
-    assert metrics.ndv(smooth) == 0.0
+    assert jacobian.ndv(smooth) == 0.0
 
 
 def test_ndv_of_a_one_dimensional_fold():
@@ -425,11 +425,11 @@ def test_ndv_of_a_one_dimensional_fold():
     max(-(1 + du_0), 0). The fold has 3 edges with du_0 = -3: 3 * 2 = 6 per row.
     On (12, 5, 6): NDV = 6 * 30 = 180 voxels, fraction 6 / 12 = 0.5. In 2D on (12, 7): NDA = 42."""
     disp = _fold_field((12, 5, 6))
-    assert metrics.ndv(disp) == pytest.approx(180.0)
-    assert metrics.ndv_fraction(disp) == pytest.approx(0.5)
+    assert jacobian.ndv(disp) == pytest.approx(180.0)
+    assert jacobian.ndv_fraction(disp) == pytest.approx(0.5)
     disp2d = _fold_field((12, 7))
-    assert metrics.ndv(disp2d) == pytest.approx(42.0)
-    assert metrics.ndv_fraction(disp2d) == pytest.approx(0.5)
+    assert jacobian.ndv(disp2d) == pytest.approx(42.0)
+    assert jacobian.ndv_fraction(disp2d) == pytest.approx(0.5)
 
 
 def test_ndv_of_a_reflection():
@@ -438,11 +438,11 @@ def test_ndv_of_a_reflection():
     shape = (7, 4, 5)
     disp = np.zeros((*shape, 3))
     disp[..., 0] = -2.0 * np.arange(7, dtype=float)[:, None, None]
-    assert metrics.ndv(disp) == pytest.approx(6 * 4 * 5)
+    assert jacobian.ndv(disp) == pytest.approx(6 * 4 * 5)
     mask = np.zeros(shape)
     mask[0] = 1  # the first slab: only its forward edges fold, half a voxel each
-    assert metrics.ndv(disp, mask) == pytest.approx(0.5 * 4 * 5)
-    assert metrics.ndv_fraction(disp, mask) == pytest.approx(0.5)
+    assert jacobian.ndv(disp, mask) == pytest.approx(0.5 * 4 * 5)
+    assert jacobian.ndv_fraction(disp, mask) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (6, 8, 10)])
@@ -452,7 +452,7 @@ def test_bounding_box_is_the_extent_of_the_true_voxels(shape):
         mask = np.zeros(shape, dtype=bool)
         mask[tuple(rng.integers(0, n, size=3) for n in shape)] = True
         expected = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
-        assert metrics._bounding_box(mask) == expected
+        assert surface._bounding_box(mask) == expected
 
 
 def test_ndv_in_slabs_equals_the_whole_grid_definition(monkeypatch):
@@ -460,12 +460,12 @@ def test_ndv_in_slabs_equals_the_whole_grid_definition(monkeypatch):
     summed and scaled by 1/12, to the last bit, whatever the slab size."""
     rng = np.random.default_rng(3)
     disp = ndimage.gaussian_filter(rng.normal(0, 4, (3, 9, 10, 11)), (0, 1, 1, 1)).transpose(1, 2, 3, 0)
-    dets = metrics.tetrahedral_jacobian_determinants(disp)
+    dets = jacobian.tetrahedral_jacobian_determinants(disp)
     expected = 0.5 / 6 * np.sum(np.maximum(-dets, 0.0), axis=0)
     assert expected.sum() > 0.1  # the field folds
     for voxels in (1, 110, 250, 10**6):
-        monkeypatch.setattr(metrics, "_NDV_SLAB_VOXELS", voxels)
-        assert np.array_equal(metrics._non_diffeomorphic_volume_map(disp), expected)
+        monkeypatch.setattr(jacobian, "_NDV_SLAB_VOXELS", voxels)
+        assert np.array_equal(jacobian.non_diffeomorphic_volume_map(disp), expected)
 
 
 def test_ndv_matches_digital_diffeomorphism_when_installed():
@@ -474,7 +474,7 @@ def test_ndv_matches_digital_diffeomorphism_when_installed():
     rng = np.random.default_rng(5)
     disp = ndimage.gaussian_filter(rng.normal(size=(10, 11, 12, 3)), (1.5, 1.5, 1.5, 0)) * 8
     expected = core.ndv(disp.astype(np.float32).copy(), is_disp=True)
-    assert metrics.ndv(disp) == pytest.approx(float(expected[0]), rel=1e-4)
+    assert jacobian.ndv(disp) == pytest.approx(float(expected[0]), rel=1e-4)
 
 
 # --- evaluate_field ----------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def test_evaluate_field_reports_everything_and_is_json_ready():
     moving[2:6, 2:6, 2:6] = 1
     fixed[9:11, 7:9, 7:9] = 2  # absent from moving: NaN
     points = np.array([[5.0, 5.0, 5.0], [6.0, 4.0, 5.0]])
-    result = metrics.evaluate_field(
+    result = evaluate.evaluate_field(
         disp,
         fixed_labels=fixed,
         moving_labels=moving,
@@ -516,18 +516,18 @@ def test_evaluate_field_reports_everything_and_is_json_ready():
 
 def test_evaluate_field_fold_percentages_and_2d():
     """Only Jacobian metrics without labels or points; percentages are 100 x the fractions."""
-    result = metrics.evaluate_field(_fold_field((12, 6, 5)))
+    result = evaluate.evaluate_field(_fold_field((12, 6, 5)))
     assert set(result) == {"sdlogj_l2r", "sdlogj", "percent_nonpositive_jacobian", "ndv_voxels", "ndv_percent"}
     assert result["percent_nonpositive_jacobian"] == pytest.approx(50.0)
     assert result["ndv_voxels"] == pytest.approx(180.0)
     assert result["ndv_percent"] == pytest.approx(50.0)
     fixed = np.zeros((12, 7), np.int32)
     fixed[2:6, 2:5] = 1
-    result2d = metrics.evaluate_field(zero_field((12, 7)), fixed_labels=fixed, moving_labels=fixed)
+    result2d = evaluate.evaluate_field(zero_field((12, 7)), fixed_labels=fixed, moving_labels=fixed)
     assert result2d["dice_mean"] == 1.0 and result2d["hd95_mm"] == 0.0
     json.dumps(result2d)
 
 
 def test_evaluate_field_needs_both_label_maps():
     with pytest.raises(ValueError, match="both"):
-        metrics.evaluate_field(zero_field((6, 6, 6)), fixed_labels=np.zeros((6, 6, 6), np.int32))
+        evaluate.evaluate_field(zero_field((6, 6, 6)), fixed_labels=np.zeros((6, 6, 6), np.int32))

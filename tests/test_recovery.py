@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dirio.api import register
-from dirio.evaluation.metrics import dice_per_label, fraction_nonpositive_jacobian, mean_dice, warp_labels
+from dirio.evaluation.jacobian import fraction_nonpositive_jacobian
+from dirio.evaluation.overlap import dice_per_label, mean_dice, warp_labels
 from dirio.testing.synthetic import endpoint_error, warped_pair
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "voxelmorph-brain"

@@ -18,6 +18,8 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from dirio.core import fields as field
+from dirio.core import filters
+from dirio.viz import canvas, slices
 from dirio.viz import figures as report
 from dirio.errors import DirioError
 
@@ -30,7 +32,7 @@ def _pair(shape, amplitude=1.5, seed=0):
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
     moving = np.exp(-4.0 * (grid**2).sum(0)).astype(np.float32)
     rng = np.random.default_rng(seed)
-    disp = field.gaussian_smooth(torch.from_numpy(rng.normal(size=(1, len(shape), *shape)).astype(np.float32)), 2.0)
+    disp = filters.gaussian_smooth(torch.from_numpy(rng.normal(size=(1, len(shape), *shape)).astype(np.float32)), 2.0)
     disp = disp * (amplitude / disp.abs().max())
     moved = field.warp(torch.from_numpy(moving)[None, None], disp)[0, 0].numpy()
     fixed = moved + rng.normal(0.0, 0.02, shape).astype(np.float32)
@@ -267,14 +269,14 @@ def test_curves_use_log_axis_only_for_positive_terms():
     history = [
         {"level": 0, "iteration": t, "loss": 2.0**-t, "similarity": -0.5 + 0.1 * t, "zero": 0.0} for t in range(5)
     ]
-    fig = report._new_figure(8, 3)
+    fig = canvas.new_figure(8, 3)
     report._draw_curves(fig, fig.add_gridspec(1, 1)[0, 0], history)
     scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes}
     assert scales == {"loss": "log", "similarity": "linear", "zero": "linear"}
 
 
 def test_curves_mark_level_changes_with_vertical_lines():
-    fig = report._new_figure(4, 3)
+    fig = canvas.new_figure(4, 3)
     report._draw_curves(fig, fig.add_gridspec(1, 1)[0, 0], _history((3, 4, 2)))
     ax = fig.axes[0]
     vertical = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
@@ -287,21 +289,21 @@ def test_curves_mark_level_changes_with_vertical_lines():
 def test_plane_orientation_of_each_3d_view():
     """Rows of a displayed plane run along view.vertical, columns along view.horizontal."""
     volume = np.arange(np.prod(SHAPE_3D)).reshape(SHAPE_3D)
-    for view, index in report._views(SHAPE_3D):
+    for view, index in slices.central_views(SHAPE_3D):
         assert index == SHAPE_3D[view.normal] // 2
-        plane = report._plane(volume, view, index)
+        plane = slices.view_plane(volume, view, index)
         assert plane.shape == (SHAPE_3D[view.vertical], SHAPE_3D[view.horizontal])
         voxel = [0, 0, 0]
         voxel[view.normal], voxel[view.vertical], voxel[view.horizontal] = index, 3, 5
         assert plane[3, 5] == volume[tuple(voxel)]
-    assert {view.normal for view, _ in report._views(SHAPE_3D)} == {0, 1, 2}
+    assert {view.normal for view, _ in slices.central_views(SHAPE_3D)} == {0, 1, 2}
 
 
 def test_documented_view_conventions():
     """Normal to i: j across, k up; normal to j: i across, k up; normal to k: i across, j up."""
-    shown = [(v.normal, v.horizontal, v.vertical, v.origin) for v, _ in report._views(SHAPE_3D)]
+    shown = [(v.normal, v.horizontal, v.vertical, v.origin) for v, _ in slices.central_views(SHAPE_3D)]
     assert shown == [(0, 1, 2, "lower"), (1, 0, 2, "lower"), (2, 0, 1, "lower")]
-    [(view_2d, _)] = report._views(SHAPE_2D)
+    [(view_2d, _)] = slices.central_views(SHAPE_2D)
     assert (view_2d.horizontal, view_2d.vertical, view_2d.origin) == (1, 0, "upper")
 
 
@@ -310,16 +312,16 @@ def test_in_plane_displacement_picks_the_components_of_the_displayed_axes(shape)
     """With u_c = 10 * (c + 1) everywhere, the horizontal/vertical components of every view are
     those of its horizontal/vertical array axes."""
     disp = np.broadcast_to(10.0 * np.arange(1, len(shape) + 1), (*shape, len(shape)))
-    for view, index in report._views(shape):
-        u_h, u_v = report._in_plane_displacement(disp, view, index)
+    for view, index in slices.central_views(shape):
+        u_h, u_v = slices.in_plane_displacement(disp, view, index)
         assert u_h.shape == u_v.shape == (shape[view.vertical], shape[view.horizontal])
         assert np.all(u_h == 10.0 * (view.horizontal + 1)) and np.all(u_v == 10.0 * (view.vertical + 1))
 
 
 def test_plane_of_2d_image_is_the_array_itself():
     image = np.arange(np.prod(SHAPE_2D)).reshape(SHAPE_2D)
-    [(view, index)] = report._views(SHAPE_2D)
-    np.testing.assert_array_equal(report._plane(image, view, index), image)
+    [(view, index)] = slices.central_views(SHAPE_2D)
+    np.testing.assert_array_equal(slices.view_plane(image, view, index), image)
     assert view.origin == "upper"
 
 
@@ -327,7 +329,7 @@ def test_deformation_grid_is_drawn_at_x_plus_u():
     """A constant in-plane displacement (2 along the horizontal axis, -1 along the vertical one)
     moves every grid line by exactly that amount; lines sit every GRID_STEP_VOXELS voxels."""
     n_v, n_h = 13, 20
-    fig = report._new_figure(3, 3)
+    fig = canvas.new_figure(3, 3)
     ax = fig.add_subplot()
     report._draw_deformation_grid(ax, np.full((n_v, n_h), 2.0), np.full((n_v, n_h), -1.0))
     [collection] = [c for c in ax.collections if isinstance(c, LineCollection)]
@@ -347,10 +349,10 @@ def test_jacobian_on_shown_slices_equals_whole_volume_computation():
     """The fast slab computation gives the same values as slicing the full determinant."""
     _, _, _, disp = _pair(SHAPE_3D, amplitude=3.0)
     full = field.jacobian_determinant(field.field_from_numpy(disp))[0].numpy()
-    views = report._views(SHAPE_3D)
+    views = slices.central_views(SHAPE_3D)
     threads = torch.get_num_threads()
-    for (view, index), plane in zip(views, report._jacobian_planes(disp, views)):
-        np.testing.assert_allclose(plane, report._plane(full, view, index), rtol=1e-5, atol=1e-6)
+    for (view, index), plane in zip(views, slices.jacobian_planes(disp, views)):
+        np.testing.assert_allclose(plane, slices.view_plane(full, view, index), rtol=1e-5, atol=1e-6)
     assert torch.get_num_threads() == threads  # the thread setting is restored
 
 

@@ -71,10 +71,10 @@ def test_two_processes_give_the_same_fields_and_tables_as_one(dataset, config, t
     assert run["world_size"] == 2 and run["done"] == 4 and run["config_hash"] == json.loads((one / "run.json").read_text())["config_hash"]
     # pairs i % 2 == rank: rank 0 registered the 1st and 3rd pair, rank 1 the 2nd and 4th
     ranks = {json.loads(p.read_text())["pair"]: json.loads(p.read_text())["rank"] for p in (two / "status").iterdir()}
-    assert ranks == {"0001_0002": 0, "0002_0003": 1, "0003_0004": 0, "0004_0005": 1}
+    assert ranks == {"0001_0000_0002_0000": 0, "0002_0000_0003_0000": 1, "0003_0000_0004_0000": 0, "0004_0000_0005_0000": 1}
     log = (two / "run.log").read_text()
     assert " rank0 " in log and " rank1 " in log
-    assert "rank 1: [2/2] 0004_0005 done in" in result.stderr
+    assert "rank 1: [2/2] 0004_0000_0005_0000 done in" in result.stderr
     assert temporaries(two) == []
 
 
@@ -88,7 +88,7 @@ def test_failed_pairs_on_one_rank_neither_hang_the_others_nor_go_unreported(data
     assert result.returncode == 1, result.stderr[-3000:]
     assert worker_exit_codes(result.stderr) == [1, 1]
     summary = json.loads((out / "summary.json").read_text())
-    assert [f["pair"] for f in summary["failed"]] == ["0002_0003", "0003_0004", "0004_0005"]
+    assert [f["pair"] for f in summary["failed"]] == ["0002_0000_0003_0000", "0003_0000_0004_0000", "0004_0000_0005_0000"]
     assert list(summary["cases"]) == ["0001_0000<--0002_0000"]
 
 

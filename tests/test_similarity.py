@@ -15,8 +15,16 @@ import scipy.ndimage as ndi
 import torch
 
 from dirio.core import fields as field
+from dirio.core.filters import local_mean
+from dirio.losses import lncc, mind, mse, nmi
 from dirio.losses import similarity as sim
-from dirio.losses.similarity import LNCC, MINDSSC, MSE, NCC, NMI, lncc_map, local_mean, make_similarity, masked_mean, mind_ssc
+from dirio.losses.base import masked_mean
+from dirio.losses.lncc import LNCC, lncc_map
+from dirio.losses.mind import MINDSSC, mind_ssc
+from dirio.losses.mse import MSE
+from dirio.losses.ncc import NCC
+from dirio.losses.nmi import NMI
+from dirio.losses.similarity import make_similarity
 
 SHAPES = {3: (10, 11, 12), 2: (17, 19)}
 
@@ -143,7 +151,7 @@ def test_fast_lncc_equals_autograd_reference_in_value_and_gradient(monkeypatch, 
 
     The slab size is forced to one row so that every halo / border case of the blocking is used.
     """
-    monkeypatch.setattr(sim, "_LNCC_SLAB_VOXELS", 1)
+    monkeypatch.setattr(lncc, "_LNCC_SLAB_VOXELS", 1)
     shape = SHAPES[ndim]
     fixed = _noise(shape, seed=1, channels=2, batch=2)
     warped = (fixed + _noise(shape, seed=2, channels=2, batch=2)).requires_grad_()
@@ -159,7 +167,7 @@ def test_fast_lncc_equals_autograd_reference_in_value_and_gradient(monkeypatch, 
 
 def test_fast_lncc_gradient_passes_gradcheck(monkeypatch):
     """Finite differences confirm the analytic LNCC gradient (two-row slabs)."""
-    monkeypatch.setattr(sim, "_LNCC_SLAB_VOXELS", 2 * 6 * 7)
+    monkeypatch.setattr(lncc, "_LNCC_SLAB_VOXELS", 2 * 6 * 7)
     fixed = _noise((5, 6, 7), seed=1)
     warped = (fixed + _noise((5, 6, 7), seed=2)).requires_grad_()
     for squared in (True, False):
@@ -243,7 +251,7 @@ def test_mse_matches_numpy_with_and_without_mask():
 def test_masked_squared_error_blocks_equal_autograd_in_value_and_gradients(monkeypatch):
     """The slab-blocked masked squared error equals masked_mean((W - F)^2) with one-row slabs,
     including the gradients w.r.t. both the warped and the fixed features."""
-    monkeypatch.setattr(sim, "_SQUARED_ERROR_SLAB_ELEMENTS", 1)
+    monkeypatch.setattr(mse, "_SQUARED_ERROR_SLAB_ELEMENTS", 1)
     fixed = _noise(SHAPES[3], seed=1, channels=2, batch=2).requires_grad_()
     warped = _noise(SHAPES[3], seed=2, channels=2, batch=2).requires_grad_()
     mask = torch.rand((2, 1, *SHAPES[3]), generator=_generator(3), dtype=torch.float64)
@@ -341,7 +349,7 @@ def test_mind_features_match_independent_numpy_formula(radius, dilation):
 def test_mind_pairs_are_the_twelve_sqrt2_pairs_of_the_six_neighbourhood():
     """3D: all 12 unordered pairs of six-neighbourhood members sqrt(2)*d apart; 2D: the 4 such pairs."""
     for ndim, count in ((3, 12), (2, 4)):
-        pairs = sim._mind_ssc_pairs(ndim, 2)
+        pairs = mind._mind_ssc_pairs(ndim, 2)
         assert len(pairs) == count
         assert len({frozenset(pair) for pair in pairs}) == count
         for p, q in pairs:
@@ -442,7 +450,7 @@ def _dense_joint_histogram(a, b, m, bins, sigma):
 def test_chunked_parzen_histogram_equals_dense_autograd_formula(monkeypatch, masked):
     """The chunked joint histogram and its analytic gradients (w.r.t. both images) equal the
     dense autograd formula; chunks of 7 voxels exercise the chunk boundaries."""
-    monkeypatch.setattr(sim, "_NMI_CHUNK_VOXELS", 7)
+    monkeypatch.setattr(nmi, "_NMI_CHUNK_VOXELS", 7)
     shape = (4, 5, 6)
     fixed = _noise(shape, seed=1).requires_grad_()
     warped = (0.5 * fixed.detach() + _noise(shape, seed=2)).requires_grad_()

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dirio.core.fields import compose, gaussian_smooth, integrate_velocity, jacobian_determinant, warp
+from dirio.core.fields import compose, integrate_velocity, jacobian_determinant, warp
+from dirio.core.filters import gaussian_smooth
 from dirio.transforms.networks.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("moving")
     sweep.add_argument("-o", "--output", required=True, help="output directory (sweep.json, sweep.csv, sweep.md, pareto.png)")
     sweep.add_argument("--weights", type=_float_list, required=True, metavar="W,...",
-                       help="regulariser weights to try (every regulariser gets the weight)")
+                       help="regularizer weights to try (every regularizer gets the weight)")
     sweep.add_argument("--rules", default="sum,pcgrad,surgery", metavar="RULE,...",
                        type=lambda text: [r.strip() for r in text.split(",") if r.strip()],
                        help="combination rules to try (default sum,pcgrad,surgery; surgery runs once)")

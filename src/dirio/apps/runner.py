@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from dirio.evaluation import aggregate
-from dirio.api import register, resolve_device
+from dirio.api import check_settings, register, resolve_device
 from dirio.config.files import RunConfiguration
 from dirio.io.dataset import Pair, load_dataset
 from dirio.errors import DirioError
-from dirio.io.atomic import write_json, write_text
+from dirio.io.atomic import LOCK_NAME, OutputLock, check_output_folder, write_json, write_text
 from dirio.io.images import load_field, save_field
 from dirio.apps.workflow import Inputs, evaluate, load_inputs, software_versions
 
@@ -55,6 +55,8 @@ LABELS_COLUMNS = ("pair", "label", "dice", "hd95")
 # wait for hours; a rank that dies is noticed by torchrun, which stops the whole group.
 BARRIER_TIMEOUT = datetime.timedelta(days=7)
 LOGGER = "dirio.run"
+# --itk-field: OUT/itk/disp_<pair>.nii.gz (NIfTI vector intent) and .h5 (with SimpleITK), LPS mm.
+ITK_FOLDER = "itk"
 
 
 @dataclass
@@ -171,9 +173,9 @@ def _sha256(path: Path) -> str:
 
 
 def _remove_temporaries(out_dir: Path) -> int:
-    """Delete ``.tmp-*`` files an interrupted run left in OUT, OUT/status and OUT/thumbnails."""
+    """Delete ``.tmp-*`` files an interrupted run left in OUT, OUT/status, OUT/thumbnails and OUT/itk."""
     removed = 0
-    for folder in (out_dir, out_dir / "status", out_dir / "thumbnails"):
+    for folder in (out_dir, out_dir / "status", out_dir / "thumbnails", out_dir / ITK_FOLDER):
         if folder.is_dir():
             for path in folder.glob(".tmp-*"):
                 if path.is_file():
@@ -184,7 +186,7 @@ def _remove_temporaries(out_dir: Path) -> int:
 
 def _clear_previous_run(out_dir: Path) -> None:
     """``--overwrite``: delete what an earlier run wrote in OUT (and nothing else)."""
-    for folder in ("status", "thumbnails", "report"):
+    for folder in ("status", "thumbnails", "report", ITK_FOLDER):
         shutil.rmtree(out_dir / folder, ignore_errors=True)
     for name in ("cases.csv", "labels.csv", "summary.json", "run.json", "run.log"):
         (out_dir / name).unlink(missing_ok=True)
@@ -202,6 +204,7 @@ def prepare_out_dir(out_dir: Path, run_record: dict, overwrite: bool) -> None:
     run_json = out_dir / "run.json"
     if out_dir.exists() and not out_dir.is_dir():
         raise DirioError(f"{out_dir} exists and is not a folder")
+    ours = {LOCK_NAME}  # the lock of this run (see run_dataset) does not make OUT "not empty"
     if run_json.is_file() and not overwrite:
         try:
             previous = json.loads(run_json.read_text(encoding="utf-8"))
@@ -213,7 +216,8 @@ def prepare_out_dir(out_dir: Path, run_record: dict, overwrite: bool) -> None:
                 f"(config_hash {str(previous.get('config_hash'))[:12]} in run.json, this run "
                 f"{run_record['config_hash'][:12]}); pass --overwrite to start again there, or choose another -o"
             )
-    elif out_dir.is_dir() and not run_json.is_file() and any(out_dir.iterdir()) and not overwrite:
+    elif (out_dir.is_dir() and not run_json.is_file() and any(p.name not in ours for p in out_dir.iterdir())
+          and not overwrite):
         raise DirioError(f"{out_dir} is not empty and holds no run.json (not a dirio run folder); "
                          f"choose an empty or new folder, or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,8 +328,27 @@ def _load_pair(pair: Pair, configuration: RunConfiguration) -> Inputs:
     )
 
 
+def itk_paths(out_dir: Path, pair: Pair) -> list[Path]:
+    """The ``--itk-field`` files of a pair: ``OUT/itk/disp_<pair>.nii.gz`` and, with SimpleITK, ``.h5``."""
+    paths = [out_dir / ITK_FOLDER / f"disp_{pair.name}.nii.gz"]
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return paths
+    return paths + [out_dir / ITK_FOLDER / f"disp_{pair.name}.h5"]
+
+
+def write_itk_fields(out_dir: Path, pair: Pair, disp: np.ndarray, affine: np.ndarray) -> None:
+    """Write the pair's field as ITK displacement fields (:mod:`dirio.io.itk_fields`)."""
+    from dirio.io.itk_fields import save_itk_field
+
+    for path in itk_paths(out_dir, pair):
+        save_itk_field(path, disp, affine, overwrite=True)
+
+
 def register_pair(pair: Pair, out_dir: Path, configuration: RunConfiguration, label_ids: Sequence[int] | None,
-                  device: torch.device, ranks: Ranks, report: bool, logger: logging.Logger) -> dict:
+                  device: torch.device, ranks: Ranks, report: bool, logger: logging.Logger,
+                  itk_field: bool = False) -> dict:
     """Register, write, check and score one pair; return its status record (never raises for the pair).
 
     The record is written last (atomically) by the caller's :func:`_write_status`; a failure leaves
@@ -350,6 +373,8 @@ def register_pair(pair: Pair, out_dir: Path, configuration: RunConfiguration, la
         disp = load_field(disp_path)  # what the evaluator will read: shape and values as on disk
         if list(disp.shape) != expected:
             raise DirioError(f"{disp_path}: written with shape {list(disp.shape)}, expected {expected}")
+        if itk_field:
+            write_itk_fields(out_dir, pair, disp, inputs.fixed.affine)
         before = _identity_metrics(inputs, label_ids, configuration.tre_order)
         after = evaluate(inputs, disp, label_ids, configuration.tre_order)
         if report:
@@ -363,6 +388,8 @@ def register_pair(pair: Pair, out_dir: Path, configuration: RunConfiguration, la
     except Exception as error:  # noqa: BLE001 - a failing pair is recorded, the run goes on
         logger.debug("pair %s failed:\n%s", pair.name, traceback.format_exc())
         disp_path.unlink(missing_ok=True)
+        for path in itk_paths(out_dir, pair):
+            path.unlink(missing_ok=True)
         record.update({"status": "failed", "error": _one_line(error)})
     record["seconds"] = time.perf_counter() - start
     record["finished"] = _now()
@@ -467,6 +494,8 @@ def run_dataset(
     limit: int | None = None,
     report: bool = True,
     quiet: bool = False,
+    itk_field: bool | None = None,
+    allow_outside: bool = False,
 ) -> RunResult:
     """Register every pair of a dataset split into ``out_dir`` (see the module docstring).
 
@@ -480,22 +509,28 @@ def run_dataset(
         limit: only the first ``limit`` pairs of the split.
         report: draw a thumbnail per pair and write ``report/index.html`` (:mod:`dirio.viz.html_report`).
         quiet: no progress lines on stderr (``run.log`` has them).
+        itk_field: also write every field as an ITK displacement field into ``OUT/itk/``
+            (:func:`write_itk_fields`); the configuration's ``itk_field`` (config file key) does too.
+        allow_outside: accept dataset paths that lead outside the dataset JSON's folder.
     Returns:
         A :class:`RunResult`; ``exit_code`` 1 when some pair failed.
     Raises:
-        DirioError: unreadable dataset or a run folder that belongs to another run (before any work).
+        DirioError: unreadable dataset, dataset paths outside its folder, unusable weights or learning
+            rate, an output folder that cannot be written or is in use by another run, or a run folder
+            that belongs to another run (all before any work).
     """
     wall = time.perf_counter()
     ranks = ranks_from_environment()
-    data = load_dataset(dataset)
+    check_settings(configuration.settings)
+    itk_field = bool(itk_field) or bool(getattr(configuration, "itk_field", False))
+    data = load_dataset(dataset, allow_outside=allow_outside)
     pairs = data.pairs(split)
     if limit is not None:
         pairs = pairs[:limit]
     out_dir = Path(out_dir).resolve()
     configuration = dataclasses.replace(
         configuration,
-        settings=dataclasses.replace(configuration.settings,
-                                     engine=dataclasses.replace(configuration.settings.engine, progress=False)))
+        settings=dataclasses.replace(configuration.settings, progress=False))
     if threads is not None:
         torch.set_num_threads(threads)
     device = pick_device(configuration.device, ranks)
@@ -509,10 +544,15 @@ def run_dataset(
     }
     _init_process_group(ranks)
     logger = None
+    lock = OutputLock(out_dir)
     try:
         problem = None
         if ranks.main:
             try:
+                if out_dir.exists() and not out_dir.is_dir():
+                    raise DirioError(f"{out_dir} exists and is not a folder")
+                check_output_folder(out_dir)
+                lock.acquire()  # held by rank 0 until the end: a second run into OUT fails at once
                 prepare_out_dir(out_dir, run_record, overwrite)
             except DirioError as error:
                 problem = str(error)
@@ -524,7 +564,7 @@ def run_dataset(
         logger.info("%s split %s: %d pairs, %d on this process (rank %d of %d), device %s, %s threads",
                     data.path.name, split, len(pairs), len(mine), ranks.rank, ranks.world_size, device,
                     torch.get_num_threads())
-        _run_pairs(mine, out_dir, configuration, label_ids, device, ranks, report, logger)
+        _run_pairs(mine, out_dir, configuration, label_ids, device, ranks, report, logger, itk_field)
         _barrier(ranks)
         outcome: dict = {"failed": 0}
         if ranks.main:
@@ -545,6 +585,7 @@ def run_dataset(
     finally:
         if logger is not None:
             _close_log(logger)
+        lock.release()
         _destroy_process_group(ranks)
 
 
@@ -577,17 +618,23 @@ def _finish(out_dir: Path, name: str, pairs: Sequence[Pair], run_record: dict, w
 
 def _run_pairs(mine: Sequence[Pair], out_dir: Path, configuration: RunConfiguration,
                label_ids: Sequence[int] | None, device: torch.device, ranks: Ranks, report: bool,
-               logger: logging.Logger) -> None:
-    """This rank's pairs in order: skip finished ones, register the others, one progress line each."""
+               logger: logging.Logger, itk_field: bool = False) -> None:
+    """This rank's pairs in order: skip finished ones, register the others, one progress line each.
+
+    A finished pair that lacks its ``--itk-field`` files gets them from its field file."""
     todo = []
     for position, pair in enumerate(mine, start=1):
         if finished(out_dir, pair):
+            if itk_field and not all(path.is_file() for path in itk_paths(out_dir, pair)):
+                from dirio.io.images import load_field_and_affine
+
+                write_itk_fields(out_dir, pair, *load_field_and_affine(out_dir / pair.disp_name))
             logger.info("[%d/%d] %s already done, skipped", position, len(mine), pair.name)
         else:
             todo.append((position, pair))
     spent = 0.0
     for count, (position, pair) in enumerate(todo, start=1):
-        record = register_pair(pair, out_dir, configuration, label_ids, device, ranks, report, logger)
+        record = register_pair(pair, out_dir, configuration, label_ids, device, ranks, report, logger, itk_field)
         _write_status(out_dir, record)
         spent += record["seconds"]
         eta = format_duration((len(todo) - count) * spent / count)

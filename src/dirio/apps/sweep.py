@@ -1,12 +1,12 @@
-"""Pareto sweeps: one pair registered with a list of regularisation weights and combination rules.
+"""Pareto sweeps: one pair registered with a list of regularization weights and combination rules.
 
-The papers on gradient projection ask how to pick the regularisation weight for each pair; a
+The papers on gradient projection ask how to pick the regularization weight for each pair; a
 sweep answers it by showing the trade-off. Every (rule, weight) run is scored for accuracy
 (Dice with label maps, TRE with keypoints, otherwise the similarity loss at full resolution) and
 for regularity (% det <= 0, NDV %, SDlogJ), and the non-dominated runs of each
 accuracy-regularity pair form that pair's Pareto front.
 
-``surgery`` uses the regulariser only as a direction, so its result does not depend on a common
+``surgery`` uses the regularizer only as a direction, so its result does not depend on a common
 scale of the weights: it is run once per sweep (weight reported as NaN).
 """
 
@@ -110,7 +110,7 @@ def check_sweep_options(rules: Sequence[str], options: dict) -> None:
 
 
 def settings_for_run(settings, rule: str, weight: float):
-    """A copy of ``settings`` with the combination rule and every regulariser weight replaced."""
+    """A copy of ``settings`` with the combination rule and every regularizer weight replaced."""
     run = copy.deepcopy(settings)
     run.optimization.combine = rule
     run.optimization.combine_options = _rule_options(rule, settings.optimization.combine_options)
@@ -185,7 +185,7 @@ def run_sweep(
     Args:
         fixed, moving: ``S`` arrays on the same grid.
         settings: the base :class:`dirio.config.settings.Settings`; each run replaces the combination
-            rule and sets every regulariser's weight to the run's weight. ``combine_options``
+            rule and sets every regularizer's weight to the run's weight. ``combine_options``
             apply to the rules that accept them (e.g. ``scope``), the others ignore them.
         weights, rules: the sweep (see :func:`sweep_runs`).
         fixed_labels, moving_labels, label_ids: label maps for Dice and HD95.

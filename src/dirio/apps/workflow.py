@@ -8,7 +8,9 @@ can call it per pair.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -18,12 +20,55 @@ from typing import Sequence
 import numpy as np
 
 from dirio import __version__
-from dirio.api import RegistrationResult, apply_field, register
+from dirio.api import RegistrationResult, apply_field, check_settings, register
 from dirio.errors import DirioError
-from dirio.io.atomic import check_writable, write_json, write_text
-from dirio.io.images import Image, check_same_grid, load_field, load_image, load_keypoints, resample_to_grid, save_field, save_image
-from dirio.evaluation.metrics import evaluate_field
+from dirio.io.atomic import OutputLock, check_writable, remove_temporaries, write_json, write_text
+from dirio.io.images import (GRID_TOLERANCE_MM, Image, check_same_grid, load_field_and_affine, load_image,
+                             load_keypoints, resample_to_grid, save_field, save_image)
+from dirio.evaluation.evaluate import evaluate_field
 from dirio.config.settings import Settings
+
+
+# The smallest grid dirio registers and scores: the Learn2Reg SDlogJ crops 2 voxels at each end
+# of every axis (central differences), so an axis needs at least 5 voxels to keep one.
+MIN_VOXELS_PER_AXIS = 5
+# Written first when the outputs of ``dirio register`` are (re)written, deleted after the last one:
+# its presence marks a folder whose set of outputs is incomplete or mixed (a run was killed).
+INCOMPLETE_MARKER = "dirio-incomplete.json"
+
+
+def check_grid_size(shape: Sequence[int], what: str) -> None:
+    """Require at least :data:`MIN_VOXELS_PER_AXIS` voxels along every axis of ``shape``.
+
+    Raises:
+        DirioError: ``"<what> has shape (...); dirio needs at least 5 voxels along every axis"``.
+    """
+    if min(shape) < MIN_VOXELS_PER_AXIS:
+        raise DirioError(
+            f"{what} has shape {tuple(int(n) for n in shape)}; dirio needs at least {MIN_VOXELS_PER_AXIS} voxels "
+            f"along every axis (the Jacobian metrics crop 2 voxels at each end)"
+        )
+
+
+def check_field_grid(field_path, field_shape: Sequence[int], field_affine: np.ndarray, image: Image,
+                     resample: bool = False) -> None:
+    """Require a field to be defined on ``image``'s grid: same shape, affines within 1e-4 mm.
+
+    ``resample`` accepts another affine (the field is then taken on ``image``'s grid as it is).
+
+    Raises:
+        DirioError: naming the field and the image, with the shape or the affine difference.
+    """
+    if tuple(field_shape) != image.shape:
+        raise DirioError(
+            f"{field_path} is defined on a grid of shape {tuple(field_shape)} but {image.name} has shape {image.shape}"
+        )
+    difference = float(np.abs(np.asarray(field_affine) - image.affine).max())
+    if difference > GRID_TOLERANCE_MM and not resample:
+        raise DirioError(
+            f"{field_path} is defined on another grid than {image.name} (affines differ by up to {difference:.4g} mm); "
+            f"pass --resample to use it anyway"
+        )
 
 
 def file_stem(path: str | Path) -> str:
@@ -106,7 +151,10 @@ def load_inputs(
     check_given_in_pairs(fixed_labels=fixed_labels, moving_labels=moving_labels,
                          fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints)
     fixed_image = load_image(fixed, ndim=ndim)
+    check_grid_size(fixed_image.shape, str(fixed))
     moving_image = load_image(moving, ndim=ndim)
+    if not resample:
+        check_grid_size(moving_image.shape, str(moving))
 
     def on_fixed_grid(image: Image, what: str, labels: bool, moving_side: bool) -> Image:
         """Moving-side files are resampled when asked; everything else must share the fixed grid."""
@@ -154,7 +202,7 @@ def map_points(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarra
 def evaluate(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None = None, tre_order: int = 3,
              regularity: bool = True, hd95: bool = True) -> dict:
     """dirio's metrics of a field for the pair (Dice/HD95 with labels, TRE with keypoints, regularity);
-    ``regularity`` and ``hd95`` as in :func:`dirio.evaluation.metrics.evaluate_field`."""
+    ``regularity`` and ``hd95`` as in :func:`dirio.evaluation.evaluate.evaluate_field`."""
     return evaluate_field(
         disp,
         fixed_labels=None if inputs.fixed_labels is None else inputs.fixed_labels.data,
@@ -216,14 +264,23 @@ def register_files(
     device: str = "auto",
     ndim: int = 3,
     tre_order: int = 3,
+    itk_field: bool = False,
 ) -> dict:
     """Register two image files and write every output into ``out_dir``.
 
     Writes ``disp_<fixed>_<moving>.nii.gz`` (Learn2Reg layout ``(*S, ndim)``, fixed affine), the
     warped moving image, the warped moving labels (when given), ``metrics.json`` (metrics before
-    and after, timings, peak memory, settings, versions), ``history.csv`` (every term at every
-    iteration) and a PNG figure. Nothing existing is replaced unless ``overwrite``; every file is
-    written atomically. Returns the metrics dict written to ``metrics.json``.
+    and after, timings, peak memory, settings, versions, the SHA-256 of every output), ``history.csv``
+    (every term at every iteration) and a PNG figure; with ``itk_field`` also the field as an ITK
+    displacement field (:func:`itk_field_paths`).
+
+    Before any work: outputs that exist are refused unless ``overwrite``, ``out_dir`` must be a
+    writable folder, the settings are checked (:func:`dirio.api.check_settings`), and the
+    folder is locked (:class:`dirio.io.atomic.OutputLock`: a second run into it fails at once);
+    ``.tmp-*`` leftovers of a killed run are deleted. Every file is written atomically; while the
+    set is being written the marker ``dirio-incomplete.json`` exists and ``metrics.json`` (the
+    manifest) is written last, so a run killed while replacing a set leaves the marker, never an
+    unmarked mix. Returns the metrics dict written to ``metrics.json``.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -231,7 +288,38 @@ def register_files(
     if not figure:
         paths.pop("figure")
     paths.update(affine_output_paths(out_dir, fixed, moving, settings))
+    if itk_field:
+        if ndim != 3:
+            raise DirioError("--itk-field writes 3D fields only (ITK displacement fields of --ndim 2 are not supported)")
+        paths.update(itk_field_paths(out_dir, f"{file_stem(fixed)}_{file_stem(moving)}"))
+    if (out_dir / INCOMPLETE_MARKER).is_file() and not overwrite:
+        raise DirioError(f"{out_dir} holds an incomplete set of outputs of an interrupted run "
+                         f"({INCOMPLETE_MARKER}); pass --overwrite to replace it, or choose another -o")
     check_writable(paths.values(), overwrite)
+    check_settings(settings)
+    with OutputLock(out_dir):
+        remove_temporaries(out_dir)
+        check_writable(paths.values(), overwrite)  # again, now that no other dirio process writes here
+        return _register_locked(fixed, moving, out_dir, paths, start, settings=settings,
+                                fixed_labels=fixed_labels, moving_labels=moving_labels, fixed_mask=fixed_mask,
+                                moving_mask=moving_mask, fixed_keypoints=fixed_keypoints,
+                                moving_keypoints=moving_keypoints, label_ids=label_ids, resample=resample,
+                                overwrite=overwrite, figure=figure, device=device, ndim=ndim, tre_order=tre_order)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _register_locked(fixed, moving, out_dir: Path, paths: dict[str, Path], start: float, *, settings: Settings,
+                     fixed_labels, moving_labels, fixed_mask, moving_mask, fixed_keypoints, moving_keypoints,
+                     label_ids, resample: bool, overwrite: bool, figure: bool, device, ndim: int,
+                     tre_order: int) -> dict:
+    """:func:`register_files` once the output folder is locked and checked."""
     inputs = load_inputs(
         fixed, moving,
         fixed_labels=fixed_labels, moving_labels=moving_labels,
@@ -255,7 +343,21 @@ def register_files(
     after = evaluate(inputs, result.disp, label_ids, tre_order)
     out_dir.mkdir(parents=True, exist_ok=True)
     affine = inputs.fixed.affine
+    marker = out_dir / INCOMPLETE_MARKER
+    write_json(marker, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "writing": {key: str(path) for key, path in paths.items()},
+                        "note": "dirio register was writing this set of outputs; if this file remains, the run "
+                                "was interrupted and the files may mix two runs: run again with --overwrite"},
+               overwrite=True)
+    if overwrite:
+        paths["metrics"].unlink(missing_ok=True)  # the old manifest must not vouch for a mixed set
     save_field(paths["disp"], result.disp, affine, overwrite=overwrite)
+    if "itk_field" in paths:
+        from dirio.io.itk_fields import save_itk_field
+
+        for key in ("itk_field", "itk_transform"):
+            if key in paths:
+                save_itk_field(paths[key], result.disp, affine, overwrite=overwrite)
     save_image(paths["warped"], result.warped, affine, overwrite=overwrite)
     if warped_labels is not None:
         save_image(paths["warped_labels"], warped_labels, affine, overwrite=overwrite)
@@ -288,8 +390,22 @@ def register_files(
         )
     record["total_seconds"] = time.perf_counter() - start
     record["outputs"] = {key: str(path) for key, path in paths.items()}
+    record["sha256"] = {key: _sha256(path) for key, path in paths.items() if key != "metrics"}
     write_json(paths["metrics"], record, overwrite=overwrite)
+    marker.unlink(missing_ok=True)
     return record
+
+
+def itk_field_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """Files of ``--itk-field``: ``itk_disp_<stem>.nii.gz`` (NIfTI vector intent, LPS mm) and, with
+    SimpleITK installed, ``itk_disp_<stem>.h5`` (an ITK ``DisplacementFieldTransform`` file)."""
+    paths = {"itk_field": out_dir / f"itk_disp_{stem}.nii.gz"}
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return paths
+    paths["itk_transform"] = out_dir / f"itk_disp_{stem}.h5"
+    return paths
 
 
 def affine_output_paths(out_dir: Path, fixed, moving, settings: Settings) -> dict[str, Path]:
@@ -325,28 +441,91 @@ def write_affine_outputs(paths: dict[str, Path], result: RegistrationResult, fix
 
 
 def warp_file(image: str | Path, field_path: str | Path, output: str | Path, *, labels: bool = False,
-              overwrite: bool = False, ndim: int = 3) -> None:
-    """Apply a Learn2Reg displacement file to an image or label map and write the result atomically."""
+              overwrite: bool = False, ndim: int = 3, resample: bool = False) -> None:
+    """Apply a Learn2Reg displacement file to an image or label map and write the result atomically.
+
+    The image must lie on the field's grid (shape, and affine within 1e-4 mm); with ``resample``
+    an image on another grid is first resampled onto the field's grid through the two affines
+    (as ``dirio register --resample`` does with the moving image). The output has the field's grid.
+    """
     check_writable([output], overwrite)
     source = load_image(image, labels=labels, ndim=ndim)
-    disp = load_field(field_path, ndim=ndim)
-    if disp.shape[:-1] != source.shape:
-        raise DirioError(
-            f"{field_path} is defined on a grid of shape {disp.shape[:-1]} but {image} has shape {source.shape}"
-        )
+    disp, field_affine = load_field_and_affine(field_path, ndim=ndim)
+    if resample:
+        grid = Image(np.zeros(disp.shape[:-1], dtype=np.float32), field_affine, str(field_path))
+        source = resample_to_grid(source, grid, labels=labels)
+    check_field_grid(field_path, disp.shape[:-1], field_affine, source)
     warped = apply_field(source.data, disp, labels=labels)
-    save_image(output, warped, source.affine, overwrite=overwrite)
+    save_image(output, warped, field_affine, overwrite=overwrite)
 
 
 def evaluate_files(field_path: str | Path, fixed: str | Path, *, fixed_labels=None, moving_labels=None,
                    fixed_keypoints=None, moving_keypoints=None, label_ids=None, ndim: int = 3,
-                   tre_order: int = 3) -> dict:
-    """Score an existing displacement file for a pair (the fixed image gives the grid and spacing)."""
+                   tre_order: int = 3, resample: bool = False) -> dict:
+    """Score an existing displacement file for a pair (the fixed image gives the grid and spacing).
+
+    The field must be on the fixed grid (shape, and affine within 1e-4 mm); ``resample`` accepts a
+    field whose affine differs (taken on the fixed grid as it is) and resamples the moving labels
+    and keypoints onto the fixed grid, as ``dirio register --resample``.
+    """
     inputs = load_inputs(fixed, fixed, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                         fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints, ndim=ndim)
-    disp = load_field(field_path, ndim=ndim)
-    if disp.shape[:-1] != inputs.fixed.shape:
-        raise DirioError(
-            f"{field_path} is defined on a grid of shape {disp.shape[:-1]} but {fixed} has shape {inputs.fixed.shape}"
-        )
+                         fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints, ndim=ndim,
+                         resample=resample)
+    disp, field_affine = load_field_and_affine(field_path, ndim=ndim)
+    check_field_grid(field_path, disp.shape[:-1], field_affine, inputs.fixed, resample=resample)
     return evaluate(inputs, disp, label_ids, tre_order)
+
+
+def convert_file(source: str | Path, output: str | Path, *, to: str | None = None, overwrite: bool = False) -> str:
+    """Convert a displacement field between the Learn2Reg layout and an ITK displacement field.
+
+    Learn2Reg -> ITK: ``source`` is a ``disp_*.nii.gz`` (voxels of the fixed grid, fixed affine);
+    ``output`` a ``.nii.gz`` (vector intent), ``.mha`` or ``.h5`` in physical LPS mm
+    (:mod:`dirio.io.itk_fields`). ITK -> Learn2Reg: ``source`` is an ITK field (``.nii.gz`` of
+    vector intent, ``.mha``, ``.h5``), ``output`` a ``.nii.gz`` Learn2Reg field on the same grid.
+    ``to`` (``"itk"`` or ``"learn2reg"``) is the output kind; by default the other kind than the
+    source's. Returns the kind written.
+
+    Raises:
+        DirioError: unreadable source, an output that exists (without ``overwrite``), a suffix
+            that does not fit the kind, or a grid with shear (ITK cannot store it).
+    """
+    from dirio.io.itk_fields import is_itk_field_name, itk_field_to_learn2reg, save_itk_field
+
+    source, output = Path(source), Path(output)
+    check_writable([output], overwrite)
+    if to not in (None, "itk", "learn2reg"):
+        raise DirioError(f"--to must be itk or learn2reg, got {to!r}")
+    source_kind = _field_kind(source)
+    to = to or ("learn2reg" if source_kind == "itk" else "itk")
+    if source_kind == to:
+        raise DirioError(f"{source} is already a {to} field; nothing to convert")
+    if to == "itk":
+        if not is_itk_field_name(output):
+            raise DirioError(f"{output}: an ITK displacement field is written as .nii.gz, .nii, .mha or .h5")
+        disp, affine = load_field_and_affine(source)
+        save_itk_field(output, disp, affine, overwrite=overwrite)
+    else:
+        disp, affine = itk_field_to_learn2reg(source)
+        save_field(output, disp, affine, overwrite=overwrite)
+    return to
+
+
+def _field_kind(path: Path) -> str:
+    """``"itk"`` for ``.mha`` / ``.h5`` and NIfTI files of vector intent in the ``(*S, 1, 3)`` layout, else ``"learn2reg"``."""
+    from dirio.io.itk_fields import is_itk_nifti_header
+
+    name = path.name.lower()
+    if name.endswith((".mha", ".h5")):
+        return "itk"
+    if not path.is_file():
+        raise DirioError(f"{path}: no such file")
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        try:
+            header = nibabel.load(str(path)).header
+        except Exception:  # noqa: BLE001 - the reader of the chosen kind reports the problem
+            return "learn2reg"
+        return "itk" if is_itk_nifti_header(header) else "learn2reg"
+    raise DirioError(f"{path}: a displacement field is a .nii.gz, .nii, .mha or .h5 file")

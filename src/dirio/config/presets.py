@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "continuous": {
         # Vujovic et al., "continuous optimisation for large displacements": ConvexAdam's similarity
-        # and regulariser (as the convex-adam preset), no discrete step, Adam on a half-resolution
+        # and regularizer (as the convex-adam preset), no discrete step, Adam on a half-resolution
         # field for 270 steps with the constant -> cosine -> linear schedule (phases end at steps
         # 70 and 180; see dirio.optim.schedules.Piecewise) and a large initial learning rate.
         "normalise": "percentile",

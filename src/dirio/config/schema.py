@@ -288,7 +288,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("schedule_options", key_values, "e.g. constant_until=0.26,cosine_until=0.67 for piecewise",
            OPTIMISATION, metavar="K=V,..."),
     Option("diffeomorphic", switch, "optimise a stationary velocity field (scaling and squaring)", OPTIMISATION),
-    Option("combine", text, "how similarity and regulariser gradients are combined (default sum)", OPTIMISATION,
+    Option("combine", text, "how similarity and regularizer gradients are combined (default sum)", OPTIMISATION,
            choices=("sum", "pcgrad", "surgery")),
     Option("combine_options", key_values,
            "e.g. scope=block,block_size=8 (pcgrad, surgery); project=random|similarity|regularizer|all "

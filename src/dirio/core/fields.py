@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dirio.core.filters import gaussian_smooth
+
 _INTERPOLATION_MODES = ("linear", "nearest")
 _PADDING_MODES = ("border", "zeros", "reflection")
 
@@ -176,102 +178,6 @@ def resize_image(image: torch.Tensor, shape: Sequence[int], antialias: bool = Tr
     return F.interpolate(image, size=tuple(shape), mode=mode, align_corners=True)
 
 
-def gaussian_kernel_1d(sigma: float, truncate: float = 3.0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normalised 1D Gaussian of standard deviation ``sigma`` voxels, radius ``ceil(truncate*sigma)``."""
-    radius = max(int(np.ceil(truncate * sigma)), 1)
-    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def separable_filter(image: torch.Tensor, kernels: Sequence[torch.Tensor | None], padding: str = "replicate") -> torch.Tensor:
-    """Filter every channel of an image with one 1D kernel per spatial axis.
-
-    Args:
-        image: ``(B, C, *S)``.
-        kernels: one odd-length 1D kernel per spatial axis, or ``None`` to skip that axis.
-        padding: ``"replicate"``, ``"reflect"`` or ``"zeros"`` boundary handling.
-    Returns:
-        ``(B, C, *S)`` filtered image.
-    """
-    ndim = image.dim() - 2
-    b, c = image.shape[:2]
-    out = image.reshape(b * c, 1, *image.shape[2:])
-    conv = F.conv3d if ndim == 3 else F.conv2d
-    for axis, kernel in enumerate(kernels):
-        if kernel is None:
-            continue
-        radius = kernel.numel() // 2
-        shape = [1, 1] + [1] * ndim
-        shape[2 + axis] = kernel.numel()
-        weight = kernel.to(out).view(shape)
-        pad = [0, 0] * ndim
-        # F.pad lists the last axis first.
-        pad[2 * (ndim - 1 - axis)] = radius
-        pad[2 * (ndim - 1 - axis) + 1] = radius
-        if padding == "zeros":
-            out = F.pad(out, pad)
-        else:
-            out = F.pad(out, pad, mode=padding)
-        out = conv(out, weight)
-    return out.reshape(b, c, *image.shape[2:])
-
-
-def gaussian_smooth(image: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
-    """Gaussian smoothing with standard deviation ``sigma`` voxels (scalar or one per axis; 0 skips)."""
-    ndim = image.dim() - 2
-    sigmas = [float(sigma)] * ndim if np.isscalar(sigma) else [float(s) for s in sigma]
-    kernels = [gaussian_kernel_1d(s, device=image.device, dtype=image.dtype) if s > 0 else None for s in sigmas]
-    return separable_filter(image, kernels)
-
-
-def _inside_counts(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """How many of the 3 neighbours along ``dim`` lie inside a grid of ``n`` (2 at the ends, else 3),
-    shaped to broadcast against ``like``."""
-    counts = torch.full((n,), 3.0, device=like.device, dtype=like.dtype)
-    counts[0] = counts[-1] = 2.0
-    shape = [1] * like.dim()
-    shape[dim] = n
-    return counts.view(shape)
-
-
-def _neighbour_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x[i - 1] + x[i] + x[i + 1]`` along ``dim``, missing neighbours left out (a new tensor)."""
-    n = x.shape[dim]
-    total = x.clone()
-    total.narrow(dim, 1, n - 1).add_(x.narrow(dim, 0, n - 1))
-    total.narrow(dim, 0, n - 1).add_(x.narrow(dim, 1, n - 1))
-    return total
-
-
-def box_smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
-    """``passes`` rounds of a 3-voxel moving average along every spatial axis of ``(B, C, *S)``.
-
-    At the border the average is over the voxels inside the grid (average pooling with
-    ``count_include_pad=False``). Computed with shifted in-place adds, about 6x faster on the CPU
-    than ``avg_pool3d`` with a ``(3, 1, 1)`` kernel. Not differentiable by itself: see
-    :func:`box_smooth_adjoint` for its transpose. Returns a new tensor.
-    """
-    for _ in range(passes):
-        for dim in range(2, x.dim()):
-            if x.shape[dim] > 1:
-                x = _neighbour_sum(x, dim).div_(_inside_counts(x.shape[dim], dim, x))
-    return x
-
-
-def box_smooth_adjoint(g: torch.Tensor, passes: int) -> torch.Tensor:
-    """The transpose of :func:`box_smooth` applied to ``g`` (its backward pass).
-
-    Each average is "sum the neighbours, divide by the count", so its transpose is "divide by the
-    count, sum the neighbours", applied in the reverse order of the axes and passes.
-    """
-    for _ in range(passes):
-        for dim in reversed(range(2, g.dim())):
-            if g.shape[dim] > 1:
-                g = _neighbour_sum(g / _inside_counts(g.shape[dim], dim, g), dim)
-    return g
-
-
 def spatial_gradient(field: torch.Tensor) -> torch.Tensor:
     """Central-difference derivatives of every channel along every axis (one-sided at the border).
 
@@ -347,3 +253,21 @@ def world_to_itk_lps(disp_world_ras: np.ndarray) -> np.ndarray:
     out[..., 0] *= -1.0
     out[..., 1] *= -1.0
     return out
+
+
+def voxel_to_itk_displacement(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Learn2Reg voxel displacement ``(*S, 3)`` -> ITK displacement ``(*S, 3)`` in physical LPS mm.
+
+    ``u`` in voxels of the grid with voxel -> RAS affine ``A`` is the RAS vector ``A[:3, :3] @ u``
+    (:func:`field_to_world`); ITK's physical space is LPS, so x and y change sign
+    (:func:`world_to_itk_lps`). With the grid's geometry this is ITK's
+    ``DisplacementFieldTransform``: a fixed point ``p`` (LPS) maps to ``p + d(p)`` in the moving image.
+    """
+    return world_to_itk_lps(field_to_world(disp, affine))
+
+
+def itk_to_voxel_displacement(disp_lps: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`voxel_to_itk_displacement`: LPS mm ``(*S, 3)`` -> voxels of the grid ``(*S, 3)``."""
+    ras = world_to_itk_lps(disp_lps)  # the same sign flip turns LPS back into RAS
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
+    return np.einsum("ij,...j->...i", inverse, ras).astype(np.float32)

@@ -11,7 +11,7 @@ The official evaluation script (``evaluation.py`` of the challenge's evaluation 
 * ``aggregates`` maps every metric name to ``{"mean", "std", "30"}`` over the cases' ``mean``
   values: ``numpy`` mean, population standard deviation (``ddof=0``), and ``"30"`` =
   ``np.quantile(values, q)`` (linear interpolation) with ``q = 0.3`` for ``dice`` and ``hd95`` and
-  ``q = 0.7`` for ``sdlogj`` and ``tre``. For DSC that is :func:`dirio.evaluation.metrics.dsc30` (the 30 % of
+  ``q = 0.7`` for ``sdlogj`` and ``tre``. For DSC that is :func:`dirio.evaluation.overlap.dsc30` (the 30 % of
   cases with the lowest Dice lie below it). Note the evaluator's choice for HD95: 0.3 is the *better*
   side of a lower-is-better metric; it is reproduced as written there.
 
@@ -36,7 +36,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from dirio.evaluation.metrics import dsc30
+from dirio.evaluation.overlap import dsc30
 
 EVAL_VERSION = "2.0"
 # Official metric names (the challenge's evaluation configs) -> the evaluator's metric kinds.
@@ -75,7 +75,7 @@ def _per_label_list(per_label: Mapping[str, float], label_ids: Sequence[int] | N
 
 def case_result(after: Mapping, before: Mapping | None = None, *, seconds: float | None = None,
                 grid_shape: Sequence[int] | None = None, label_ids: Sequence[int] | None = None) -> dict:
-    """The evaluator's dict of one case from dirio's metrics (:func:`dirio.evaluation.metrics.evaluate_field`).
+    """The evaluator's dict of one case from dirio's metrics (:func:`dirio.evaluation.evaluate.evaluate_field`).
 
     Args:
         after: metrics of the registration field.

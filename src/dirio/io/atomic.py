@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
+import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -18,6 +21,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from dirio.errors import DirioError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 PathLike = str | os.PathLike
 
@@ -37,12 +45,189 @@ def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool) -> Non
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    folders_checked = set()
     for path in paths:
         path = Path(path)
         if path.is_dir():
             raise DirioError(f"{path} is a directory; expected a file name")
         if path.exists() and not overwrite:
             raise DirioError(f"{path} exists; pass `overwrite` to replace it")
+        if path.parent not in folders_checked:
+            check_output_folder(path.parent)
+            folders_checked.add(path.parent)
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` itself or its nearest existing ancestor."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_output_folder(folder: PathLike) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written.
+
+    An existing folder is probed by creating (and at once deleting) a temporary file in it, which
+    also catches read-only file systems and full quota; a folder still to be created needs its
+    nearest existing ancestor to be a writable folder.
+
+    Raises:
+        DirioError: ``"<folder> is a file, not a folder"`` (also for a file on the way to it) or
+            ``"<folder>: cannot write there (<reason>)"``.
+    """
+    folder = Path(folder)
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        where = "" if existing == Path(os.path.abspath(folder)) else f" (on the way to {folder})"
+        raise DirioError(f"{existing} is a file, not a folder{where}; choose another output location")
+    if existing == Path(os.path.abspath(folder)):
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
+        except OSError as error:
+            raise DirioError(f"{folder}: cannot write there ({error.strerror or error})") from None
+        os.close(handle)
+        os.unlink(probe)
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise DirioError(f"{folder}: cannot be created, {existing} is not writable")
+
+
+def remove_temporaries(folder: PathLike) -> int:
+    """Delete the ``.tmp-*`` files an interrupted dirio process left in ``folder`` (not recursive).
+
+    Only call it while holding the folder's :class:`OutputLock`, so that no live process's
+    temporary file is removed. Returns how many were deleted.
+    """
+    removed = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.glob(".tmp-*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+LOCK_NAME = ".dirio.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class OutputLock:
+    """An advisory lock on an output folder: one dirio process writes into a folder at a time.
+
+    The lock is the file ``<folder>/.dirio.lock`` holding the owner's pid, host and start time.
+    Where :mod:`fcntl` is available it is held with ``flock`` (released by the kernel when the
+    process dies, even by ``kill -9``, so a stale lock file is simply taken over); elsewhere, or
+    where the file system refuses ``flock``, the file is created exclusively and a lock file whose
+    pid is no longer running on this host is recovered as stale. :meth:`release` deletes the file
+    (and the folder, when :meth:`acquire` created it and it is empty).
+
+    Use as a context manager: ``with OutputLock(out_dir): ...``.
+    """
+
+    def __init__(self, folder: PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+        self._created_folder = False
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _busy(self, owner: str) -> DirioError:
+        owner = " ".join(owner.split()) or "unknown"
+        return DirioError(
+            f"{self.folder} is being written by another dirio process (lock {self.path}: {owner}); "
+            f"wait for it to finish or choose another -o"
+        )
+
+    def _owner_text(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace")[:200]
+        except OSError:
+            return ""
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`DirioError` naming the process that holds it."""
+        check_output_folder(self.folder)
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._created_folder = True
+        try:
+            self._acquire()
+        except BaseException:
+            self._remove_created_folder()
+            raise
+        stamp = f"pid {os.getpid()} host {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.write(self._fd, stamp.encode("utf-8"))
+
+    def _acquire(self) -> None:
+        if fcntl is not None:
+            for _ in range(100):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise self._busy(self._owner_text()) from None
+                except OSError:  # e.g. ENOLCK on some network file systems: use the pid file
+                    os.close(fd)
+                    break
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:  # not a file its previous owner deleted while we waited for it
+                    self._fd = fd
+                    return
+                os.close(fd)
+        self._acquire_pid_file()
+
+    def _acquire_pid_file(self) -> None:
+        for _ in range(100):
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                return
+            except FileExistsError:
+                owner = self._owner_text()
+                parts = owner.split()
+                pid = int(parts[1]) if len(parts) > 3 and parts[0] == "pid" and parts[1].isdigit() else None
+                same_host = len(parts) > 3 and parts[3] == socket.gethostname()
+                if pid is None or not same_host or _pid_alive(pid):
+                    raise self._busy(owner) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+        raise self._busy(self._owner_text())
+
+    def release(self) -> None:
+        """Delete the lock file and let it go (idempotent)."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+        self._remove_created_folder()
+
+    def _remove_created_folder(self) -> None:
+        if self._created_folder:
+            try:
+                self.folder.rmdir()  # only when empty: a failed run leaves nothing behind
+            except OSError:
+                pass
+            self._created_folder = False
 
 
 def _temporary_sibling(path: Path) -> Path:

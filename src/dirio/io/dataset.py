@@ -12,10 +12,18 @@ Rules (the README's "dirio run" section documents them for users):
   id ``<case>`` and modality ``<modality>``: ``OASIS_0001_0000.nii.gz`` -> ``0001``, ``0000``. The
   official evaluator slices 4 characters (``name[-16:-12]``), which is the same for the standard
   4-digit names. A name without a ``_<4 digits>`` modality suffix uses its whole stem as case id.
-* **Pair names.** A pair is ``<fixedcase>_<movingcase>`` and its field ``disp_<pair>.nii.gz``
-  (official short form, e.g. ``disp_0001_0002.nii.gz``). When two pairs of the split would get the
-  same short name (e.g. two modalities of one case), every pair uses the long form
-  ``<fixedcase>_<fixedmod>_<movingcase>_<movingmod>``, which the evaluator (eval_version 2.0) also accepts.
+* **Pair names** follow the official evaluator (eval_version 2.0), which takes the subject as the
+  4 characters before ``_<modality>.nii.gz`` and the modality as those 4 digits, and accepts the
+  short name ``disp_<fixedsubject>_<movingsubject>.nii.gz`` only for a fixed modality ``0000`` and
+  a moving modality ``0001`` (NLST style), the long name
+  ``disp_<fixedsubject>_<fixedmod>_<movingsubject>_<movingmod>.nii.gz`` always. So an NLST pair
+  ``0001_0000 <- 0001_0001`` is ``disp_0001_0001.nii.gz`` and an OASIS pair ``0001_0000 <- 0002_0000``
+  is ``disp_0001_0000_0002_0000.nii.gz``. A name without a 4-digit modality keeps its stem as case
+  id (such a dataset cannot be scored by the evaluator).
+* **Paths stay inside the dataset folder.** Every path of the JSON must lead, after ``..`` is
+  resolved (lexically: symbolic links inside the folder are followed as usual), to a file inside
+  the JSON's folder; an absolute path or one that climbs out is refused before any work unless
+  the dataset is loaded with ``allow_outside=True`` (``dirio run --allow-outside-paths``).
 * **Per-image files.** Labels, mask and keypoints of an image are taken from the ``training`` entry
   of that image when it names them (``label``, ``mask``, ``keypoints``), else from the sibling folder
   with ``images`` replaced by ``labels`` / ``masks`` / ``keypoints`` in the folder name, same file
@@ -31,6 +39,7 @@ Rules (the README's "dirio run" section documents them for users):
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -63,7 +72,8 @@ def case_and_modality(name: str) -> tuple[str, str | None]:
     match = _CASE_PATTERN.match(stem)
     if match is None:
         return stem, None
-    return match.group(1), match.group(2)
+    # The evaluator's subject is the 4 characters before "_<modality>" (name[-16:-12] of the path).
+    return stem[:-5][-4:], match.group(2)
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,17 @@ class CaseImage:
     def long_id(self) -> str:
         """``<case>_<modality>`` (the evaluator's per-case key part), or the case id without modality."""
         return self.case if self.modality is None else f"{self.case}_{self.modality}"
+
+
+def field_stem(fixed: CaseImage, moving: CaseImage) -> str:
+    """The pair's name as the official evaluator looks its field up: ``disp_<this>.nii.gz``.
+
+    Short ``<fixedcase>_<movingcase>`` only for modalities ``0000`` <- ``0001`` (the one case the
+    evaluator accepts it), long ``<fixedcase>_<fixedmod>_<movingcase>_<movingmod>`` otherwise.
+    """
+    if (fixed.modality, moving.modality) == ("0000", "0001") or fixed.modality is None or moving.modality is None:
+        return f"{fixed.case}_{moving.case}"
+    return f"{fixed.long_id}_{moving.long_id}"
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,19 @@ class Dataset:
     name: str
     content: dict
     label_ids: list[int] | None
+    allow_outside: bool = False
+
+    def _inside(self, relative: str, what: str) -> Path:
+        """``root / relative``, refused when it leads outside the dataset folder (unless allowed)."""
+        path = self.root / relative
+        if not self.allow_outside:
+            normalised = Path(os.path.normpath(path))
+            if Path(relative).is_absolute() or not normalised.is_relative_to(Path(os.path.normpath(self.root))):
+                raise DirioError(
+                    f"{self.path}: the {what} path {relative!r} leads outside the dataset folder {self.root}; "
+                    f"move the file into it, or pass `allow_outside` to use it"
+                )
+        return path
 
     def pairs(self, split: str) -> list[Pair]:
         """The registration pairs of ``split`` (``val``, ``test`` or ``train``), in dataset order.
@@ -156,8 +190,7 @@ class Dataset:
         if not couples:
             raise DirioError(f"{self.path}: split {split!r} has no pairs")
         images = [(self.case_image(f), self.case_image(m)) for f, m in couples]
-        short = [f"{f.case}_{m.case}" for f, m in images]
-        names = short if len(set(short)) == len(short) else [f"{f.long_id}_{m.long_id}" for f, m in images]
+        names = [field_stem(f, m) for f, m in images]
         if len(set(names)) != len(names):
             duplicate = next(n for n in names if names.count(n) > 1)
             raise DirioError(f"{self.path}: split {split!r} lists the pair {duplicate} more than once")
@@ -203,10 +236,10 @@ class Dataset:
         ):
             given = explicit.get(key)
             candidate = given if isinstance(given, str) else sibling_path(entry, folder, suffix)
-            path = None if candidate is None else self.root / candidate
+            path = None if candidate is None else self._inside(candidate, key)
             companions[kind] = path if path is not None and path.is_file() else None
         case, modality = case_and_modality(entry)
-        return CaseImage(entry=entry, image=self.root / entry, case=case, modality=modality, **companions)
+        return CaseImage(entry=entry, image=self._inside(entry, "image"), case=case, modality=modality, **companions)
 
 
 def _normalised(path: str) -> str:
@@ -232,8 +265,8 @@ def sibling_path(entry: str, folder: str, suffix: str | None = None) -> str | No
     return str(PurePosixPath(*parts))
 
 
-def load_dataset(path: str | Path) -> Dataset:
-    """Read a Learn2Reg dataset JSON.
+def load_dataset(path: str | Path, allow_outside: bool = False) -> Dataset:
+    """Read a Learn2Reg dataset JSON (``allow_outside``: accept paths leading outside its folder).
 
     Raises:
         DirioError: naming the file, when it is missing, not JSON, or not a JSON object.
@@ -256,7 +289,8 @@ def load_dataset(path: str | Path) -> Dataset:
         except ValueError:
             raise DirioError(f"{path}: the keys of 'labels' must be integer label ids, got {list(labels)}") from None
     name = content.get("name") if isinstance(content.get("name"), str) else path.stem
-    return Dataset(path=path, root=path.parent, name=name, content=content, label_ids=label_ids or None)
+    return Dataset(path=path, root=path.parent, name=name, content=content, label_ids=label_ids or None,
+                   allow_outside=allow_outside)
 
 
 def _points_mapped_onto(targets: np.ndarray, disp: np.ndarray, iterations: int = 50) -> np.ndarray:

@@ -14,7 +14,9 @@ message that names the file.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +49,8 @@ NIFTI_XFORM_SCANNER = 1
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 NORMALISATION_MODES = ("minmax", "percentile", "clip")
+
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 # --- the in-memory image -------------------------------------------------------------------------
@@ -137,19 +141,91 @@ def _import_simpleitk(path: Path, action: str):
     return sitk
 
 
+def _gunzip_verified(compressed: bytes, path: Path) -> bytes:
+    """Decompress every member of a gzip file, checking each member's CRC-32 and length.
+
+    nibabel reads only the bytes it needs and so never reaches the gzip trailer: a file whose
+    compressed bytes are damaged in the middle would otherwise give garbage voxels silently.
+    Zero padding after the last member is allowed (as by :mod:`gzip`); anything else is not.
+
+    Raises:
+        DirioError: naming the file, for a corrupt, truncated or trailing-garbage stream.
+    """
+    parts = []
+    data = memoryview(compressed)
+    while True:
+        inflater = zlib.decompressobj(wbits=31)  # 31: gzip wrapper, CRC-32 and ISIZE checked at its end
+        try:
+            parts.append(inflater.decompress(data))
+            parts.append(inflater.flush())
+        except zlib.error as exc:
+            raise DirioError(f"{path}: corrupt gzip data ({exc}); the file is damaged") from None
+        if not inflater.eof:
+            raise DirioError(f"{path}: the gzip stream is truncated (no end-of-stream checksum); the file is incomplete")
+        rest = inflater.unused_data
+        if not rest.strip(b"\0"):
+            return b"".join(parts)
+        data = data[len(data) - len(rest):]
+
+
+def _check_nifti_header(header, raw_size: int, path: Path) -> None:
+    """Refuse headers whose voxel layout cannot be the file's: the size must match exactly.
+
+    Checks: 1 to 7 dimensions of positive size, ``bitpix`` equal to the data type's size, a data
+    offset after the header, and exactly ``offset + voxels * itemsize`` bytes (so a damaged
+    ``dim``, ``datatype`` or ``vox_offset`` is refused rather than read as a different array).
+    """
+    dim = [int(v) for v in header["dim"]]
+    if not 1 <= dim[0] <= 7 or any(n < 1 for n in dim[1 : dim[0] + 1]):
+        raise DirioError(f"{path}: invalid NIfTI header: dim = {dim[: max(1, min(dim[0], 7)) + 1]}")
+    dtype = header.get_data_dtype()
+    if int(header["bitpix"]) != dtype.itemsize * 8:
+        raise DirioError(
+            f"{path}: invalid NIfTI header: bitpix {int(header['bitpix'])} does not match the data type {dtype} "
+            f"({dtype.itemsize * 8} bits)"
+        )
+    offset = int(header.get_data_offset())
+    if offset < int(header["sizeof_hdr"]):
+        raise DirioError(f"{path}: invalid NIfTI header: the voxel data offset {offset} lies inside the header")
+    expected = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * dtype.itemsize
+    if raw_size != expected:
+        raise DirioError(
+            f"{path}: holds {raw_size} bytes but its header describes {expected} "
+            f"(shape {tuple(header.get_data_shape())}, {dtype}, data at byte {offset}); the file is damaged"
+        )
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Raw array (scaled by scl_slope/inter when set) and affine of a NIfTI file."""
+    """Raw array (scaled by scl_slope/inter when set) and affine of a NIfTI file.
+
+    The whole file is read first: a ``.nii.gz`` is decompressed completely and every gzip
+    member's CRC-32 and length are verified (:func:`_gunzip_verified`), and the header must
+    describe exactly the bytes present (:func:`_check_nifti_header`); only then is the array
+    built. A file that fails either check is refused, never read in part.
+    """
     try:
-        img = nib.load(str(path), mmap=False)
-        # Read the data here: a truncated .nii.gz usually loads its header fine and only
-        # fails when the voxels are decompressed.
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DirioError(f"{path}: cannot read ({_one_line(exc)})") from None
+    if raw[:2] == _GZIP_MAGIC:
+        raw = _gunzip_verified(raw, path)
+    elif _suffix(path) == ".nii.gz":
+        raise DirioError(f"{path}: is not gzip-compressed although its name ends in .nii.gz")
+    sizes = {int.from_bytes(raw[:4], order) for order in ("little", "big")} if len(raw) >= 4 else set()
+    image_class = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    try:
+        _check_nifti_header(image_class.header_class.from_fileobj(io.BytesIO(raw), check=True), len(raw), path)
+        img = image_class.from_bytes(raw)
         data = np.asanyarray(img.dataobj)
         affine = np.array(img.affine, dtype=np.float64)
+    except DirioError:
+        raise
     except Exception as exc:
-        # nibabel reports corrupt files with assorted types: ImageFileError (not NIfTI),
-        # gzip.BadGzipFile / OSError, EOFError and zlib.error (truncated), ValueError (bad
-        # header or short data), HeaderDataError... Only nibabel calls are inside this block.
+        # nibabel reports bad headers and short data with assorted types (HeaderDataError,
+        # ImageFileError, ValueError, ...). Only nibabel calls are inside this block.
         raise DirioError(f"{path}: cannot read as a NIfTI image ({_one_line(exc)})") from None
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DirioError(f"{path}: invalid NIfTI header: the voxel-to-world affine is singular or not finite")
     return np.asarray(data), affine
 
 
@@ -404,7 +480,12 @@ def save_field(path: PathLike, disp: np.ndarray, affine: np.ndarray, *, overwrit
 
 
 def load_field(path: PathLike, ndim: int = 3) -> np.ndarray:
-    """Read a Learn2Reg displacement field.
+    """The displacement of :func:`load_field_and_affine`, without the affine."""
+    return load_field_and_affine(path, ndim)[0]
+
+
+def load_field_and_affine(path: PathLike, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Read a Learn2Reg displacement field and the affine of the grid it is defined on.
 
     Accepts NIfTI arrays ``(*S, ndim)`` and the NIfTI vector layout ``(*S, 1, ndim)``.
 
@@ -412,7 +493,8 @@ def load_field(path: PathLike, ndim: int = 3) -> np.ndarray:
         path: ``.nii`` / ``.nii.gz`` file.
         ndim: spatial dimensions (2 or 3).
     Returns:
-        ``(*S, ndim)`` float32 displacement in voxels of the fixed grid.
+        ``(*S, ndim)`` float32 displacement in voxels of the fixed grid, and the file's
+        ``(4, 4)`` affine (the fixed image's, by the Learn2Reg convention).
     Raises:
         DirioError: naming the file, when it is missing, unreadable, of the wrong shape, or
             contains NaN/Inf.
@@ -423,7 +505,14 @@ def load_field(path: PathLike, ndim: int = 3) -> np.ndarray:
     _check_exists(path)
     if _suffix(path) not in NIFTI_SUFFIXES:
         raise DirioError(f"{path}: displacement fields are read from NIfTI (.nii, .nii.gz) files")
-    data, _ = _read_nifti(path)
+    data, affine = _read_nifti(path)
+    # NIfTI intent codes 1006 (displacement vector) and 1007 (vector) with the (*S, 1, 3) layout:
+    # an ITK / ANTs field in physical mm, which read as voxels would be silently wrong.
+    if data.ndim == ndim + 2 and int(nib.load(str(path)).header["intent_code"]) in (1006, 1007):
+        raise DirioError(
+            f"{path}: is an ITK displacement field (NIfTI vector intent, physical LPS mm), not a Learn2Reg field "
+            f"in voxels; convert it first: dirio convert {path} -o disp.nii.gz"
+        )
     if data.ndim == ndim + 2 and data.shape[ndim] == 1:
         data = data[..., 0, :]
     if data.ndim != ndim + 1 or data.shape[-1] != ndim:
@@ -433,7 +522,7 @@ def load_field(path: PathLike, ndim: int = 3) -> np.ndarray:
         raise DirioError(f"{path}: has voxel type {data.dtype}; expected a numeric displacement field")
     data = data.astype(np.float32, copy=False)
     _check_finite(data, path)
-    return np.ascontiguousarray(data)
+    return np.ascontiguousarray(data), affine
 
 
 # --- grids ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Smoothness regularisers of a displacement field: diffusion, L1, total variation, bending energy.
+"""Smoothness regularizers of a displacement field: diffusion, L1, total variation, bending energy.
 
-Contract shared by every regulariser object (the optimisation engine codes against it):
+Contract shared by every regularizer object (the optimisation engine codes against it):
 
 * ``name``: short identifier (the factory name).
 * ``__call__(disp, spacing=None) -> scalar``: ``>= 0``, 0 for a constant (translation) field,
@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from dirio.core.registry import Registry
 
 __all__ = [
     "Regularizer",
@@ -253,7 +255,7 @@ class _SlabEnergy(torch.autograd.Function):
 
 
 class Regularizer:
-    """Base class of displacement regularisers."""
+    """Base class of displacement regularizers."""
 
     name = "regularizer"
 
@@ -389,22 +391,18 @@ def bending_reference(disp: torch.Tensor, spacing=None) -> torch.Tensor:
     return total
 
 
-REGULARIZERS: dict[str, type[Regularizer]] = {"diffusion": Diffusion, "l1": L1, "tv": TotalVariation, "bending": BendingEnergy}
+REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
+REGULARIZERS.register("diffusion", Diffusion)
+REGULARIZERS.register("l1", L1)
+REGULARIZERS.register("tv", TotalVariation)
+REGULARIZERS.register("bending", BendingEnergy)
 
 
 def make_regularizer(name: str, **options) -> Regularizer:
-    """Build a regulariser by factory name (``diffusion``, ``l1``, ``tv``, ``bending``).
+    """Build a regularizer by factory name (``diffusion``, ``l1``, ``tv``, ``bending``).
 
     Raises:
         ValueError: unknown name (lists the valid names), unknown option (lists the valid options)
             or an invalid option value.
     """
-    if name not in REGULARIZERS:
-        raise ValueError(f"unknown regularizer {name!r}; valid names: {', '.join(REGULARIZERS)}")
-    cls = REGULARIZERS[name]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        listed = ", ".join(valid) if valid else "none"
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for regularizer {name!r}; valid options: {listed}")
-    return cls(**options)
+    return REGULARIZERS.create(name, **options)

@@ -1,7 +1,7 @@
 """The affine stage: pre-alignment by a translation, rigid, similarity or affine transform.
 
-The models are optimised by the same engine and similarity objects as the dense field
-(:func:`dirio.optim.engine.optimise` with ``model_factory``); they only change how the
+The models (:mod:`dirio.transforms.affine`) are optimised by the same engine and similarity terms
+as the dense field (:func:`dirio.optim.pyramid.run_pyramid`); they only change how the
 displacement is parameterised. Geometry (binding for every function of this module):
 
 * The transform maps a **fixed voxel** ``x`` (indices of the full-resolution fixed grid) to a

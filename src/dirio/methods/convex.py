@@ -12,7 +12,7 @@ of the continuous-optimisation paper), written for dirio's conventions:
    channels, as ConvexAdam; moving features replicated beyond the border), then box-smoothed over
    space (``cost_smoothing`` passes of a 3-cell mean: a patch-wise SSD). A fixed mask weights the
    cost by the fraction of mask voxels in each cell, so cells outside it are filled in by the
-   regularisation.
+   regularization.
 3. Coupled convex optimisation of ``E(u, v) = sum_x C(x, u(x)) + theta ||u - v||^2 + smoothness(v)``:
    alternately the *exact* pointwise minimum over the discrete ``u`` (non-convex data term, solved
    globally by search) and the smoothing of ``u`` into ``v`` (the convex part, approximated by

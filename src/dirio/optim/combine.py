@@ -22,7 +22,7 @@ Rules (chosen by name, :data:`COMBINE_RULES`):
   product, one is replaced by its projection onto the normal plane of the other,
   ``G_i <- G_i - <G_i, G_j> / ||G_j||^2 G_j``, and the (projected) gradients are summed.
 * ``surgery`` (:class:`GradientSurgery`): GSMorph's rule (Dou et al., MICCAI 2023): the update
-  is the similarity gradient alone, projected onto the normal plane of the regularisation
+  is the similarity gradient alone, projected onto the normal plane of the regularization
   gradient where the two conflict. No weight to tune.
 
 Conventions every rule relies on: roles come from ``roles`` (never from the order of
@@ -46,10 +46,10 @@ Scope of the inner products (:class:`Scope`), for ``pcgrad`` and ``surgery``:
   together (edge blocks are smaller); every other parameter (a Conv3d weight) is one unit. Everything is computed with reshapes and reductions, no loop over blocks.
   Reasoning: a global inner product of two dense-field gradients is a sum of local terms whose
   signs differ from place to place (the similarity pulls the field towards detail at edges, the
-  regulariser pulls it back; in flat regions the similarity gradient is ~0). A single global
+  regularizer pulls it back; in flat regions the similarity gradient is ~0). A single global
   decision projects everywhere or nowhere; per block, the projection happens only where the two
   objectives conflict locally and leaves the rest of the field untouched. A block (not a voxel)
-  is the unit because the regulariser's gradient is a local second difference: per voxel its
+  is the unit because the regularizer's gradient is a local second difference: per voxel its
   sign flips at the scale of one voxel and the decision would be noise; the default of 8 voxels
   is a little more than the 5-voxel support of the parameter smoothing and of the LNCC window at
   the finest level. Measured (benchmarks/combine_rules.py): blocks of 4, 8 and 16 voxels give
@@ -492,13 +492,13 @@ class PCGrad:
             ``"random"`` (default; drawn every step, independently per scope unit, from
             ``generator``, each objective of a pair with probability 1/2 -- the
             gradient-projection IO paper), ``"similarity"`` (always the similarity),
-            ``"regularizer"`` (always the regulariser) or ``"all"`` (Yu et al.'s original
+            ``"regularizer"`` (always the regularizer) or ``"all"`` (Yu et al.'s original
             PCGrad: every gradient is projected onto the normal plane of every other one it
             conflicts with, visited in a random order drawn every step).
             With more than two objectives, ``"random"`` draws a random priority order of the
             objectives per unit and each objective is projected onto the higher-priority ones it
             conflicts with; ``"similarity"``/``"regularizer"`` put the similarity last/first and
-            draw the order of the regularisers.
+            draw the order of the regularizers.
         scope: ``"global"``, ``"level"``, ``"tensor"`` or ``"block"`` (see :class:`Scope`).
         block_size: block edge for ``scope="block"``, parameter-grid voxels.
         generator: the run's seeded ``torch.Generator`` (CPU); every random draw goes through it.
@@ -568,26 +568,26 @@ class PCGrad:
 class GradientSurgery:
     """GSMorph's gradient surgery: the similarity gradient, projected where it conflicts.
 
-    ``G = w_s grad S``, ``R = grad (sum_r w_r R_r)`` (one backward pass for all regularisers
+    ``G = w_s grad S``, ``R = grad (sum_r w_r R_r)`` (one backward pass for all regularizers
     together, one for the similarity). Per unit of the scope: ``G`` when ``<G, R> >= 0``, else
-    ``G - <G, R> / ||R||^2 R``. The regulariser only provides a direction, so a common scale of
-    the regulariser weights has no effect (with one regulariser its weight is irrelevant).
+    ``G - <G, R> / ||R||^2 R``. The regularizer only provides a direction, so a common scale of
+    the regularizer weights has no effect (with one regularizer its weight is irrelevant).
 
-    With plain gradient descent a step along ``-G`` never increases the regulariser to first
+    With plain gradient descent a step along ``-G`` never increases the regularizer to first
     order; adaptive optimisers (Adam, AMSGrad) rescale the step per coordinate, so this holds
     only approximately for them. Every point where the similarity gradient is zero or opposite
-    to the regulariser's is a fixed point, i.e. any point of the Pareto set: which one a run
+    to the regularizer's is a fixed point, i.e. any point of the Pareto set: which one a run
     reaches depends on the path. Measured on dense IO from a zero field (benchmarks/
-    combine_rules.py): with Adam the regulariser, which only removes components, barely acts and
+    combine_rules.py): with Adam the regularizer, which only removes components, barely acts and
     the fields fold (% det <= 0 of 7-26 %); with plain SGD the rule is stable at step sizes at
-    which the weighted sum diverges (the stiff regulariser never enters the step).
+    which the weighted sum diverges (the stiff regularizer never enters the step).
 
     Args:
         scope: ``"tensor"`` (default; GSMorph's layer-wise rule, equal to ``"global"`` for a
             dense field), ``"global"``, ``"level"`` or ``"block"``.
         block_size: block edge for ``scope="block"``, parameter-grid voxels.
         generator: accepted and unused (the rule draws nothing).
-    Diagnostics: see :func:`projection_diagnostics`; the regularisers' gradient is logged as
+    Diagnostics: see :func:`projection_diagnostics`; the regularizers' gradient is logged as
     ``grad_norm_regularizers`` and ``projected_regularizer`` is always 0.
     """
 

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 import torch
 
 from dirio.core.context import LevelContext
-from dirio.core.distributed import average_gradients
 from dirio.errors import DirioError
 from dirio.losses.terms import Evaluation, Role, Term, evaluate_terms, ordered
 from dirio.transforms.base import Transform, parameter_flags
@@ -27,14 +26,16 @@ class Step:
     Args:
         terms: the objectives (any number per role; names unique).
         rule: a combination rule (:mod:`dirio.optim.combine`).
-        reduce: averages one objective's gradients across processes; default
-            :func:`dirio.core.distributed.average_gradients` (the identity in one process).
+        reduce: averages one objective's gradients across processes, e.g.
+            :func:`dirio.core.distributed.average_gradients` for data-parallel training. ``None``
+            (the default, and what instance optimisation uses): no reduction, since under
+            ``dirio run`` with torchrun each process registers *its own* pairs.
     """
 
     def __init__(self, terms: Sequence[Term], rule, reduce: Callable | None = None):
         self.terms = ordered(terms)
         self.rule = rule
-        self.reduce = reduce if reduce is not None else average_gradients
+        self.reduce = reduce
         self.weights = {t.name: t.weight for t in self.terms}
         self.roles = {t.name: t.role for t in self.terms}
         data = [t.name for t in self.terms if t.role is not Role.REGULARIZER]

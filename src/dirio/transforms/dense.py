@@ -4,7 +4,7 @@ The parameter grid may be coarser than the image grid on which the similarity is
 (``grid_spacing`` image voxels per parameter voxel); the field is upsampled (trilinear,
 ``align_corners=True``) every iteration. Parameters are stored in **voxels of the parameter
 grid**, so that resampling between pyramid levels is :func:`dirio.core.fields.resize_field` and the
-finite differences the regularisers take on the parameter grid are dimensionless derivatives
+finite differences the regularizers take on the parameter grid are dimensionless derivatives
 ``du/dx`` whatever the grid. Learning rates given to the engine are in voxels of the level's image
 grid; the transform's optimiser group divides them by ``grid_spacing`` (``lr_divisor``).
 

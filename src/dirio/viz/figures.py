@@ -1,22 +1,11 @@
 """Figures a person looks at: registration summaries, overlays and loss curves, as PNG files.
 
-Rendering uses matplotlib's object API (:class:`matplotlib.figure.Figure` drawn by the Agg
-canvas) and never imports :mod:`matplotlib.pyplot`: no global backend is switched, no figure is
-registered in pyplot's figure manager (so there is nothing left open to close), and the
-functions work on machines without a display. Every PNG is written atomically through
-:func:`dirio.io.atomic.atomic_output`, so a failed rendering never leaves a partial file behind.
-
-Display conventions (the same in every figure):
-
-* 3D volumes ``(D, H, W)`` (axes ``i, j, k``) are shown as three central slices, one per
-  orthogonal plane: the plane normal to ``i`` shows ``j`` horizontally and ``k`` vertically; the
-  plane normal to ``j`` shows ``i`` / ``k``; the plane normal to ``k`` shows ``i`` / ``j``. The
-  vertical axis increases upwards (``origin="lower"``), which is the usual radiological display
-  for RAS-like voxel orders. 2D images ``(H, W)`` are shown as arrays usually are: ``i`` down,
-  ``j`` across.
-* Pixels are square voxels (aspect equal in voxel units; the spacing is not known here).
-* Displacements are in voxel units, component order ``(i, j, k)``, pull convention
-  ``warped(x) = moving(x + u(x))`` (see :mod:`dirio.core.fields`).
+Figures are drawn outside pyplot and written atomically (:mod:`dirio.viz.canvas`). Planes,
+orientation, display windows and the Jacobian of the shown slices follow
+:mod:`dirio.viz.slices` (three orthogonal central slices in 3D, vertical axis upwards; one plane
+in 2D). Pixels are square voxels (aspect equal in voxel units; the spacing is not known here).
+Displacements are in voxel units, component order ``(i, j, k)``, pull convention
+``warped(x) = moving(x + u(x))`` (see :mod:`dirio.core.fields`).
 """
 
 from __future__ import annotations
@@ -24,21 +13,32 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.colors import ListedColormap, Normalize
-from matplotlib.figure import Figure
 
-from dirio.core import fields as field
 from dirio.errors import DirioError
-from dirio.io.atomic import atomic_output, check_writable
+from dirio.io.atomic import check_writable
+from dirio.viz.canvas import check_png_path, new_figure, save_figure
+from dirio.viz.slices import (
+    AXIS_NAMES,
+    View,
+    as_array,
+    central_views,
+    check_images,
+    deviation_half_range,
+    display_window,
+    in_plane_displacement,
+    jacobian_planes,
+    normalised_to_window,
+    plane_label,
+    view_plane,
+)
 
 PathLike = str | os.PathLike
 
@@ -50,17 +50,11 @@ COLORBAR_ROW_INCHES = 0.18
 MAX_CURVE_PANELS_PER_ROW = 6
 # Curves with fewer logged points than this are drawn with point markers too.
 FEW_POINTS = 30
-DPI = 100
 
 # A deformation grid line every GRID_STEP_VOXELS voxels: dense enough to show local
 # deformation, sparse enough that neighbouring lines stay distinguishable at the panel size.
 GRID_STEP_VOXELS = 6
 
-# Robust display windows: intensities are clipped to these percentiles of the shown slices so
-# that a few bright voxels (vessels, bone, artefacts) do not wash out the anatomy.
-INTENSITY_PERCENTILES = (1.0, 99.0)
-# The difference and Jacobian colour ranges use this percentile of the absolute deviation.
-DEVIATION_PERCENTILE = 99.0
 # Smallest half-range of the Jacobian colour scale around 1, so that an almost rigid field is
 # not drawn with amplified noise; largest, so that the scale never goes below det = 0.
 JACOBIAN_MIN_HALF_RANGE = 0.05
@@ -69,177 +63,12 @@ JACOBIAN_MAX_HALF_RANGE = 1.0
 # Number of checkerboard tiles along the shorter in-plane axis of an overlay panel.
 CHECKER_TILES = 8
 
-AXIS_NAMES = "ijk"
 IMAGE_CMAP = "gray"
 DIFFERENCE_CMAP = "PuOr_r"
 JACOBIAN_CMAP = "RdBu_r"  # blue: compression (det < 1), red: expansion (det > 1)
 FOLD_COLOR = "lime"  # voxels with det <= 0 (folding), drawn over the Jacobian map
 GRID_COLOR = "#ffb000"
 LABEL_CMAP = "tab10"  # qualitative, all saturated colours for label contours, label value modulo 10
-
-
-# --- views and slices ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _View:
-    """How one plane is displayed: the axis normal to it (None in 2D), the array axes shown
-    horizontally and vertically, and matplotlib's ``origin`` for the vertical direction."""
-
-    normal: int | None
-    horizontal: int
-    vertical: int
-    origin: str
-
-
-_VIEWS_3D = (
-    _View(normal=0, horizontal=1, vertical=2, origin="lower"),
-    _View(normal=1, horizontal=0, vertical=2, origin="lower"),
-    _View(normal=2, horizontal=0, vertical=1, origin="lower"),
-)
-_VIEW_2D = _View(normal=None, horizontal=1, vertical=0, origin="upper")
-
-
-def _views(shape: Sequence[int]) -> list[tuple[_View, int | None]]:
-    """The displayed planes of a grid and the index of each central slice (None in 2D)."""
-    if len(shape) == 2:
-        return [(_VIEW_2D, None)]
-    return [(view, shape[view.normal] // 2) for view in _VIEWS_3D]
-
-
-def _plane(volume: np.ndarray, view: _View, index: int | None) -> np.ndarray:
-    """The slice of ``volume`` (spatial shape first, then optional trailing axes) shown in a view.
-
-    Returns:
-        Array ``(n_vertical, n_horizontal, *trailing)``: rows run along ``view.vertical``,
-        columns along ``view.horizontal``, ready for ``imshow(..., origin=view.origin)``.
-    """
-    if view.normal is None:
-        spatial = (0, 1)
-        plane = volume
-    else:
-        spatial = tuple(a for a in range(3) if a != view.normal)
-        # basic indexing: a view, where np.take gathers a copy (0.05 s per plane of a Fortran-ordered
-        # 160 x 192 x 224 volume as nibabel loads it)
-        plane = volume[(slice(None),) * view.normal + (index,)]
-    if spatial.index(view.vertical) == 1:  # stored as (horizontal, vertical, ...): swap
-        plane = np.swapaxes(plane, 0, 1)
-    return plane
-
-
-def _in_plane_displacement(disp: np.ndarray, view: _View, index: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The displacement components along a view's horizontal and vertical axes on its plane.
-
-    Args:
-        disp: ``(*S, ndim)`` displacement in voxels, component order = axis order.
-    Returns:
-        ``(u_horizontal, u_vertical)``, each ``(n_vertical, n_horizontal)`` like :func:`_plane`.
-        The component along the plane normal is not drawn.
-    """
-    return _plane(disp[..., view.horizontal], view, index), _plane(disp[..., view.vertical], view, index)
-
-
-def _plane_label(view: _View, index: int | None) -> str:
-    """Row label such as ``"i = 80"`` (3D) or ``"2D"``."""
-    if view.normal is None:
-        return "2D"
-    return f"{AXIS_NAMES[view.normal]} = {index}"
-
-
-# --- input checks --------------------------------------------------------------------------------
-
-
-def _as_array(value: Any, dtype=None) -> np.ndarray:
-    """numpy view of an array-like; torch tensors are detached and moved to the CPU."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=dtype)
-
-
-def _check_png_path(path: PathLike) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise DirioError(f"{path}: figures are written as PNG; use a file name ending in .png")
-    return path
-
-
-def _check_images(path: Path, **images: np.ndarray) -> tuple[int, ...]:
-    """Check that all images share one 2D or 3D shape; return it."""
-    shapes = {name: image.shape for name, image in images.items()}
-    shape = next(iter(shapes.values()))
-    if len(shape) not in (2, 3):
-        raise DirioError(f"{path}: images must be 2D (H, W) or 3D (D, H, W) arrays, got shape {shape}")
-    if len(set(shapes.values())) != 1:
-        listed = ", ".join(f"{name} {s}" for name, s in shapes.items())
-        raise DirioError(f"{path}: images must have one shape, got {listed}")
-    if min(shape) < 2:
-        raise DirioError(f"{path}: every image axis needs at least 2 voxels, got shape {shape}")
-    return tuple(shape)
-
-
-# --- value ranges --------------------------------------------------------------------------------
-
-
-def _window(*planes: np.ndarray) -> tuple[float, float]:
-    """Display range ``(low, high)`` from INTENSITY_PERCENTILES of the finite values shown."""
-    values = np.concatenate([p[np.isfinite(p)].ravel() for p in planes])
-    if values.size == 0:
-        return 0.0, 1.0
-    low, high = np.percentile(values, INTENSITY_PERCENTILES)
-    if high <= low:
-        low, high = float(values.min()), float(values.max())
-    if high <= low:
-        high = low + 1.0
-    return float(low), float(high)
-
-
-def _half_range(deviations: Sequence[np.ndarray], minimum: float) -> float:
-    """DEVIATION_PERCENTILE of ``|deviation|`` over the shown planes, at least ``minimum``."""
-    values = np.concatenate([np.abs(d[np.isfinite(d)]).ravel() for d in deviations])
-    if values.size == 0:
-        return max(minimum, 1.0)
-    return max(float(np.percentile(values, DEVIATION_PERCENTILE)), minimum)
-
-
-def _normalised(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Intensities mapped linearly from ``window`` to ``[0, 1]`` and clipped."""
-    low, high = window
-    return np.clip((np.nan_to_num(plane, nan=low) - low) / (high - low), 0.0, 1.0)
-
-
-# --- Jacobian determinant --------------------------------------------------------------------------
-
-
-def _jacobian_planes(disp: np.ndarray, views: list[tuple[_View, int | None]]) -> list[np.ndarray]:
-    """Jacobian determinant of ``x -> x + u(x)`` on the shown planes only.
-
-    The determinant is computed with :func:`dirio.core.fields.jacobian_determinant` on a slab of at
-    most three slices around each shown slice; central differences only reach one voxel, so
-    the middle slice equals the slice of the whole-volume computation while costing a few
-    percent of it (the whole 160 x 192 x 224 volume takes about 2 s on 2 CPU cores).
-
-    The slabs are small (about 10^5 voxels), where torch's intra-op threads cost more than they
-    save (measured: 0.3 s per slab with 2 threads on a busy 2-core machine, 0.01 s with one),
-    so torch runs single-threaded here; the previous thread count is restored afterwards.
-    """
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return [_jacobian_plane(disp, view, index) for view, index in views]
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _jacobian_plane(disp: np.ndarray, view: _View, index: int | None) -> np.ndarray:
-    """Jacobian determinant on one shown plane, from a slab of at most 3 slices (see above)."""
-    if view.normal is None:
-        slab, centre = disp, None
-    else:
-        low, high = max(index - 1, 0), min(index + 2, disp.shape[view.normal])
-        slab = np.take(disp, np.arange(low, high), axis=view.normal)
-        centre = index - low
-    det = field.jacobian_determinant(field.field_from_numpy(slab))[0].numpy()
-    return _plane(det, view, centre)
 
 
 # --- panel painters -------------------------------------------------------------------------------
@@ -251,7 +80,7 @@ def _bare(ax) -> None:
     ax.set_yticks([])
 
 
-def _show_image(ax, plane: np.ndarray, view: _View, window: tuple[float, float]):
+def _show_image(ax, plane: np.ndarray, view: View, window: tuple[float, float]):
     return ax.imshow(
         plane, cmap=IMAGE_CMAP, vmin=window[0], vmax=window[1], origin=view.origin, interpolation="nearest"
     )
@@ -280,7 +109,7 @@ def _label_edges_rgba(labels: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def _draw_label_edges(ax, labels_plane: np.ndarray, view: _View) -> None:
+def _draw_label_edges(ax, labels_plane: np.ndarray, view: View) -> None:
     ax.imshow(_label_edges_rgba(labels_plane), origin=view.origin, interpolation="nearest")
 
 
@@ -303,7 +132,7 @@ def _draw_deformation_grid(ax, disp_h: np.ndarray, disp_v: np.ndarray) -> None:
     ax.add_collection(LineCollection(lines, colors=GRID_COLOR, linewidths=0.6))
 
 
-def _draw_jacobian(ax, det: np.ndarray, view: _View, norm: Normalize):
+def _draw_jacobian(ax, det: np.ndarray, view: View, norm: Normalize):
     image = ax.imshow(det, cmap=JACOBIAN_CMAP, norm=norm, origin=view.origin, interpolation="nearest")
     folds = np.ma.masked_where(~(det <= 0), np.ones_like(det))
     ax.imshow(folds, cmap=ListedColormap([FOLD_COLOR]), vmin=0, vmax=1, origin=view.origin, interpolation="nearest")
@@ -385,26 +214,6 @@ def _draw_curves(fig, spec, history: Sequence[Mapping[str, Any]]) -> None:
             ax.set_xlabel(label, fontsize=8)
 
 
-# --- saving ---------------------------------------------------------------------------------------
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    """A figure drawn by the Agg canvas, outside pyplot (nothing global to close)."""
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path, overwrite: bool) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically, then release its artists."""
-    try:
-        with atomic_output(path, overwrite=overwrite) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI)
-    finally:
-        fig.clear()
-    return path
-
-
 # --- public figures --------------------------------------------------------------------------------
 
 
@@ -447,44 +256,45 @@ def registration_figure(
     Raises:
         DirioError: wrong shapes, a non-PNG name, or ``path`` exists and ``overwrite`` is false.
     """
-    path = _check_png_path(path)
-    fixed, moving, warped = (_as_array(a, np.float32) for a in (fixed, moving, warped))
-    shape = _check_images(path, fixed=fixed, moving=moving, warped=warped)
+    path = check_png_path(path)
+    fixed, moving, warped = (as_array(a, np.float32) for a in (fixed, moving, warped))
+    shape = check_images(path, fixed=fixed, moving=moving, warped=warped)
     ndim = len(shape)
-    disp = _as_array(disp, np.float32)
+    disp = as_array(disp, np.float32)
     if disp.shape != (*shape, ndim):
         raise DirioError(f"{path}: displacement must have shape {(*shape, ndim)} (*S, ndim), got {disp.shape}")
     if jacobian is not None:
-        jacobian = _as_array(jacobian, np.float32)
+        jacobian = as_array(jacobian, np.float32)
         if jacobian.shape != shape:
             raise DirioError(f"{path}: Jacobian determinant must have shape {shape}, got {jacobian.shape}")
     if labels is not None:
         if len(labels) != 2:
             raise DirioError(f"{path}: labels must be a pair (fixed_labels, warped_labels)")
-        labels = tuple(_as_array(lab) for lab in labels)
+        labels = tuple(as_array(lab) for lab in labels)
         if any(lab.shape != shape for lab in labels):
             raise DirioError(f"{path}: label maps must have shape {shape}, got {[lab.shape for lab in labels]}")
     if history is not None and not history_series(history)[0]:
         history = None  # nothing numeric to plot: no curve row
     check_writable(path, overwrite)  # fail before rendering, not after
 
-    views = _views(shape)
+    views = central_views(shape)
     planes = {
-        name: [_plane(image, view, index) for view, index in views]
+        name: [view_plane(image, view, index) for view, index in views]
         for name, image in (("fixed", fixed), ("moving", moving), ("warped", warped))
     }
     differences = [f - w for f, w in zip(planes["fixed"], planes["warped"])]
     if jacobian is not None:
-        det_planes = [_plane(jacobian, view, index) for view, index in views]
+        det_planes = [view_plane(jacobian, view, index) for view, index in views]
         volume_folds = int(np.count_nonzero(jacobian <= 0))
     else:
-        det_planes = _jacobian_planes(disp, views)
+        det_planes = jacobian_planes(disp, views)
         volume_folds = None
 
-    fixed_window = _window(*planes["fixed"])
-    moving_window = _window(*planes["moving"], *planes["warped"])
-    difference_limit = _half_range(differences, minimum=1e-6)
-    jacobian_half = min(_half_range([d - 1.0 for d in det_planes], JACOBIAN_MIN_HALF_RANGE), JACOBIAN_MAX_HALF_RANGE)
+    fixed_window = display_window(*planes["fixed"])
+    moving_window = display_window(*planes["moving"], *planes["warped"])
+    difference_limit = deviation_half_range(differences, minimum=1e-6)
+    jacobian_spread = deviation_half_range([d - 1.0 for d in det_planes], JACOBIAN_MIN_HALF_RANGE)
+    jacobian_half = min(jacobian_spread, JACOBIAN_MAX_HALF_RANGE)
     jacobian_norm = Normalize(vmin=1.0 - jacobian_half, vmax=1.0 + jacobian_half)
 
     # one row per plane, heights proportional to the plane's aspect, a thin row of colour bars
@@ -495,7 +305,7 @@ def registration_figure(
         curve_rows = math.ceil(len(history_series(history)[0]) / MAX_CURVE_PANELS_PER_ROW) or 1
         heights.append(CURVE_PANEL_HEIGHT_INCHES * curve_rows)
     columns = 6
-    fig = _new_figure(PANEL_INCHES * columns + 1.0, sum(heights) + 1.2 + (0.4 if title else 0.0))
+    fig = new_figure(PANEL_INCHES * columns + 1.0, sum(heights) + 1.2 + (0.4 if title else 0.0))
     grid = fig.add_gridspec(len(heights), columns, height_ratios=heights)
 
     column_axes: list[list] = [[] for _ in range(columns)]
@@ -516,9 +326,9 @@ def registration_figure(
             origin=view.origin,
             interpolation="nearest",
         )
-        background = _normalised(planes["warped"][row], moving_window)
+        background = normalised_to_window(planes["warped"][row], moving_window)
         axes[4].imshow(background, cmap=IMAGE_CMAP, vmin=0.0, vmax=1.6, origin=view.origin, interpolation="nearest")
-        _draw_deformation_grid(axes[4], *_in_plane_displacement(disp, view, index))
+        _draw_deformation_grid(axes[4], *in_plane_displacement(disp, view, index))
         n_v, n_h = planes["fixed"][row].shape
         axes[4].set_xlim(-0.5, n_h - 0.5)
         axes[4].set_ylim(*((-0.5, n_v - 0.5) if view.origin == "lower" else (n_v - 0.5, -0.5)))
@@ -526,11 +336,11 @@ def registration_figure(
         slice_folds = int(np.count_nonzero(det_planes[row] <= 0))
         axes[5].set_xlabel(f"det ≤ 0 in this slice: {slice_folds}", fontsize=8)
         if labels is not None:
-            _draw_label_edges(axes[0], _plane(labels[0], view, index), view)
-            _draw_label_edges(axes[2], _plane(labels[1], view, index), view)
+            _draw_label_edges(axes[0], view_plane(labels[0], view, index), view)
+            _draw_label_edges(axes[2], view_plane(labels[1], view, index), view)
 
         axes[0].set_ylabel(
-            f"{_plane_label(view, index)}\n{AXIS_NAMES[view.vertical]} {'↑' if view.origin == 'lower' else '↓'}",
+            f"{plane_label(view, index)}\n{AXIS_NAMES[view.vertical]} {'↑' if view.origin == 'lower' else '↓'}",
             fontsize=9,
         )
         axes[0].set_xlabel(f"{AXIS_NAMES[view.horizontal]} →", fontsize=9)
@@ -553,7 +363,7 @@ def registration_figure(
         _draw_curves(fig, grid[bar_row + 1, :], history)
     if title:
         fig.suptitle(title, fontsize=12)
-    return _save(fig, path, overwrite)
+    return save_figure(fig, path, overwrite)
 
 
 def loss_curve_figure(path: PathLike, history: Sequence[Mapping[str, Any]], overwrite: bool = False) -> Path:
@@ -566,7 +376,7 @@ def loss_curve_figure(path: PathLike, history: Sequence[Mapping[str, Any]], over
         DirioError: an empty history, a history without numeric terms, a non-PNG name, or
             ``path`` exists and ``overwrite`` is false.
     """
-    path = _check_png_path(path)
+    path = check_png_path(path)
     if not history:
         raise DirioError(f"{path}: the loss history is empty; nothing to plot")
     series, _ = history_series(history)
@@ -575,9 +385,9 @@ def loss_curve_figure(path: PathLike, history: Sequence[Mapping[str, Any]], over
     check_writable(path, overwrite)
     columns = min(len(series), MAX_CURVE_PANELS_PER_ROW)
     rows = math.ceil(len(series) / columns)
-    fig = _new_figure(max(2.8 * columns, 4.0), CURVE_PANEL_HEIGHT_INCHES * rows + 0.4)
+    fig = new_figure(max(2.8 * columns, 4.0), CURVE_PANEL_HEIGHT_INCHES * rows + 0.4)
     _draw_curves(fig, fig.add_gridspec(1, 1)[0, 0], history)
-    return _save(fig, path, overwrite)
+    return save_figure(fig, path, overwrite)
 
 
 def _checkerboard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -600,21 +410,21 @@ def overlay_figure(path: PathLike, fixed: np.ndarray, warped: np.ndarray, overwr
     Raises:
         DirioError: shapes differ, a non-PNG name, or ``path`` exists and ``overwrite`` is false.
     """
-    path = _check_png_path(path)
-    fixed, warped = _as_array(fixed, np.float32), _as_array(warped, np.float32)
-    shape = _check_images(path, fixed=fixed, warped=warped)
+    path = check_png_path(path)
+    fixed, warped = as_array(fixed, np.float32), as_array(warped, np.float32)
+    shape = check_images(path, fixed=fixed, warped=warped)
     check_writable(path, overwrite)
-    views = _views(shape)
-    fixed_planes = [_plane(fixed, view, index) for view, index in views]
-    warped_planes = [_plane(warped, view, index) for view, index in views]
-    fixed_window, warped_window = _window(*fixed_planes), _window(*warped_planes)
+    views = central_views(shape)
+    fixed_planes = [view_plane(fixed, view, index) for view, index in views]
+    warped_planes = [view_plane(warped, view, index) for view, index in views]
+    fixed_window, warped_window = display_window(*fixed_planes), display_window(*warped_planes)
 
     ratios = [p.shape[0] / p.shape[1] for p in fixed_planes]
-    fig = _new_figure(2 * PANEL_INCHES + 0.6, sum(PANEL_INCHES * r for r in ratios) + 0.8)
+    fig = new_figure(2 * PANEL_INCHES + 0.6, sum(PANEL_INCHES * r for r in ratios) + 0.8)
     grid = fig.add_gridspec(len(views), 2, height_ratios=ratios)
     for row, (view, index) in enumerate(views):
-        f = _normalised(fixed_planes[row], fixed_window)
-        w = _normalised(warped_planes[row], warped_window)
+        f = normalised_to_window(fixed_planes[row], fixed_window)
+        w = normalised_to_window(warped_planes[row], warped_window)
         checker_ax, colour_ax = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
         checker_ax.imshow(
             _checkerboard(f, w), cmap=IMAGE_CMAP, vmin=0, vmax=1, origin=view.origin, interpolation="nearest"
@@ -623,11 +433,11 @@ def overlay_figure(path: PathLike, fixed: np.ndarray, warped: np.ndarray, overwr
         for ax in (checker_ax, colour_ax):
             _bare(ax)
         checker_ax.set_ylabel(
-            f"{_plane_label(view, index)}\n{AXIS_NAMES[view.vertical]} {'↑' if view.origin == 'lower' else '↓'}",
+            f"{plane_label(view, index)}\n{AXIS_NAMES[view.vertical]} {'↑' if view.origin == 'lower' else '↓'}",
             fontsize=9,
         )
         checker_ax.set_xlabel(f"{AXIS_NAMES[view.horizontal]} →", fontsize=9)
         if row == 0:
             checker_ax.set_title("checkerboard fixed / warped", fontsize=9)
             colour_ax.set_title("red: fixed, green: warped", fontsize=9)
-    return _save(fig, path, overwrite)
+    return save_figure(fig, path, overwrite)
