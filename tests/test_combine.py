@@ -7,17 +7,8 @@ import math
 import pytest
 import torch
 
-from dirio.optim.combine import (
-    COMBINE_RULES,
-    GradientSurgery,
-    PCGrad,
-    Scope,
-    WeightedSum,
-    block_map,
-    block_sums,
-    make_combine_rule,
-    project_conflicting,
-)
+from dirio.optim.combine import COMBINE_RULES, GradientSurgery, PCGrad, WeightedSum, make_combine_rule
+from dirio.optim.projection import Scope, block_map, block_sums, project_conflicting
 from dirio.losses.terms import Role
 from engine_helpers import EngineConfig, Objective, optimise
 
