@@ -2,21 +2,9 @@
 
 The models (:mod:`dirio.transforms.affine`) are optimised by the same engine and similarity terms
 as the dense field (:func:`dirio.optim.pyramid.run_pyramid`); they only change how the
-displacement is parameterised. Geometry (binding for every function of this module):
+displacement is parameterised. The voxel matrix, the parameter units and the geometry are
+defined in :mod:`dirio.transforms.affine`; in addition:
 
-* The transform maps a **fixed voxel** ``x`` (indices of the full-resolution fixed grid) to a
-  **moving voxel** ``y = A x + b`` of the same grid (fixed and moving share the grid, see
-  DESIGN.md), i.e. the pull displacement is ``u(x) = A x + b - x``. The homogeneous
-  ``(ndim + 1, ndim + 1)`` matrix ``[[A, b], [0, 1]]`` is the *voxel matrix*.
-* Parameters live in isotropic physical units: with voxel size ``h`` (mm per axis) and unit
-  length ``l = mean(h)``, a voxel offset ``x - c`` from the rotation centre ``c`` becomes
-  ``p = (h / l) * (x - c)``; the transform is ``q = L p + t`` and ``y = c + (l / h) * q``. So a
-  rigid model is a true rotation in millimetres even for anisotropic voxels.
-* Parameter units are "voxels of size ``l`` moved": ``t`` directly; the rotation vector, the log
-  scale and the entries of ``L - I`` are multiplied by ``R``, the RMS distance of the grid's voxels
-  from the centre (in ``l`` units), so that a unit change of any parameter moves a typical voxel
-  by about one voxel. Adam's step size (the engine's ``lr``) then means the same for every
-  parameter.
 * World coordinates: with the fixed image's voxel -> RAS affine ``F``, the world transform is
   ``T = F M F^-1`` (fixed RAS point -> moving RAS point, the direction ITK transforms use for
   resampling); ITK works in LPS, ``T_lps = P T P`` with ``P = diag(-1, -1, 1, 1)``.
