@@ -40,13 +40,13 @@ import numpy as np
 import torch
 
 from dirio.evaluation import aggregate
-from dirio.api import check_settings, register, resolve_device
+from dirio.api import check_settings, resolve_device
 from dirio.config.files import RunConfiguration
 from dirio.io.dataset import Pair, load_dataset
 from dirio.errors import DirioError
 from dirio.io.atomic import LOCK_NAME, OutputLock, check_output_folder, write_json, write_text
 from dirio.io.images import load_field, save_field
-from dirio.apps.workflow import Inputs, evaluate, load_inputs, software_versions
+from dirio.apps.workflow import Inputs, evaluate, load_inputs, register_inputs, software_versions
 
 CASES_COLUMNS = ("pair", "fixed", "moving", "status", "seconds", "dice", "hd95", "sdlogj", "fold_percent",
                  "ndv_percent", "tre_mm", "dice_before", "tre_mm_before", "error")
@@ -362,12 +362,7 @@ def register_pair(pair: Pair, out_dir: Path, configuration: RunConfiguration, la
     }
     try:
         inputs = _load_pair(pair, configuration)
-        result = register(
-            inputs.fixed, inputs.moving, settings=configuration.settings,
-            fixed_mask=None if inputs.fixed_mask is None else inputs.fixed_mask.data,
-            moving_mask=None if inputs.moving_mask is None else inputs.moving_mask.data,
-            device=device,
-        )
+        result = register_inputs(inputs, configuration.settings, device)
         expected = list(inputs.fixed.shape) + [inputs.fixed.ndim]
         save_field(disp_path, result.disp, inputs.fixed.affine, overwrite=True)
         disp = load_field(disp_path)  # what the evaluator will read: shape and values as on disk

@@ -217,6 +217,16 @@ def evaluate(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None =
     )
 
 
+def register_inputs(inputs: Inputs, settings: Settings, device="auto") -> RegistrationResult:
+    """Register loaded inputs (images and masks on the fixed grid) with ``settings``."""
+    return register(
+        inputs.fixed, inputs.moving, settings=settings,
+        fixed_mask=None if inputs.fixed_mask is None else inputs.fixed_mask.data,
+        moving_mask=None if inputs.moving_mask is None else inputs.moving_mask.data,
+        device=device,
+    )
+
+
 def history_csv(history: list[dict]) -> str:
     """The per-iteration log as CSV text (one column per key seen in any row)."""
     columns: list[str] = []
@@ -327,12 +337,7 @@ def _register_locked(fixed, moving, out_dir: Path, paths: dict[str, Path], start
         fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints,
         resample=resample, ndim=ndim,
     )
-    result: RegistrationResult = register(
-        inputs.fixed, inputs.moving, settings=settings,
-        fixed_mask=None if inputs.fixed_mask is None else inputs.fixed_mask.data,
-        moving_mask=None if inputs.moving_mask is None else inputs.moving_mask.data,
-        device=device,
-    )
+    result = register_inputs(inputs, settings, device)
     # Everything that can fail on the inputs (warping, scoring) runs before the first file is
     # written, so that an error leaves no output behind.
     warped_labels = None
