@@ -391,11 +391,11 @@ def bending_reference(disp: torch.Tensor, spacing=None) -> torch.Tensor:
     return total
 
 
+# Each regularizer is registered under its class's ``name``, in the order the messages list them.
 REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
-REGULARIZERS.register("diffusion", Diffusion)
-REGULARIZERS.register("l1", L1)
-REGULARIZERS.register("tv", TotalVariation)
-REGULARIZERS.register("bending", BendingEnergy)
+for _family in (Diffusion, L1, TotalVariation, BendingEnergy):
+    REGULARIZERS.register(_family.name, _family)
+del _family
 
 
 def make_regularizer(name: str, **options) -> Regularizer:

@@ -19,12 +19,11 @@ from dirio.losses.nmi import NMI
 
 __all__ = ["SIMILARITIES", "make_similarity"]
 
+# Each family is registered under its class's ``name``, in the order the messages list them.
 SIMILARITIES: Registry[Similarity] = Registry("similarity")
-SIMILARITIES.register("lncc", LNCC)
-SIMILARITIES.register("ncc", NCC)
-SIMILARITIES.register("mse", MSE)
-SIMILARITIES.register("mind", MINDSSC)
-SIMILARITIES.register("nmi", NMI)
+for _family in (LNCC, NCC, MSE, MINDSSC, NMI):
+    SIMILARITIES.register(_family.name, _family)
+del _family
 
 
 def make_similarity(name: str, **options) -> Similarity:
