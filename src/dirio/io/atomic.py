@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - Windows
 PathLike = str | os.PathLike
 
 
-def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool) -> None:
+def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool, folders: bool = True) -> None:
     """Refuse to go on when an output file already exists and ``overwrite`` is false.
 
     Call it before a long run starts, with every path the run will write, so that the run
@@ -39,6 +39,8 @@ def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool) -> Non
     Args:
         paths: one path or an iterable of paths.
         overwrite: when true, existing files are allowed (they will be replaced).
+        folders: also check that each path's folder can be written by creating a temporary file
+            in it (:func:`check_output_folder`); without it, only that no file stands in the way.
     Raises:
         DirioError: ``"<path> exists; pass `overwrite` to replace it"`` for the first existing
             path, or when a path is an existing directory (never replaced, whatever ``overwrite``).
@@ -53,7 +55,7 @@ def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool) -> Non
         if path.exists() and not overwrite:
             raise DirioError(f"{path} exists; pass `overwrite` to replace it")
         if path.parent not in folders_checked:
-            check_output_folder(path.parent)
+            check_output_folder(path.parent, probe=folders)
             folders_checked.add(path.parent)
 
 
@@ -65,12 +67,13 @@ def _nearest_existing(folder: Path) -> Path:
     return folder
 
 
-def check_output_folder(folder: PathLike) -> None:
+def check_output_folder(folder: PathLike, probe: bool = True) -> None:
     """Refuse, before any work, an output folder that cannot be created or written.
 
     An existing folder is probed by creating (and at once deleting) a temporary file in it, which
     also catches read-only file systems and full quota; a folder still to be created needs its
-    nearest existing ancestor to be a writable folder.
+    nearest existing ancestor to be a writable folder. ``probe=False`` checks only that no file
+    stands where a folder is needed (no file is created).
 
     Raises:
         DirioError: ``"<folder> is a file, not a folder"`` (also for a file on the way to it) or
@@ -81,13 +84,15 @@ def check_output_folder(folder: PathLike) -> None:
     if not existing.is_dir():
         where = "" if existing == Path(os.path.abspath(folder)) else f" (on the way to {folder})"
         raise DirioError(f"{existing} is a file, not a folder{where}; choose another output location")
+    if not probe:
+        return
     if existing == Path(os.path.abspath(folder)):
         try:
-            handle, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
+            handle, probe_path = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
         except OSError as error:
             raise DirioError(f"{folder}: cannot write there ({error.strerror or error})") from None
         os.close(handle)
-        os.unlink(probe)
+        os.unlink(probe_path)
     elif not os.access(existing, os.W_OK | os.X_OK):
         raise DirioError(f"{folder}: cannot be created, {existing} is not writable")
 
@@ -259,7 +264,7 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         FileNotFoundError: when the body wrote nothing to the temporary path.
     """
     path = Path(path)
-    check_writable(path, overwrite)
+    check_writable(path, overwrite, folders=False)  # no write probe per file: callers probe up front
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     try:
