@@ -121,34 +121,6 @@ def test_a_second_register_into_a_folder_in_use_is_refused_at_once(pair, tmp_pat
     assert not out.exists()  # the lock's folder goes with the lock when nothing else was written
 
 
-def _lock_in_a_child(folder: Path) -> subprocess.Popen:
-    code = textwrap.dedent(f"""
-        import sys, time
-        from dirio.io.atomic import OutputLock
-        lock = OutputLock({str(folder)!r}); lock.acquire()
-        print("locked", flush=True)
-        time.sleep(60)
-    """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "locked"
-    return child
-
-
-def test_two_processes_cannot_write_one_folder_and_a_killed_owner_leaves_no_lock(pair, tmp_path):
-    out = tmp_path / "out"
-    child = _lock_in_a_child(out)
-    try:
-        _assert_user_error(_run(["register", pair.fixed, pair.moving, "-o", out, *QUICK]),
-                           "another dirio process", f"pid {child.pid}")
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    assert (out / LOCK_NAME).is_file()  # the stale lock file of the killed process is still there...
-    result = _run(["register", pair.fixed, pair.moving, "-o", out, *QUICK])  # ...and is taken over
-    assert result.rc == 0, result.err
-    assert (out / "metrics.json").is_file() and not (out / LOCK_NAME).exists()
-
-
 def test_a_register_started_while_another_writes_the_folder_is_refused(pair, tmp_path):
     out = tmp_path / "out"
     slow = subprocess.Popen([sys.executable, "-m", "dirio", "register", str(pair.fixed), str(pair.moving), "-o",
@@ -349,3 +321,25 @@ def test_dataset_paths_leading_outside_the_dataset_folder_are_refused_before_any
     result = _run(["run", dataset, "-o", tmp_path / "allowed", "-q", "--no-report", "--allow-outside-paths",
                    *QUICK[:4]])
     assert result.rc == 0, result.err
+
+
+def test_a_sigkill_while_replacing_a_set_leaves_it_marked_and_the_next_run_recovers(pair, tmp_path):
+    out = tmp_path / "out"
+    assert _run(["register", pair.fixed, pair.moving, "-o", out, *QUICK]).rc == 0
+    # A real kill -9 in the middle of the writes: the field is replaced, then the process dies.
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        import dirio.apps.workflow as workflow
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        workflow.save_image = die
+        from dirio.apps.cli import main
+        main({[str(a) for a in ["register", pair.fixed, pair.moving, "-o", out, "--overwrite", "--seed", "3", *QUICK]]!r})
+    """)
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "dirio-incomplete.json").is_file() and not (out / "metrics.json").exists()
+    assert (out / LOCK_NAME).exists()  # the dead process's lock file, released by the kernel
+    _assert_user_error(_run(["register", pair.fixed, pair.moving, "-o", out, *QUICK]), "incomplete")
+    assert _run(["register", pair.fixed, pair.moving, "-o", out, "--overwrite", *QUICK]).rc == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "dirio-"))) == []
