@@ -29,7 +29,8 @@ import numpy as np
 
 import _common as C
 from dirio.api import register
-from dirio.io.images import Image, load_image, load_keypoints, resample_to_grid
+from dirio.io.images import Image, load_image, resample_to_grid
+from dirio.io.keypoints import load_keypoints
 from dirio.evaluation.evaluate import evaluate_field
 from dirio.evaluation.jacobian import sdlogj_l2r
 from dirio.evaluation.landmarks import tre

@@ -285,7 +285,8 @@ def test_cli_writes_the_composed_field_and_the_affine_files(tmp_path):
     import json
 
     from dirio.apps.cli import main
-    from dirio.io.images import load_field, save_image
+    from dirio.io.images import save_image
+    from dirio.io.fields import load_field
 
     shape = (64, 72)
     fixed = blob_object(shape, radius=18, seed=4)[0, 0].numpy()

@@ -10,19 +10,10 @@ import pytest
 import torch
 
 from dirio.errors import DirioError
-from dirio.io.images import (
-    Image,
-    check_same_grid,
-    itk_to_ras_affine,
-    load_field,
-    load_image,
-    load_keypoints,
-    normalise_intensity,
-    resample_to_grid,
-    save_field,
-    save_image,
-    save_keypoints,
-)
+from dirio.io.images import Image, check_same_grid, itk_to_ras_affine, load_image, resample_to_grid, save_image
+from dirio.io.fields import load_field, save_field
+from dirio.io.keypoints import load_keypoints, save_keypoints
+from dirio.core.intensity import normalise_intensity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

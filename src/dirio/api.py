@@ -15,9 +15,10 @@ import torch
 from dirio.config.settings import Settings, apply_overrides, make_settings
 from dirio.core.fields import field_to_numpy, warp
 from dirio.errors import DirioError
-from dirio.io.images import Image, normalise_intensity
+from dirio.io.images import Image
+from dirio.core.intensity import normalise_intensity
 from dirio.losses.terms import Term
-from dirio.methods.stages import PairState, run_stages
+from dirio.methods.stages import PairState, run_stages, stage_history
 
 
 @dataclass
@@ -122,6 +123,11 @@ def register(
     affine stage, optional discrete initialisation, then dense instance optimisation); the result
     is the composition of the stages.
 
+    ``method="network" | "network-io" | "nio" | "network+dense"`` (a flat override) registers with
+    a pretrained network instead (:mod:`dirio.methods.network`); ``model=CHECKPOINT`` chooses it
+    (default: the packaged LapIRN OASIS brain model). The network's weights are restored after the
+    call, however it ends.
+
     Args:
         fixed, moving: arrays (or :class:`Image`) of the same spatial shape ``S`` (2D or 3D).
         settings: complete settings; otherwise built from ``preset`` and ``overrides`` (see
@@ -149,10 +155,11 @@ def register(
             settings = make_settings(preset, **overrides)
         except (ValueError, TypeError) as error:
             raise DirioError(str(error)) from None
-    elif preset is not None or set(overrides) - {"init", "affine"}:
+    elif preset is not None or set(overrides) - {"init", "affine", "method", "model"}:
         raise ValueError("give either settings or preset/overrides, not both")
     elif overrides:
-        # ``init="convex"`` / ``affine=...`` given with complete settings edit its stage list.
+        # ``init="convex"`` / ``affine=...`` / ``method=...`` / ``model=...`` given with complete
+        # settings edit its stage list or its network.
         try:
             settings = apply_overrides(settings, [overrides])
         except ValueError as error:
@@ -190,7 +197,7 @@ def register(
     return RegistrationResult(
         disp=field_to_numpy(result.displacement),
         warped=warped,
-        history=result.history,
+        history=stage_history(state),
         levels=result.levels,
         seconds=sum(stage["seconds"] for stage in state.records),
         peak_memory_mb=max(stage["peak_memory_mb"] for stage in state.records),

@@ -19,7 +19,8 @@ import torch
 from dirio.errors import DirioError
 from dirio.core.fields import resize_image
 from dirio.io.atomic import check_writable, write_json
-from dirio.io.images import save_field, save_image
+from dirio.io.images import save_image
+from dirio.io.fields import save_field
 from dirio.config.settings import make_settings
 from dirio.testing.synthetic import endpoint_error, warped_pair
 

@@ -45,7 +45,7 @@ from dirio.config.files import RunConfiguration
 from dirio.io.dataset import Pair, load_dataset
 from dirio.errors import DirioError
 from dirio.io.atomic import LOCK_NAME, OutputLock, check_output_folder, write_json, write_text
-from dirio.io.images import load_field, save_field
+from dirio.io.fields import load_field, save_field
 from dirio.apps.workflow import Inputs, evaluate, load_inputs, register_inputs, software_versions
 
 CASES_COLUMNS = ("pair", "fixed", "moving", "status", "seconds", "dice", "hd95", "sdlogj", "fold_percent",
@@ -621,7 +621,7 @@ def _run_pairs(mine: Sequence[Pair], out_dir: Path, configuration: RunConfigurat
     for position, pair in enumerate(mine, start=1):
         if finished(out_dir, pair):
             if itk_field and not all(path.is_file() for path in itk_paths(out_dir, pair)):
-                from dirio.io.images import load_field_and_affine
+                from dirio.io.fields import load_field_and_affine
 
                 write_itk_fields(out_dir, pair, *load_field_and_affine(out_dir / pair.disp_name))
             logger.info("[%d/%d] %s already done, skipped", position, len(mine), pair.name)

@@ -23,8 +23,9 @@ from dirio import __version__
 from dirio.api import RegistrationResult, apply_field, check_settings, register
 from dirio.errors import DirioError
 from dirio.io.atomic import OutputLock, check_writable, remove_temporaries, write_json, write_text
-from dirio.io.images import (GRID_TOLERANCE_MM, Image, check_same_grid, load_field_and_affine, load_image,
-                             load_keypoints, resample_to_grid, save_field, save_image)
+from dirio.io.images import GRID_TOLERANCE_MM, Image, check_same_grid, load_image, resample_to_grid, save_image
+from dirio.io.fields import load_field_and_affine, save_field
+from dirio.io.keypoints import load_keypoints
 from dirio.evaluation.evaluate import evaluate_field
 from dirio.config.settings import Settings
 

@@ -1,4 +1,7 @@
-"""Images on disk and in memory: load, check, save, resample, keypoints, intensity normalisation.
+"""Images on disk and in memory: load, check, save, resample onto another grid.
+
+Displacement fields are read and written by :mod:`dirio.io.fields`, keypoints by
+:mod:`dirio.io.keypoints`; intensity normalisation is :mod:`dirio.core.intensity`.
 
 An :class:`Image` is a numpy array in the voxel order nibabel gives for the file (axes
 ``i, j, k``) together with its 4x4 affine (voxel index -> world RAS+ millimetres, the NIfTI /
@@ -13,7 +16,6 @@ message that names the file.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import zlib
@@ -48,7 +50,6 @@ NIFTI_XFORM_SCANNER = 1
 # ITK physical space is LPS+, NIfTI/nibabel world space is RAS+: x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-NORMALISATION_MODES = ("minmax", "percentile", "clip")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -456,75 +457,6 @@ def _write_itk(path: Path, array: np.ndarray, affine: np.ndarray, overwrite: boo
         sitk.WriteImage(img, str(tmp), useCompression=True)
 
 
-# --- displacement fields -------------------------------------------------------------------------
-
-
-def save_field(path: PathLike, disp: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> None:
-    """Write a displacement field in the Learn2Reg layout: NIfTI array ``(*S, ndim)`` float32.
-
-    Args:
-        path: ``.nii`` or ``.nii.gz`` file (Learn2Reg names it ``disp_<fixed>_<moving>.nii.gz``).
-        disp: ``(*S, ndim)`` displacement in voxels of the fixed grid, components ``(i, j, k)``
-            (see :func:`dirio.core.fields.field_to_numpy` for the tensor conversion).
-        affine: the fixed image's ``(4, 4)`` affine.
-        overwrite: allow replacing an existing file.
-    """
-    path = Path(path)
-    array = _to_numpy(disp)
-    if array.ndim not in (3, 4) or array.shape[-1] != array.ndim - 1:
-        raise ValueError(f"a displacement field must have shape (*S, ndim) with ndim = 2 or 3, got {array.shape}")
-    if _suffix(path) not in NIFTI_SUFFIXES:
-        raise DirioError(f"{path}: displacement fields are written as NIfTI; use a .nii.gz name")
-    field32 = np.ascontiguousarray(array, dtype=np.float32)
-    _write_nifti(path, field32, np.asarray(affine, dtype=np.float64), overwrite)
-
-
-def load_field(path: PathLike, ndim: int = 3) -> np.ndarray:
-    """The displacement of :func:`load_field_and_affine`, without the affine."""
-    return load_field_and_affine(path, ndim)[0]
-
-
-def load_field_and_affine(path: PathLike, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Read a Learn2Reg displacement field and the affine of the grid it is defined on.
-
-    Accepts NIfTI arrays ``(*S, ndim)`` and the NIfTI vector layout ``(*S, 1, ndim)``.
-
-    Args:
-        path: ``.nii`` / ``.nii.gz`` file.
-        ndim: spatial dimensions (2 or 3).
-    Returns:
-        ``(*S, ndim)`` float32 displacement in voxels of the fixed grid, and the file's
-        ``(4, 4)`` affine (the fixed image's, by the Learn2Reg convention).
-    Raises:
-        DirioError: naming the file, when it is missing, unreadable, of the wrong shape, or
-            contains NaN/Inf.
-    """
-    if ndim not in (2, 3):
-        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
-    path = Path(path)
-    _check_exists(path)
-    if _suffix(path) not in NIFTI_SUFFIXES:
-        raise DirioError(f"{path}: displacement fields are read from NIfTI (.nii, .nii.gz) files")
-    data, affine = _read_nifti(path)
-    # NIfTI intent codes 1006 (displacement vector) and 1007 (vector) with the (*S, 1, 3) layout:
-    # an ITK / ANTs field in physical mm, which read as voxels would be silently wrong.
-    if data.ndim == ndim + 2 and int(nib.load(str(path)).header["intent_code"]) in (1006, 1007):
-        raise DirioError(
-            f"{path}: is an ITK displacement field (NIfTI vector intent, physical LPS mm), not a Learn2Reg field "
-            f"in voxels; convert it first: dirio convert {path} -o disp.nii.gz"
-        )
-    if data.ndim == ndim + 2 and data.shape[ndim] == 1:
-        data = data[..., 0, :]
-    if data.ndim != ndim + 1 or data.shape[-1] != ndim:
-        expected = "(D, H, W, 3)" if ndim == 3 else "(H, W, 2)"
-        raise DirioError(f"{path}: has shape {tuple(data.shape)}; expected a displacement field {expected}")
-    if not np.issubdtype(data.dtype, np.number):
-        raise DirioError(f"{path}: has voxel type {data.dtype}; expected a numeric displacement field")
-    data = data.astype(np.float32, copy=False)
-    _check_finite(data, path)
-    return np.ascontiguousarray(data), affine
-
-
 # --- grids ---------------------------------------------------------------------------------------
 
 
@@ -580,191 +512,3 @@ def resample_to_grid(image: Image, target: Image, labels: bool = False) -> Image
             mode="nearest",
         )
     return Image(data=resampled, affine=target.affine.copy(), path=image.path)
-
-
-# --- keypoints -----------------------------------------------------------------------------------
-
-
-def _parse_float(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def load_keypoints(
-    path: PathLike,
-    shape: Sequence[int] | None = None,
-    ndim: int = 3,
-    columns: Sequence[int | str] | None = None,
-) -> np.ndarray:
-    """Read keypoints from a CSV file: one point per row, voxel coordinates ``(i, j, k)``.
-
-    The Learn2Reg NLST layout is comma separated without a header, exactly ``ndim`` columns.
-    A first row of non-numeric names is taken as a header and skipped; blank lines are ignored.
-    Files with more columns (an id column, physical coordinates...) are read by naming the
-    coordinate columns with ``columns`` (0-based indices, or header names); without ``columns``
-    every row must have exactly ``ndim`` values.
-
-    Args:
-        path: the CSV file.
-        shape: the image's spatial shape; when given, every point must lie inside the image's
-            voxel extent ``-0.5 <= p[d] <= shape[d] - 0.5`` (voxel centres are integers).
-        ndim: coordinates per point (2 or 3).
-        columns: the ``ndim`` columns that hold ``(i, j, k)``, as 0-based indices or header names.
-    Returns:
-        ``(N, ndim)`` float64 voxel coordinates, in file order.
-    Raises:
-        DirioError: naming the file, when it is missing or unreadable, is empty, has the wrong
-            number of columns or a non-numeric value, contains NaN/Inf, or (with ``shape``) a
-            point lies outside the image.
-    """
-    if ndim not in (2, 3):
-        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
-    if columns is not None and len(columns) != ndim:
-        raise ValueError(f"columns must name {ndim} columns, got {list(columns)}")
-    path = Path(path)
-    _check_exists(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = [(number, row) for number, row in enumerate(csv.reader(handle), start=1) if any(c.strip() for c in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DirioError(f"{path}: cannot read as a keypoint CSV file ({_one_line(exc)})") from None
-
-    header: list[str] | None = None
-    if rows and all(_parse_float(cell) is None for cell in rows[0][1]):
-        header = [cell.strip() for cell in rows[0][1]]
-        rows = rows[1:]
-    if not rows:
-        raise DirioError(f"{path}: contains no keypoints")
-
-    if columns is None:
-        indices = list(range(ndim))
-    else:
-        indices = []
-        for column in columns:
-            if isinstance(column, str):
-                if header is None or column not in header:
-                    raise DirioError(f"{path}: has no column named {column!r} (header: {header})")
-                indices.append(header.index(column))
-            else:
-                indices.append(int(column))
-
-    points = np.empty((len(rows), ndim), dtype=np.float64)
-    for index, (line, row) in enumerate(rows):
-        if columns is None and len(row) != ndim:
-            raise DirioError(
-                f"{path}: line {line} has {len(row)} columns; expected {ndim} voxel coordinates per point"
-            )
-        if max(indices) >= len(row):
-            raise DirioError(f"{path}: line {line} has {len(row)} columns; column {max(indices)} is missing")
-        for axis, column in enumerate(indices):
-            value = _parse_float(row[column])
-            if value is None:
-                raise DirioError(f"{path}: line {line} column {column}: {row[column]!r} is not a number")
-            points[index, axis] = value
-
-    finite = np.isfinite(points).all(axis=1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        raise DirioError(f"{path}: keypoint {bad} (line {rows[bad][0]}) has NaN/Inf coordinates")
-    if shape is not None:
-        _check_inside(points, shape, path, [line for line, _ in rows])
-    return points
-
-
-def _check_inside(points: np.ndarray, shape: Sequence[int], path: Path, lines: Sequence[int]) -> None:
-    """Error for the first point outside the voxel extent ``[-0.5, n - 0.5]`` of each axis."""
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != points.shape[1]:
-        raise ValueError(f"shape {shape} has {len(shape)} axes but the keypoints have {points.shape[1]}")
-    upper = np.asarray(shape, dtype=np.float64) - 0.5
-    outside = ((points < -0.5) | (points > upper)).any(axis=1)
-    if outside.any():
-        bad = int(np.flatnonzero(outside)[0])
-        coords = ", ".join(f"{v:g}" for v in points[bad])
-        raise DirioError(
-            f"{path}: keypoint {bad} (line {lines[bad]}) at ({coords}) lies outside the image of shape {shape}"
-        )
-
-
-def _format_coordinate(value: float) -> str:
-    """Integers without a decimal point (NLST style), other values with full float precision."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def save_keypoints(path: PathLike, points: np.ndarray, overwrite: bool = False) -> None:
-    """Write ``(N, ndim)`` voxel coordinates as a header-less comma-separated file, atomically.
-
-    Values are written losslessly (integers as integers), so :func:`load_keypoints` reads back
-    the same array.
-    """
-    points = _to_numpy(points)
-    if points.ndim != 2 or points.shape[1] not in (2, 3):
-        raise ValueError(f"points must have shape (N, 2) or (N, 3), got {points.shape}")
-    lines = [",".join(_format_coordinate(v) for v in point) for point in points]
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-# --- intensity normalisation ---------------------------------------------------------------------
-
-# Percentiles of the nonzero voxels used by mode "percentile": the robust range also used by
-# nnU-Net's CT normalisation (0.5th / 99.5th percentile of foreground), which ignores a few hot
-# or cold outlier voxels.
-DEFAULT_PERCENTILES = (0.5, 99.5)
-
-
-def _rescale(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Clip to ``[lo, hi]`` and map linearly to ``[0, 1]``; all zeros when ``hi <= lo``."""
-    if hi <= lo:
-        return np.zeros(data.shape, dtype=np.float32)
-    scaled = (data.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    # Clip after scaling: float32 rounding could otherwise give 1.0000001 at ``hi``.
-    return np.clip(scaled, 0.0, 1.0, out=scaled)
-
-
-def normalise_intensity(
-    data: np.ndarray,
-    mode: str,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
-) -> np.ndarray:
-    """Map intensities to ``[0, 1]`` (float32 out, input unchanged).
-
-    Modes:
-        ``"minmax"``: ``(x - min) / (max - min)``.
-        ``"percentile"``: clip to the ``percentiles`` (default 0.5th and 99.5th) of the nonzero
-            voxels (all voxels if none is nonzero), then map that range to ``[0, 1]``.
-        ``"clip"``: clip to ``[lo, hi]`` (both required, in the image's units, e.g. a CT window
-            ``lo=-1000, hi=1500`` HU), then map to ``[0, 1]``.
-    A constant image (empty range) becomes all zeros.
-
-    Args:
-        data: array of any shape.
-        mode: one of ``NORMALISATION_MODES``.
-    Returns:
-        float32 array of the same shape, values in ``[0, 1]``.
-    """
-    data = np.asarray(data)
-    if mode == "minmax":
-        if data.size == 0:
-            return data.astype(np.float32)
-        return _rescale(data, float(data.min()), float(data.max()))
-    if mode == "percentile":
-        nonzero = data[data != 0]
-        sample = nonzero if nonzero.size else data.ravel()
-        if sample.size == 0:
-            return data.astype(np.float32)
-        low, high = np.percentile(sample, percentiles)
-        return _rescale(data, float(low), float(high))
-    if mode == "clip":
-        if lo is None or hi is None:
-            raise ValueError("normalise_intensity mode 'clip' needs both lo and hi")
-        if hi <= lo:
-            raise ValueError(f"normalise_intensity mode 'clip' needs lo < hi, got lo={lo}, hi={hi}")
-        return _rescale(data, float(lo), float(hi))
-    raise ValueError(f"normalisation mode must be one of {NORMALISATION_MODES}, got {mode!r}")

@@ -1,6 +1,6 @@
 """ITK displacement-field files: the deformable transform in physical LPS millimetres.
 
-A Learn2Reg field (:func:`dirio.io.images.save_field`) is in voxels of the fixed grid; ITK tools
+A Learn2Reg field (:func:`dirio.io.fields.save_field`) is in voxels of the fixed grid; ITK tools
 (``antsApplyTransforms``, SimpleITK / ITK ``DisplacementFieldTransform``, ITK-SNAP, 3D Slicer)
 take a displacement in physical LPS mm on a grid with ITK geometry: a fixed point ``p`` maps to
 the moving point ``p + d(p)``, which is exactly the Learn2Reg pull convention written in world
@@ -30,8 +30,7 @@ import numpy as np
 from dirio.core.fields import itk_to_voxel_displacement, voxel_to_itk_displacement
 from dirio.errors import DirioError
 from dirio.io.atomic import atomic_output
-from dirio.io.images import (NIFTI_XFORM_SCANNER, _import_simpleitk, _read_nifti, _suffix, itk_to_ras_affine,
-                             ras_affine_to_itk)
+from dirio.io.images import NIFTI_XFORM_SCANNER, _import_simpleitk, _read_nifti, _suffix, itk_to_ras_affine, ras_affine_to_itk
 
 PathLike = str | os.PathLike
 
