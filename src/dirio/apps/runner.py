@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import traceback
@@ -41,6 +40,14 @@ import torch
 
 from dirio.evaluation import aggregate
 from dirio.api import check_settings, resolve_device
+from dirio.core.distributed import (
+    Ranks,
+    barrier,
+    broadcast_object,
+    destroy_process_group,
+    init_process_group,
+    ranks_from_environment,
+)
 from dirio.config.files import RunConfiguration
 from dirio.io.dataset import Pair, load_dataset
 from dirio.errors import DirioError
@@ -51,9 +58,6 @@ from dirio.apps.workflow import Inputs, evaluate, load_inputs, register_inputs, 
 CASES_COLUMNS = ("pair", "fixed", "moving", "status", "seconds", "dice", "hd95", "sdlogj", "fold_percent",
                  "ndv_percent", "tre_mm", "dice_before", "tre_mm_before", "error")
 LABELS_COLUMNS = ("pair", "label", "dice", "hd95")
-# How long a rank waits for the others at the final barrier: a rank with fewer or faster pairs may
-# wait for hours; a rank that dies is noticed by torchrun, which stops the whole group.
-BARRIER_TIMEOUT = datetime.timedelta(days=7)
 LOGGER = "dirio.run"
 # --itk-field: OUT/itk/disp_<pair>.nii.gz (NIfTI vector intent) and .h5 (with SimpleITK), LPS mm.
 ITK_FOLDER = "itk"
@@ -77,69 +81,6 @@ class RunResult:
 
 
 # --- distributed -------------------------------------------------------------------------------
-
-
-@dataclass
-class Ranks:
-    """This process's place in the run: ``rank`` of ``world_size`` (``local_rank`` on its node)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def ranks_from_environment() -> Ranks:
-    """``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by torchrun (and SLURM launchers using it)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise DirioError("RANK, WORLD_SIZE and LOCAL_RANK must be integers when set") from None
-    if world < 1 or not 0 <= rank < world:
-        raise DirioError(f"RANK={rank} is not within WORLD_SIZE={world}")
-    return Ranks(rank, world, local)
-
-
-def _init_process_group(ranks: Ranks) -> None:
-    import torch.distributed as dist
-
-    if ranks.distributed and not dist.is_initialized():
-        dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=BARRIER_TIMEOUT)
-
-
-def _broadcast(value: Any, ranks: Ranks) -> Any:
-    """Rank 0's ``value`` on every rank (the value itself without torch.distributed)."""
-    if not ranks.distributed:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(ranks: Ranks) -> None:
-    if ranks.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _destroy_process_group(ranks: Ranks) -> None:
-    if ranks.distributed:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def pick_device(device: str, ranks: Ranks) -> torch.device:
@@ -537,7 +478,7 @@ def run_dataset(
         "world_size": ranks.world_size, "started": _now(), "finished": None, "seconds": None,
         "pairs": len(pairs), "done": None, "failed": None, "device": str(device), "threads": threads,
     }
-    _init_process_group(ranks)
+    init_process_group(ranks)
     logger = None
     lock = OutputLock(out_dir)
     try:
@@ -551,7 +492,7 @@ def run_dataset(
                 prepare_out_dir(out_dir, run_record, overwrite)
             except DirioError as error:
                 problem = str(error)
-        problem = _broadcast(problem, ranks)
+        problem = broadcast_object(problem, ranks)
         if problem is not None:
             raise DirioError(problem)
         logger = _open_log(out_dir, ranks, quiet)
@@ -560,7 +501,7 @@ def run_dataset(
                     data.path.name, split, len(pairs), len(mine), ranks.rank, ranks.world_size, device,
                     torch.get_num_threads())
         _run_pairs(mine, out_dir, configuration, label_ids, device, ranks, report, logger, itk_field)
-        _barrier(ranks)
+        barrier(ranks)
         outcome: dict = {"failed": 0}
         if ranks.main:
             try:
@@ -569,9 +510,9 @@ def run_dataset(
                 outcome = {"error": _one_line(error)}
                 if not ranks.distributed:
                     raise
-                _broadcast(outcome, ranks)
+                broadcast_object(outcome, ranks)
                 raise
-        outcome = _broadcast(outcome, ranks)
+        outcome = broadcast_object(outcome, ranks)
         if "error" in outcome:
             raise DirioError(f"rank 0 could not write the run's tables: {outcome['error']}")
         failed = outcome["failed"]
@@ -581,7 +522,7 @@ def run_dataset(
         if logger is not None:
             _close_log(logger)
         lock.release()
-        _destroy_process_group(ranks)
+        destroy_process_group(ranks)
 
 
 def _finish(out_dir: Path, name: str, pairs: Sequence[Pair], run_record: dict, wall: float, report: bool,
