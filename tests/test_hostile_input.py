@@ -16,9 +16,7 @@ nothing overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import os
 import signal
@@ -34,8 +32,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter, shift
 
-from dirio.apps.cli import main
 from dirio.io.atomic import LOCK_NAME, OutputLock
+from cli_helpers import run_cli
 
 SHAPE = (12, 14, 16)
 AFFINE = np.diag([1.5, 1.2, 2.0, 1.0])
@@ -65,14 +63,7 @@ def pair(tmp_path_factory):
     )
 
 
-def _run(argv) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse's usage errors
-            rc = exit_.code
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
+_run = run_cli
 
 
 def _assert_user_error(result, *fragments: str) -> str:

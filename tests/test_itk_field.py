@@ -10,12 +10,9 @@ With ANTs installed, ``ants.apply_transforms`` gives the same; otherwise that te
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -23,9 +20,9 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from dirio.apps.cli import main
 from dirio.io.itk_fields import load_itk_field, save_itk_field
 from dirio.testing.synthetic import smooth_random_field
+from cli_helpers import run_cli
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is not installed (pip install dirio[itk])")
 
@@ -64,14 +61,7 @@ def _flipped_storage(data: np.ndarray, affine: np.ndarray):
     return flipped, new
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse's usage errors
-            rc = exit_.code
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
+_run = run_cli
 
 
 def _volume(seed: int) -> np.ndarray:

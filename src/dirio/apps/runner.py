@@ -51,7 +51,7 @@ from dirio.core.distributed import (
 from dirio.config.files import RunConfiguration
 from dirio.io.dataset import Pair, load_dataset
 from dirio.errors import DirioError
-from dirio.io.atomic import LOCK_NAME, OutputLock, check_output_folder, write_json, write_text
+from dirio.io.atomic import check_output_folder, LOCK_NAME, OutputLock, remove_temporaries, sha256_of, write_json, write_text
 from dirio.io.fields import load_field, save_field
 from dirio.apps.workflow import Inputs, evaluate, load_inputs, register_inputs, software_versions
 
@@ -105,24 +105,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _remove_temporaries(out_dir: Path) -> int:
     """Delete ``.tmp-*`` files an interrupted run left in OUT, OUT/status, OUT/thumbnails and OUT/itk."""
-    removed = 0
-    for folder in (out_dir, out_dir / "status", out_dir / "thumbnails", out_dir / ITK_FOLDER):
-        if folder.is_dir():
-            for path in folder.glob(".tmp-*"):
-                if path.is_file():
-                    path.unlink(missing_ok=True)
-                    removed += 1
-    return removed
+    return sum(remove_temporaries(folder) for folder in
+               (out_dir, out_dir / "status", out_dir / "thumbnails", out_dir / ITK_FOLDER))
 
 
 def _clear_previous_run(out_dir: Path) -> None:
@@ -244,7 +230,7 @@ def finished(out_dir: Path, pair: Pair) -> bool:
     if record is None or record.get("status") != "done":
         return False
     path = out_dir / pair.disp_name
-    if not path.is_file() or _sha256(path) != record.get("disp_sha256"):
+    if not path.is_file() or sha256_of(path) != record.get("disp_sha256"):
         return False
     import nibabel
 
@@ -316,7 +302,7 @@ def register_pair(pair: Pair, out_dir: Path, configuration: RunConfiguration, la
         if report:
             _thumbnail(out_dir, pair, inputs.fixed.data, result.warped, disp, logger)
         record.update({
-            "status": "done", "error": None, "shape": expected, "disp_sha256": _sha256(disp_path),
+            "status": "done", "error": None, "shape": expected, "disp_sha256": sha256_of(disp_path),
             "label_ids": [int(label) for label in after.get("dice_per_label", {})] or None,
             "before": before, "after": after,
             "optimisation_seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,

@@ -8,7 +8,6 @@ can call it per pair.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import platform
@@ -22,7 +21,7 @@ import numpy as np
 from dirio import __version__
 from dirio.api import RegistrationResult, apply_field, check_settings, register
 from dirio.errors import DirioError
-from dirio.io.atomic import OutputLock, check_writable, remove_temporaries, write_json, write_text
+from dirio.io.atomic import check_writable, OutputLock, remove_temporaries, sha256_of, write_json, write_text
 from dirio.io.images import GRID_TOLERANCE_MM, Image, check_same_grid, load_image, resample_to_grid, save_image
 from dirio.io.fields import load_field_and_affine, save_field
 from dirio.io.keypoints import load_keypoints
@@ -318,14 +317,6 @@ def register_files(
                                 overwrite=overwrite, figure=figure, device=device, ndim=ndim, tre_order=tre_order)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _register_locked(fixed, moving, out_dir: Path, paths: dict[str, Path], start: float, *, settings: Settings,
                      fixed_labels, moving_labels, fixed_mask, moving_mask, fixed_keypoints, moving_keypoints,
                      label_ids, resample: bool, overwrite: bool, figure: bool, device, ndim: int,
@@ -396,21 +387,27 @@ def _register_locked(fixed, moving, out_dir: Path, paths: dict[str, Path], start
         )
     record["total_seconds"] = time.perf_counter() - start
     record["outputs"] = {key: str(path) for key, path in paths.items()}
-    record["sha256"] = {key: _sha256(path) for key, path in paths.items() if key != "metrics"}
+    record["sha256"] = {key: sha256_of(path) for key, path in paths.items() if key != "metrics"}
     write_json(paths["metrics"], record, overwrite=overwrite)
     marker.unlink(missing_ok=True)
     return record
+
+
+def simpleitk_available() -> bool:
+    """Whether the optional SimpleITK package can be imported (the ``itk`` extra)."""
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def itk_field_paths(out_dir: Path, stem: str) -> dict[str, Path]:
     """Files of ``--itk-field``: ``itk_disp_<stem>.nii.gz`` (NIfTI vector intent, LPS mm) and, with
     SimpleITK installed, ``itk_disp_<stem>.h5`` (an ITK ``DisplacementFieldTransform`` file)."""
     paths = {"itk_field": out_dir / f"itk_disp_{stem}.nii.gz"}
-    try:
-        import SimpleITK  # noqa: F401
-    except ImportError:
-        return paths
-    paths["itk_transform"] = out_dir / f"itk_disp_{stem}.h5"
+    if simpleitk_available():
+        paths["itk_transform"] = out_dir / f"itk_disp_{stem}.h5"
     return paths
 
 
@@ -422,11 +419,8 @@ def affine_output_paths(out_dir: Path, fixed, moving, settings: Settings) -> dic
         return {}
     stem = f"affine_{file_stem(fixed)}_{file_stem(moving)}"
     paths = {"affine_json": out_dir / f"{stem}.json"}
-    try:
-        import SimpleITK  # noqa: F401
-    except ImportError:
-        return paths
-    paths["affine_tfm"] = out_dir / f"{stem}.tfm"
+    if simpleitk_available():
+        paths["affine_tfm"] = out_dir / f"{stem}.tfm"
     return paths
 
 

@@ -9,6 +9,7 @@ half-written file under a real name, and an existing file is either kept whole o
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import secrets
 import socket
@@ -304,3 +305,11 @@ def write_json(path: PathLike, obj: Any, overwrite: bool = False) -> None:
     text = json.dumps(obj, indent=2, allow_nan=True, default=_json_default)
     write_text(path, text + "\n", overwrite=overwrite)
 
+
+def sha256_of(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
