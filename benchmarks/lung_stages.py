@@ -100,7 +100,7 @@ def run_method(pair: dict, method: dict, args) -> dict:
     """One register() call: TRE after every stage, regularity, per-stage time and memory."""
     overrides = dict(method)
     if args.quick:
-        levels = C.make_settings(method["preset"]).pyramid.levels
+        levels = method.get("levels") or C.make_settings(method["preset"]).pyramid.levels
         overrides["iterations"] = (C.QUICK_ITERATIONS,) * len(levels)
         overrides["affine_options"] = {"iterations": (C.QUICK_ITERATIONS,) * len(C.make_settings(
             method["preset"]).affine_options.levels)}

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         for name in methods:
             overrides = dict(METHODS[name])
             if args.quick:
-                levels = C.make_settings(overrides["preset"]).pyramid.levels
+                levels = overrides.get("levels") or C.make_settings(overrides["preset"]).pyramid.levels
                 overrides["iterations"] = (C.QUICK_ITERATIONS,) * len(levels)
             result = register(pair["fixed"], pair["moving"], fixed_mask=pair["fixed_mask"],
                               moving_mask=pair["moving_mask"], spacing=tuple(pair["spacing"]),
