@@ -18,6 +18,7 @@ from dirio.errors import DirioError
 from dirio.io.images import Image
 from dirio.core.intensity import normalise_intensity
 from dirio.losses.terms import Term
+from dirio.methods.network import NETWORK_STAGES
 from dirio.methods.stages import PairState, run_stages, stage_history
 
 
@@ -190,6 +191,8 @@ def register(
         fixed_mask=masks[0], moving_mask=masks[1], spacing=spacing, seed=settings.seed, progress=settings.progress,
         init=init_tensor, stage_fields={} if keep_stages else None,
     )
+    if any(name in NETWORK_STAGES for name in settings.stages):
+        state.network_inputs = (tensor(fixed_array), tensor(moving_array))
     run_stages(state, settings.pipeline())
     result = state.result
     with torch.no_grad():

@@ -265,6 +265,7 @@ METHOD = "method"
 OPTIMISATION = "optimisation"
 STAGES = "stages before the dense optimisation"
 OUTPUTS = "extra outputs"
+NETWORK = "network stages"
 
 OPTIONS: tuple[Option, ...] = (
     # method
@@ -317,6 +318,36 @@ OPTIONS: tuple[Option, ...] = (
            "consistent", STAGES, choices=("true", "false")),
     Option("convex_memory", number, "largest cost volume kept in memory; larger ones are recomputed slab by slab",
            STAGES, metavar="MB"),
+    # network stages
+    Option("method", text, "how the field is found: dense (the default: optimise a field), network (one forward "
+           "pass of a pretrained network), the network's weights tuned on the pair (all at once, or LapIRN level "
+           "by level: nio), or the network's field refined by the dense stage (see README)", NETWORK,
+           choices=("dense", "network", "network-io", "nio", "network+dense")),
+    Option("model", text, "network checkpoint (a dirio checkpoint, an upstream LapIRN file, or ICON weights: see README); "
+           "default: the packaged LapIRN OASIS brain model", NETWORK, metavar="CHECKPOINT"),
+    Option("network_architecture", text, "architecture of an upstream LapIRN file or of ICON weights (see README)",
+           NETWORK, metavar="NAME"),
+    Option("network_axes", text, "image axes in the network's training order: identity (default), or e.g. "
+           "0,2,-1 (README: brains on the VoxelMorph grid with the LapIRN OASIS model)", NETWORK, metavar="AXES"),
+    Option("network_iterations", integers, "steps per level (default 50 when all weights are tuned, 100,60,30 "
+           "for nio)", NETWORK, metavar="N,..."),
+    Option("network_levels", integers, "network levels whose weights are optimised (LapIRN 1 to 3; default all)",
+           NETWORK, metavar="K,..."),
+    Option("network_resolution", numbers, "shrink factor of the loss grid per level (default 1: full resolution; "
+           "the final field is always full resolution)", NETWORK, metavar="F[,...]"),
+    Option("network_lr", number, "learning rate of the weights (default 2e-5, nio 1e-4)", NETWORK),
+    Option("network_optimizer", text, "default amsgrad, nio adam", NETWORK, choices=("adam", "amsgrad", "sgd")),
+    Option("network_weight_decay", number, "default 1e-3, nio 0", NETWORK),
+    Option("network_similarity", text, "similarity of the network stages (default lncc, window 7)", NETWORK,
+           choices=("lncc", "ncc", "mse", "mind", "nmi")),
+    Option("network_similarity_options", key_values, "e.g. window=7", NETWORK, metavar="K=V,..."),
+    Option("network_regularizer", text, "regularizer of the network stages (gradicon: inverse consistency)",
+           NETWORK, choices=("diffusion", "bending", "l1", "tv", "gradicon")),
+    Option("network_lambda", number, "the network loss is (1 - lambda) similarity + lambda regularizer "
+           "(default 0.4)", NETWORK),
+    Option("network_checkpointing", switch, "gradient checkpointing: less memory, about one more forward pass",
+           NETWORK),
+    Option("network_mixed_precision", switch, "bfloat16 autocast of the network on CUDA", NETWORK),
     # extra outputs
     Option("itk_field", switch, "also write the field as an ITK displacement field (LPS mm): .nii.gz with the "
            "vector intent, and .h5 with SimpleITK (for ANTs, SimpleITK, ITK-SNAP, 3D Slicer)", OUTPUTS,

@@ -7,13 +7,16 @@ A :class:`Settings` object holds every choice of one registration, by section:
 * ``transform`` (:class:`dirio.transforms.dense.DenseConfig`): the dense transform;
 * ``optimization`` (:class:`dirio.optim.pyramid.OptimizerConfig`): optimiser, schedule, rule, stopping;
 * ``pyramid`` (:class:`dirio.optim.pyramid.PyramidConfig`): levels and iterations;
+* ``network`` (:class:`dirio.methods.network.NetworkConfig`): the network stages (model, axes,
+  their optimiser and loss);
 * ``stages``: the stage pipeline, names of :data:`dirio.methods.stages.STAGES` in order, with the
   options of the ``affine`` (``affine_family``, ``affine_options``) and ``convex`` stages.
 
 Every section field is also a *flat key* (``lr``, ``levels``, ``similarity``...; the names are
 unique across sections), which is what presets, the API's keyword overrides, configuration files
-and command-line options use. ``affine`` (a family or ``"none"``) and ``init`` (``"none"`` or
-``"convex"``) are flat keys that edit the stage list.
+and command-line options use. ``affine`` (a family or ``"none"``), ``init`` (``"none"`` or
+``"convex"``) and ``method`` (``dense``, ``network``, ``network-io``, ``nio``, ``network+dense``)
+are flat keys that edit the stage list.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dirio.losses.terms import RegularizerTerm, Role, SimilarityTerm, Term
 from dirio.methods.affine import AffineConfig
 from dirio.methods.convex import ConvexConfig
 from dirio.methods.dense import DenseStage
+from dirio.methods.network import METHODS, NETWORK_STAGES, NetworkConfig, NetworkStage
 from dirio.methods.stages import STAGES, AffineStage
 from dirio.optim.pyramid import OptimizerConfig, PyramidConfig
 from dirio.transforms.affine import FAMILIES as AFFINE_FAMILIES
@@ -39,7 +43,9 @@ NORMALISATIONS = ("none", "minmax", "percentile", "clip")
 AFFINE_CHOICES = ("none",) + AFFINE_FAMILIES
 INIT_CHOICES = ("none", "convex")
 # The order stages run in, whatever order they are switched on in.
-STAGE_ORDER = ("affine", "convex", "dense")
+STAGE_ORDER = ("affine", "convex", "network", "network-io", "nio", "dense")
+# Stages that may end the pipeline (they set the result).
+FINAL_STAGES = ("dense",) + NETWORK_STAGES
 # An Adam / AMSGrad learning rate above this many level voxels per step is refused: no registration
 # moves hundreds of voxels per step (the presets use 0.5-5). SGD's step is ``lr * gradient`` and the
 # gradient's scale depends on the loss (3e4 is a working SGD rate on the brain pairs): no bound.
@@ -115,6 +121,7 @@ class Settings:
     transform: DenseConfig = field(default_factory=DenseConfig)
     optimization: OptimizerConfig = field(default_factory=OptimizerConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     stages: tuple[str, ...] = ("dense",)
     affine_family: str = "affine"
     affine_options: AffineConfig = field(default_factory=AffineConfig)
@@ -132,6 +139,21 @@ class Settings:
         """``"convex"`` when the pipeline initialises the dense stage by the discrete step, else ``"none"``."""
         return "convex" if "convex" in self.stages else "none"
 
+    @property
+    def method(self) -> str:
+        """The ``--method`` the stage list amounts to (``dense``, ``network``, ``network+dense``...)."""
+        core = tuple(s for s in self.stages if s not in ("affine", "convex"))
+        for name, stages in METHODS.items():
+            if stages == core:
+                return name
+        return "+".join(core)
+
+    def network_stage(self, mode: str) -> NetworkStage:
+        o = self.optimization
+        return NetworkStage(mode=mode, config=self.network, combine=o.combine, combine_options=o.combine_options,
+                            early_stop=o.early_stop, early_stop_options=o.early_stop_options,
+                            log_every=o.log_every)
+
     def dense_stage(self) -> DenseStage:
         return DenseStage(transform=self.transform, pyramid=self.pyramid, optimizer=self.optimization)
 
@@ -143,6 +165,8 @@ class Settings:
             return self.convex
         if name == "dense":
             return self.dense_stage()
+        if name in NETWORK_STAGES:
+            return self.network_stage(name)
         raise ValueError(f"no options for stage {name!r}")
 
     def pipeline(self) -> list[tuple[str, Any]]:
@@ -155,8 +179,12 @@ class Settings:
         self.terms.build()
         for name in self.stages:
             STAGES.get(name)
-        if not self.stages or self.stages[-1] != "dense":
-            raise ValueError(f"the stage list must end with the dense stage, got {', '.join(self.stages) or 'none'}")
+        if not self.stages or self.stages[-1] not in FINAL_STAGES:
+            raise ValueError(f"the stage list must end with the dense stage or a network stage "
+                             f"({', '.join(NETWORK_STAGES)}), got {', '.join(self.stages) or 'none'}")
+        for name in self.stages:
+            if name in NETWORK_STAGES:
+                self.network_stage(name).validate()
         if self.affine_family not in AFFINE_FAMILIES:
             raise ValueError(f"unknown affine model {self.affine_family!r}; choose one of {', '.join(AFFINE_CHOICES)}")
         self.dense_stage().validate()
@@ -179,12 +207,13 @@ SECTIONS = {
     "transform": DenseConfig,
     "optimization": OptimizerConfig,
     "pyramid": PyramidConfig,
+    "network": NetworkConfig,
 }
 # Settings fields holding a nested stage configuration: overrides give them as dicts of field values.
 NESTED = {"affine_options": AffineConfig, "convex": ConvexConfig}
 TOP_LEVEL = ("seed", "progress", "stages", "affine_family")
 # The flat keys that edit the stage list.
-STAGE_KEYS = ("affine", "init")
+STAGE_KEYS = ("affine", "init", "method")
 
 
 def flat_keys() -> dict[str, str]:
@@ -258,6 +287,11 @@ def apply_overrides(base: Settings, layers) -> Settings:
                 if value not in INIT_CHOICES:
                     raise ValueError(f"unknown initialisation {value!r}; choose one of {', '.join(INIT_CHOICES)}")
                 stages = _with_stage(stages, "convex", value == "convex")
+            elif key == "method":
+                if value not in METHODS:
+                    raise ValueError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
+                keep = [s for s in stages if s == "affine" or (s == "convex" and value == "dense")]
+                stages = keep + list(METHODS[value])
             elif key == "stages":
                 stages = list(value)
             elif key in TOP_LEVEL:

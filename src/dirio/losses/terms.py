@@ -203,6 +203,32 @@ class KeypointSupervision:
         return ((moved - moving) ** 2).sum(-1).mean()
 
 
+class InverseConsistencyTerm:
+    """GradICON's regularizer for a network that registers both ways (Tian et al., CVPR 2023):
+    ``sum_a sum_c mean((d c_c / d x_a)^2)`` of the displacement ``c(x) = u(x) + v(x + u(x))`` of the
+    composed map, where ``u`` is the field of (fixed, moving) and ``v`` that of (moving, fixed).
+
+    ``c`` is the displacement of ``Phi_AB o Phi_BA``; its Jacobian is ``grad(Phi_AB o Phi_BA) - I``, so
+    the value is ``mean ||grad(Phi_AB o Phi_BA) - I||_F^2`` (forward differences in voxels of the level
+    grid, >= 0, 0 for inverse-consistent maps). The transform must offer ``reverse_field(ctx)`` (every
+    :class:`dirio.transforms.network.NetworkTransform` does: the network with its inputs swapped).
+    """
+
+    def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
+        reverse = getattr(evaluation.transform, "reverse_field", None)
+        if reverse is None:
+            raise ValueError(f"the regularizer {name!r} needs a transform that registers both ways (a network)")
+        backward = reverse(evaluation.ctx)
+        composed = evaluation.field + sample(backward, evaluation.coords, mode="linear", padding="border")
+        ndim = composed.dim() - 2
+        total = composed.new_zeros(())
+        for axis in range(ndim):
+            difference = composed.narrow(2 + axis, 1, composed.shape[2 + axis] - 1) - composed.narrow(
+                2 + axis, 0, composed.shape[2 + axis] - 1)
+            total = total + (difference ** 2).mean(dim=tuple(range(2, 2 + ndim))).sum(1).mean()
+        return total
+
+
 def evaluate_terms(terms: Sequence[Term], evaluation: Evaluation) -> dict[str, torch.Tensor]:
     """Every term's scalar loss, in the given order."""
     return {term.name: term.function(evaluation, term.name) for term in terms}

@@ -13,6 +13,9 @@ Stages of dirio (their options objects in brackets):
   initialisation of the dense stage, on the affinely pre-aligned pair.
 * ``dense`` (:class:`DenseStage`): instance optimisation of a dense field (after the affine, when
   one ran), :func:`dirio.methods.dense.register_dense`.
+* ``network``, ``network-io``, ``nio`` (:class:`~dirio.methods.network.NetworkStage`): a pretrained
+  network's direct inference, instance optimisation of its weights, and neural instance
+  optimisation (:mod:`dirio.methods.network`); a dense stage after one starts from its field.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dirio.losses.terms import Term
 from dirio.methods.affine import AffineConfig, register_affine
 from dirio.methods.convex import ConvexConfig, convex_initialisation
 from dirio.methods.dense import DenseStage, register_dense
+from dirio.methods.network import NETWORK_STAGES, network_stage
 from dirio.optim.pyramid import PyramidResult
 from dirio.transforms.affine import affine_displacement, compose_affine_field
 
@@ -56,6 +60,10 @@ class PairState:
         records: one dict per stage run (``stage``, ``seconds``, ``peak_memory_mb``, details).
         stage_fields: when not ``None``, the ``(*S, ndim)`` field after each stage (everything so
             far composed), by stage name.
+        network_inputs: ``(fixed, moving)`` ``(1, 1, *S)`` images with their original intensities,
+            for networks trained on min-max normalised images (:mod:`dirio.methods.network`).
+        results: ``(stage name, result)`` of every stage that produced a field by optimisation or
+            inference (network stages, dense), in order: their histories make the run's log.
     """
 
     fixed: torch.Tensor
@@ -72,6 +80,8 @@ class PairState:
     result: PyramidResult | None = None
     records: list[dict] = field(default_factory=list)
     stage_fields: dict | None = None
+    results: list = field(default_factory=list)
+    network_inputs: tuple | None = None
 
 
 def affine_stage(state: PairState, options: AffineStage) -> None:
@@ -122,6 +132,7 @@ def dense_stage(state: PairState, options: DenseStage) -> None:
     )
     state.records.append({"stage": "dense", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb})
     state.result = result
+    state.results.append(("dense", result))
     if state.stage_fields is not None:
         state.stage_fields["dense"] = field_to_numpy(result.displacement)
 
@@ -130,6 +141,19 @@ STAGES: Registry[Callable[[PairState, Any], None]] = Registry("stage")
 STAGES.register("affine", affine_stage)
 STAGES.register("convex", convex_stage)
 STAGES.register("dense", dense_stage)
+for _name in NETWORK_STAGES:
+    STAGES.register(_name, network_stage)
+
+
+def stage_history(state: PairState) -> list[dict]:
+    """The run's per-iteration log: the final result's history, or, when several stages optimised
+    (``network+dense``), every stage's rows in order, each with its ``stage`` name."""
+    if len(state.results) <= 1:
+        return [] if state.result is None else state.result.history
+    rows: list[dict] = []
+    for name, result in state.results:
+        rows.extend(row if "stage" in row else {"stage": name, **row} for row in result.history)
+    return rows
 
 
 def run_stages(state: PairState, stages: Sequence[tuple[str, Any]]) -> PairState:

@@ -182,6 +182,7 @@ def run_pyramid(
     seed: int = 0,
     progress: bool = True,
     description: str = "registering",
+    extra: dict | None = None,
 ) -> PyramidResult:
     """Register ``moving`` to ``fixed`` by instance optimisation of ``transform``, coarse to fine.
 
@@ -194,6 +195,8 @@ def run_pyramid(
         spacing: voxel size of the full grid in mm (for the contexts; terms may use it).
         seed: seeds the run's generator (every random choice of a rule goes through it).
         progress: show a progress bar on stderr.
+        extra: entries of every level context's ``extra`` (e.g. the full-resolution images a
+            network sees at every level, :func:`dirio.transforms.network.network_extra`).
     Returns:
         A :class:`PyramidResult`; its displacement is in voxels of the full grid.
     Raises:
@@ -218,7 +221,7 @@ def run_pyramid(
         for level_index, (factor, iterations) in enumerate(zip(pyramid.levels, pyramid.iterations)):
             level_start = time.perf_counter()
             ctx = level_context(fixed, moving, level_index, factor, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                spacing=spacing)
+                                spacing=spacing, extra=extra)
             changed = transform.start_level(ctx)
             step.prepare(ctx)
             if optimizer is None or changed or config.reset_each_level:

@@ -62,6 +62,7 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dirio.core.fields import integrate_velocity, voxel_to_grid_sample, warp
 from dirio.errors import DirioError
@@ -158,8 +159,25 @@ class PreActResidualBlock(nn.Module):
         return x + self.conv2(F.leaky_relu(h, _LEAKY_SLOPE))
 
 
+class _Head(nn.Module):
+    """The head applied to ``[embedding, features]`` (a callable for checkpointing; no parameters of its own)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, embedding: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([embedding, features], dim=1))
+
+
 class LapIRNLevel(nn.Module):
-    """The layers of one pyramid level (module docstring): inputs -> (head output, embedding)."""
+    """The layers of one pyramid level (module docstring): inputs -> (head output, embedding).
+
+    ``gradient_checkpointing``: recompute the layers' activations in the backward pass (set through
+    :attr:`LapIRN.gradient_checkpointing`).
+    """
+
+    gradient_checkpointing = False
 
     def __init__(self, in_channels: int, width: int):
         super().__init__()
@@ -185,12 +203,30 @@ class LapIRNLevel(nn.Module):
         """Args: ``inputs (B, C, *S)``, ``coarser`` the embedding of the level below ``(B, w, *S/2)``.
         Returns: head output ``(B, 3, *S)`` in (-1, 1), network units before ``range_flow``; the
         embedding ``(B, w, *S)`` for the next level."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._forward_checkpointed(inputs, coarser)
         features = self.encoder(inputs)
         hidden = self.down(features)
         if coarser is not None:
             hidden = hidden + coarser
         embedding = self.up(self.residual(hidden))
         return self.head(torch.cat([embedding, features], dim=1)), embedding
+
+    def _forward_checkpointed(self, inputs: torch.Tensor, coarser: torch.Tensor | None):
+        """:meth:`forward` keeping only the outputs of the encoder, each residual block, the up-sampling
+        and the head for the backward pass; everything inside them is recomputed there."""
+
+        def run(module, *args):
+            return checkpoint(module, *args, use_reentrant=False)
+
+        features = run(self.encoder, inputs)
+        hidden = run(self.down, features)
+        if coarser is not None:
+            hidden = hidden + coarser
+        for block in self.residual:
+            hidden = run(block, hidden)
+        embedding = run(self.up, hidden)
+        return run(_Head(self.head), embedding, features), embedding
 
 
 @dataclass
@@ -257,6 +293,17 @@ class LapIRN(nn.Module):
         if self.diffeomorphic:
             settings["integration_steps"] = self.integration_steps
         return settings
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute activations in the backward pass (``torch.utils.checkpoint``): a smaller peak
+        memory for about one more forward pass of time. Off by default; not saved in checkpoints."""
+        return all(level.gradient_checkpointing for level in self.levels)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        for level in self.levels:
+            level.gradient_checkpointing = bool(value)
 
     # --- parameters per level
 

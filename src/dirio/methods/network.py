@@ -1,0 +1,380 @@
+"""Network stages: direct inference, instance optimisation of the weights, neural instance optimisation.
+
+Three stages of the pipeline (:mod:`dirio.methods.stages`) use a pretrained registration network
+(by default :func:`dirio.transforms.networks.default_brain_model`, LapIRN trained on OASIS):
+
+* ``network``: direct inference, one forward pass.
+* ``network-io``: instance optimisation of every weight on the pair (IO); with ``--combine
+  pcgrad`` the gradient-projection variant IO-GP, with ``surgery`` the lambda-free variant.
+  Defaults from the gradient-projection IO paper (``papers/gradient-projection-instance-
+  optimization.txt``): AMSGrad, learning rate 2e-5, weight decay 1e-3, 50 steps.
+* ``nio``: neural instance optimisation (``papers/neural-instance-optimization.txt``): LapIRN level
+  by level, coarse to fine; pyramid level ``k`` runs the network's levels ``1..k`` (their fields
+  summed as LapIRN does) and optimises their weights. Defaults from the paper: [100, 60, 30]
+  iterations, Adam at 1e-4, LNCC with a 7-voxel window, ``(1 - lambda) LNCC + lambda diffusion``
+  with lambda = 0.4.
+
+``network+dense`` is the ``network`` stage followed by the dense stage initialised with its field.
+All of them are the one engine: a :class:`~dirio.transforms.network.NetworkTransform` (or its
+level-wise variant) optimised by :func:`dirio.optim.pyramid.run_pyramid`.
+
+The pretrained weights are restored bit for bit after every pair, however the stage ends (a
+result, a non-finite loss, an interrupt): :func:`dirio.transforms.base.restored`. Loaded models
+are cached per process (:func:`load_model`), so ``dirio run`` reads the checkpoint once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dirio.core.fields import warp
+from dirio.core.profiling import peak_memory_mb, reset_peak_memory
+from dirio.errors import DirioError
+from dirio.losses.regularizers import make_regularizer
+from dirio.losses.similarity import make_similarity
+from dirio.losses.terms import InverseConsistencyTerm, RegularizerTerm, Role, SimilarityTerm, Term
+from dirio.optim.optimizers import OPTIMIZERS
+from dirio.optim.pyramid import OptimizerConfig, PyramidConfig, PyramidResult, run_pyramid
+from dirio.transforms.affine import affine_displacement, compose_affine_field
+from dirio.transforms.base import restored
+from dirio.transforms.network import AxisMap, LevelwiseNetworkTransform, NetworkTransform, network_extra
+
+logger = logging.getLogger(__name__)
+
+#: The network stages; ``network+dense`` is a method (two stages), not a stage.
+NETWORK_STAGES = ("network", "network-io", "nio")
+#: ``--method`` values and their stages (an affine stage, when asked for, runs first).
+METHODS = {
+    "dense": ("dense",),
+    "network": ("network",),
+    "network-io": ("network-io",),
+    "nio": ("nio",),
+    "network+dense": ("network", "dense"),
+}
+#: Regularizers a network stage can use: the field regularizers and GradICON's inverse consistency.
+NETWORK_REGULARIZERS = ("diffusion", "bending", "l1", "tv", "gradicon")
+
+#: Per-mode defaults of the options left at ``None`` (sources in the module docstring).
+MODE_DEFAULTS = {
+    "network-io": {"iterations": (50,), "resolution": (1.0,), "lr": 2e-5, "optimizer": "amsgrad",
+                   "weight_decay": 1e-3},
+    "nio": {"iterations": (100, 60, 30), "resolution": (1.0, 1.0, 1.0), "lr": 1e-4, "optimizer": "adam",
+            "weight_decay": 0.0},
+}
+
+
+@dataclass
+class NetworkConfig:
+    """Settings of the network stages (a section of :class:`dirio.config.settings.Settings`).
+
+    Attributes:
+        model: checkpoint of the network (:func:`dirio.transforms.networks.build_network`, or a
+            uniGradICON / GradICON weights file with ``network_architecture``); ``None``: the
+            packaged LapIRN OASIS brain model.
+        network_architecture: required for upstream LapIRN files (``lapirn-disp`` / ``lapirn-diff``)
+            and for the ICON adapters (``unigradicon``, ``gradicon``); else a check.
+        network_axes: :class:`~dirio.transforms.network.AxisMap` from the image grid to the
+            network's training axis order (``identity``, ``voxelmorph-grid`` or e.g. ``0,-2,1``).
+        network_iterations: optimisation steps per level (IO: one level, NIO: one per LapIRN level);
+            ``None``: the mode's default (:data:`MODE_DEFAULTS`).
+        network_levels: network levels whose weights are optimised (LapIRN: 1..3); ``None``: all.
+            With NIO, ``(1, 2)`` optimises at 1/4 and 1/2 resolution only and leaves the
+            full-resolution level at its pretrained weights.
+        network_resolution: shrink factor of the grid the loss is evaluated on, per level (the network
+            always sees the full-resolution images; the final field is always full resolution).
+        network_lr, network_optimizer, network_weight_decay: the optimiser (``None``: mode default).
+        network_similarity, network_similarity_options: the similarity (LNCC, window 7: NIO's).
+        network_regularizer: one of :data:`NETWORK_REGULARIZERS` (``gradicon``: inverse consistency).
+        network_lambda: the loss is ``(1 - lambda) similarity + lambda regularizer`` (NIO's form).
+        network_checkpointing: gradient checkpointing (networks with ``gradient_checkpointing``).
+        network_mixed_precision: bfloat16 autocast of the network on CUDA (ignored on the CPU).
+        network_normalise: min-max normalise each image to [0, 1] before the network (LapIRN's input).
+    """
+
+    model: str | None = None
+    network_architecture: str | None = None
+    network_axes: str = "identity"
+    network_iterations: tuple[int, ...] | None = None
+    network_levels: tuple[int, ...] | None = None
+    network_resolution: tuple[float, ...] | None = None
+    network_lr: float | None = None
+    network_optimizer: str | None = None
+    network_weight_decay: float | None = None
+    network_similarity: str = "lncc"
+    network_similarity_options: dict = field(default_factory=lambda: {"window": 7})
+    network_regularizer: str = "diffusion"
+    network_lambda: float = 0.4
+    network_checkpointing: bool = False
+    network_mixed_precision: bool = False
+    network_normalise: bool = True
+
+    def option(self, mode: str, name: str) -> Any:
+        """The effective value of ``network_<name>`` for ``mode`` (the mode's default when ``None``)."""
+        value = getattr(self, f"network_{name}")
+        return MODE_DEFAULTS.get(mode, {}).get(name) if value is None else value
+
+    def terms(self) -> list[Term]:
+        """``(1 - lambda) similarity`` and ``lambda regularizer`` as separately kept terms."""
+        lam = float(self.network_lambda)
+        similarity = make_similarity(self.network_similarity, **self.network_similarity_options)
+        if self.network_regularizer == "gradicon":
+            function = InverseConsistencyTerm()
+        else:
+            function = RegularizerTerm(make_regularizer(self.network_regularizer))
+        return [Term(self.network_similarity, Role.SIMILARITY, SimilarityTerm(similarity), 1.0 - lam),
+                Term(self.network_regularizer, Role.REGULARIZER, function, lam)]
+
+    def validate(self, mode: str | None = None) -> None:
+        """Raise ``ValueError`` with a one-line reason for settings a network stage would fail on."""
+        AxisMap.parse(self.network_axes)
+        if not 0.0 <= float(self.network_lambda) < 1.0:
+            raise ValueError(f"network_lambda must be in [0, 1), got {self.network_lambda}")
+        if self.network_regularizer not in NETWORK_REGULARIZERS:
+            raise ValueError(f"unknown network regularizer {self.network_regularizer!r}; "
+                             f"choose one of {', '.join(NETWORK_REGULARIZERS)}")
+        if self.network_optimizer is not None and self.network_optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown network optimizer {self.network_optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.network_levels is not None and (not self.network_levels or any(int(k) < 1 for k in self.network_levels)):
+            raise ValueError(f"network_levels are network levels 1, 2, ... (1 = coarsest), got {self.network_levels}")
+        self.terms()
+        if mode in MODE_DEFAULTS:
+            self.pyramid(mode).validate()
+            self.optimizer(mode).validate()
+            if mode == "nio" and len(self.option(mode, "iterations")) != 3:
+                raise ValueError(f"nio takes one iteration count per LapIRN level (3), got "
+                                 f"{tuple(self.option(mode, 'iterations'))}")
+
+    def pyramid(self, mode: str) -> PyramidConfig:
+        iterations = tuple(int(n) for n in self.option(mode, "iterations"))
+        resolution = self.network_resolution
+        if resolution is None:
+            resolution = (1.0,) * len(iterations)
+        elif len(resolution) == 1:
+            resolution = tuple(resolution) * len(iterations)
+        return PyramidConfig(levels=tuple(float(f) for f in resolution), iterations=iterations)
+
+    def optimizer(self, mode: str, combine: str = "sum", combine_options: dict | None = None,
+                  early_stop: str = "none", early_stop_options: dict | None = None,
+                  log_every: int | None = None) -> OptimizerConfig:
+        return OptimizerConfig(
+            optimizer=self.option(mode, "optimizer"), lr=float(self.option(mode, "lr")),
+            optimizer_options={"weight_decay": float(self.option(mode, "weight_decay"))},
+            schedule="constant", combine=combine, combine_options=dict(combine_options or {}),
+            early_stop=early_stop, early_stop_options=dict(early_stop_options or {}),
+            reset_each_level=True, log_every=log_every,
+        )
+
+
+@dataclass
+class NetworkStage:
+    """Options of one network stage: its mode, the network section and the shared optimisation rule."""
+
+    mode: str = "network"
+    config: NetworkConfig = field(default_factory=NetworkConfig)
+    combine: str = "sum"
+    combine_options: dict = field(default_factory=dict)
+    early_stop: str = "none"
+    early_stop_options: dict = field(default_factory=dict)
+    log_every: int | None = None
+
+    def validate(self) -> None:
+        if self.mode not in NETWORK_STAGES:
+            raise ValueError(f"unknown network stage {self.mode!r}; choose one of {', '.join(NETWORK_STAGES)}")
+        self.config.validate(self.mode)
+        if self.mode in MODE_DEFAULTS:
+            self.optimizer_config().validate()
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return self.config.optimizer(self.mode, self.combine, self.combine_options, self.early_stop,
+                                     self.early_stop_options, self.log_every)
+
+
+# --- the model, loaded once per process ----------------------------------------------------------
+
+_MODEL_CACHE: dict[tuple, torch.nn.Module] = {}
+_CACHE_SIZE = 2
+
+
+def load_model(config: NetworkConfig, device: torch.device) -> torch.nn.Module:
+    """The network of ``config`` on ``device``, loaded once per process and then reused.
+
+    The cached module is the one every pair fine-tunes; the stages restore its weights after each
+    pair (:func:`dirio.transforms.base.restored`), so the next pair starts from the checkpoint.
+
+    Raises:
+        DirioError: one line naming a missing or unreadable checkpoint.
+    """
+    from dirio.transforms.networks.registry import build_network, default_brain_model
+
+    if config.model is None:
+        key: tuple = ("default", str(device))
+    else:
+        path = Path(config.model).expanduser()
+        if not path.is_file():
+            raise DirioError(f"{path}: network checkpoint not found (--model)")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, config.network_architecture, str(device))
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    if config.model is None:
+        model = default_brain_model(device)
+    else:
+        from dirio.transforms.networks.icon import ICON_ARCHITECTURES, build_icon_network
+
+        if config.network_architecture in ICON_ARCHITECTURES:
+            model = build_icon_network(config.network_architecture, path, device=device)
+        else:
+            model = build_network(path, architecture=config.network_architecture, device=device)
+    while len(_MODEL_CACHE) >= _CACHE_SIZE:
+        _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
+    _MODEL_CACHE[key] = model
+    return model
+
+
+def clear_model_cache() -> None:
+    """Forget every cached network (the next pair reloads its checkpoint)."""
+    _MODEL_CACHE.clear()
+
+
+# --- running a stage -----------------------------------------------------------------------------
+
+
+def make_transform(model: torch.nn.Module, options: NetworkStage) -> NetworkTransform:
+    """The transform a stage optimises: the whole network, or LapIRN level by level (``nio``)."""
+    config = options.config
+    common = {"axes": config.network_axes, "normalise": config.network_normalise,
+              "mixed_precision": config.network_mixed_precision}
+    if options.mode == "nio":
+        if not hasattr(model, "level_parameters"):
+            raise DirioError(f"nio optimises a multi-level network level by level (LapIRN); "
+                             f"{type(model).__name__} has no level_parameters(k): use --method network-io")
+        levels = tuple(range(1, int(getattr(model, "num_levels", 3)) + 1))
+        optimised = tuple(config.network_levels) if config.network_levels is not None else levels
+        return LevelwiseNetworkTransform(model, schedule=levels, optimised=optimised, **common)
+    return NetworkTransform(model, **common)
+
+
+def _freeze_for_io(model: torch.nn.Module, levels: Sequence[int] | None) -> None:
+    """IO with ``network_levels``: only those levels' weights are optimised (LapIRN)."""
+    if levels is None:
+        return
+    if not hasattr(model, "level_parameters"):
+        raise DirioError(f"network_levels needs a multi-level network (LapIRN); {type(model).__name__} has none")
+    model.requires_grad_(False)
+    for level in levels:
+        for parameter in model.level_parameters(int(level)):
+            parameter.requires_grad_(True)
+
+
+def register_network(fixed: torch.Tensor, moving: torch.Tensor, options: NetworkStage, *,
+                     model: torch.nn.Module | None = None, network_inputs: tuple | None = None,
+                     fixed_mask: torch.Tensor | None = None,
+                     moving_mask: torch.Tensor | None = None, spacing: Sequence[float] | None = None,
+                     seed: int = 0, progress: bool = True) -> PyramidResult:
+    """Register ``moving`` to ``fixed`` with a network stage; the network's weights are unchanged after.
+
+    Args:
+        fixed, moving: ``(1, 1, *S)`` images on the same grid (normalised by the settings; the
+            transform min-max normalises them for the network when ``network_normalise``).
+        options: the stage; ``model`` the network (default: :func:`load_model`).
+        network_inputs: ``(fixed, moving)`` the network sees instead of ``fixed``, ``moving`` (the
+            terms always use those): the original intensities, which the transform min-max
+            normalises as LapIRN was trained (the ``percentile`` preprocessing roughly doubles brain
+            intensities, and LapIRN's direct-inference Dice on the OASIS -> VoxelMorph pair drops
+            from 0.82 to 0.70 when fed it).
+    Returns:
+        The engine's result: ``displacement`` ``(1, ndim, *S)`` on the full grid, the per-iteration
+        history (empty for direct inference), per-level timings and the peak memory.
+    """
+    options.validate()
+    if model is None:
+        model = load_model(options.config, fixed.device)
+    config = options.config
+    transform = make_transform(model, options)
+    flags = [p.requires_grad for p in model.parameters()]
+    had_checkpointing = getattr(model, "gradient_checkpointing", None)
+    if config.network_checkpointing:
+        if had_checkpointing is None:
+            raise DirioError(f"{type(model).__name__} does not support gradient checkpointing "
+                             "(no gradient_checkpointing attribute)")
+        model.gradient_checkpointing = True
+    if config.network_mixed_precision and fixed.device.type != "cuda":
+        logger.warning("network_mixed_precision applies on CUDA only; the network runs in float32 on %s",
+                       fixed.device.type)
+    was_training = model.training
+    try:
+        with restored(transform):
+            if options.mode == "network":
+                return _direct(transform, *(network_inputs or (fixed, moving)))
+            if options.mode == "network-io":
+                _freeze_for_io(model, config.network_levels)
+            model.eval()  # LapIRN and the U-Net have no batch statistics; keep any dropout off
+            return run_pyramid(
+                transform, config.terms(), fixed, moving, config.pyramid(options.mode), options.optimizer_config(),
+                fixed_mask=fixed_mask, moving_mask=moving_mask, spacing=spacing, seed=seed, progress=progress,
+                description=options.mode, extra=network_extra(*(network_inputs or (fixed, moving))),
+            )
+    finally:
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+        if had_checkpointing is not None:
+            model.gradient_checkpointing = had_checkpointing
+        model.train(was_training)
+
+
+def _direct(transform: NetworkTransform, fixed: torch.Tensor, moving: torch.Tensor) -> PyramidResult:
+    """One forward pass on the full grid (no gradients)."""
+    reset_peak_memory(fixed.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        disp = transform.predict(fixed, moving).detach()
+    seconds = time.perf_counter() - start
+    level = {"level": 0, "factor": 1.0, "shape": list(fixed.shape[2:]), "grid": list(fixed.shape[2:]),
+             "iterations": 0, "iterations_run": 0, "seconds": seconds, "setup_seconds": seconds,
+             "seconds_per_iteration": 0.0}
+    return PyramidResult(transform=transform, displacement=disp, history=[], levels=[level],
+                         peak_memory_mb=peak_memory_mb(fixed.device), seconds=seconds)
+
+
+def network_stage(state, options: NetworkStage) -> None:
+    """A network stage of the pipeline (on the affinely pre-aligned pair when an affine stage ran).
+
+    Sets ``state.result`` (the composite field) and ``state.init`` (the network's field, the dense
+    stage's starting point when one follows).
+    """
+    fixed, moving, moving_mask = state.fixed, state.moving, state.moving_mask
+    inputs = None
+    if options.config.network_normalise and getattr(state, "network_inputs", None) is not None:
+        inputs = state.network_inputs
+    if state.matrix is not None:
+        affine_disp = affine_displacement(state.matrix.to(fixed.device), fixed.shape[2:])
+        moving = warp(moving, affine_disp)
+        if moving_mask is not None:
+            moving_mask = warp(moving_mask, affine_disp, padding="zeros")
+        if inputs is not None:
+            inputs = (inputs[0], warp(inputs[1], affine_disp))
+    result = register_network(fixed, moving, options, network_inputs=inputs, fixed_mask=state.fixed_mask,
+                              moving_mask=moving_mask, spacing=state.spacing, seed=state.seed,
+                              progress=state.progress)
+    residual = result.displacement
+    if state.matrix is not None:
+        result.displacement = compose_affine_field(state.matrix.to(fixed.device), residual)
+    result.history = [{"stage": options.mode, **row} for row in result.history]
+    state.records.append({"stage": options.mode, "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
+                          "iterations": sum(level["iterations_run"] for level in result.levels),
+                          "levels": result.levels})
+    state.init = residual
+    state.result = result
+    results = getattr(state, "results", None)
+    if results is not None:
+        results.append((options.mode, result))
+    if state.stage_fields is not None:
+        from dirio.core.fields import field_to_numpy
+
+        state.stage_fields[options.mode] = field_to_numpy(result.displacement)
