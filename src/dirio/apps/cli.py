@@ -2,8 +2,9 @@
 
 ``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate``, ``dirio demo``,
 ``dirio sweep`` (weights x combination rules on one pair, Pareto front; :mod:`dirio.apps.sweep`) and
-``dirio run`` (every pair of a Learn2Reg dataset split; :mod:`dirio.apps.runner`) and ``dirio report``
-(rebuild a run's HTML page; :mod:`dirio.viz.html_report`).
+``dirio run`` (every pair of a Learn2Reg dataset split; :mod:`dirio.apps.runner`), ``dirio train`` (train
+a registration network; :mod:`dirio.apps.train`) and ``dirio report`` (rebuild a run's HTML page;
+:mod:`dirio.viz.html_report`).
 User errors print one line ``dirio: error: ...`` and exit with status 2.
 """
 
@@ -219,9 +220,48 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the log file has them)")
     add_registration_options(run)
 
+    add_train_parser(commands)
+
     report = commands.add_parser("report", help="rebuild the HTML report of a dirio run folder")
     report.add_argument("run_folder", help="the -o OUT folder of a dirio run")
     return parser
+
+
+def add_train_parser(commands) -> None:
+    """``dirio train``: file lists here, every other option from :data:`dirio.config.training.TRAIN_OPTIONS`."""
+    from dirio.config.training import TRAIN_OPTIONS
+
+    train = commands.add_parser("train", help="train a registration network (U-Net, LapIRN) on images; "
+                                              "checkpoints, history, loss curves; torchrun shards each batch")
+    train.add_argument("images", nargs="+", help="image files, globs, or one Learn2Reg dataset JSON")
+    train.add_argument("-o", "--output", required=True,
+                       help="run folder (checkpoint_last.pt, checkpoint_best.pt, history.csv, train.json)")
+    train.add_argument("--labels", nargs="+", metavar="FILE", help="label maps of the images (same order)")
+    train.add_argument("--val-images", nargs="+", metavar="FILE", help="validation images (files or globs)")
+    train.add_argument("--val-labels", nargs="+", metavar="FILE", help="label maps of the validation images")
+    train.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar or epoch lines")
+    groups = {}
+    for option in TRAIN_OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = train.add_argument_group(option.group)
+        add_option(groups[option.group], option)
+
+
+def run_train(args) -> int:
+    from dirio.apps.train import train_files
+    from dirio.config.training import TRAIN_OPTIONS
+
+    options = {option.key: getattr(args, option.key) for option in TRAIN_OPTIONS}
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    record = train_files(args.images, args.output, options, labels=args.labels, val_images=args.val_images,
+                         val_labels=args.val_labels, overwrite=args.overwrite, quiet=args.quiet, log=log)
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        best = {k: v for k, v in record.items() if k.startswith("best_") and k != "best_epoch"}
+        shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in best.items() if v is not None)
+        print(f"trained {record['config']['epochs']} epochs in {record['seconds']:.1f} s; best epoch "
+              f"{record['best_epoch']} ({shown}); outputs in {args.output}")
+    return 0
 
 
 def _version() -> str:
@@ -361,7 +401,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"register": run_register, "warp": run_warp, "evaluate": run_evaluate, "demo": run_demo,
-                "sweep": run_sweep, "run": run_dataset_command, "report": run_report, "convert": run_convert}
+                "sweep": run_sweep, "run": run_dataset_command, "report": run_report, "convert": run_convert,
+                "train": run_train}
     try:
         code = handlers[args.command](args)
     except DirioError as error:
@@ -370,7 +411,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dirio: interrupted; no partial output was left under a final name", file=sys.stderr)
         code = 130
-    if args.command == "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.command in ("run", "train") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_process(code)
     return code
 
