@@ -135,6 +135,8 @@ def run(args) -> None:
                    "optimisation_seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
                    "iterations": len(result.history), "overrides": {k: v for k, v in overrides.items()},
                    "stages": [{k: s[k] for k in ("stage", "seconds")} for s in result.stages],
+                   "levels": [{k: level.get(k) for k in ("iterations_run", "seconds_per_iteration", "setup_seconds")}
+                              for level in result.levels],
                    "cpu_seconds": time.process_time()}
             print(json.dumps(row), flush=True)
             with results.open("a") as handle:
