@@ -15,11 +15,13 @@ Conventions (binding, see DESIGN.md):
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from dirio.core.filters import gaussian_smooth
 
@@ -50,10 +52,41 @@ def voxel_to_grid_sample(coords: torch.Tensor, shape: Sequence[int]) -> torch.Te
         ``(B, *S_out, ndim)`` coordinates in ``[-1, 1]`` (``align_corners=True``), last axis in
         reversed order ``(x, y, z) = (k, j, i)``.
     """
-    ndim = coords.shape[1]
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=coords.device, dtype=coords.dtype)
-    normalised = coords * scale.view(1, ndim, *([1] * ndim)) - 1.0
-    return normalised.movedim(1, -1).flip(-1)
+    return _GridCoordinates.apply(coords, scale)
+
+
+class _GridCoordinates(torch.autograd.Function):
+    """``(coords * scale - 1)`` with the components reversed and moved last, in two passes.
+
+    Each component is scaled straight into its reversed place of a channel-first buffer, then 1 is
+    subtracted in place; the result is the buffer viewed channel-last (``grid_sample`` reads any
+    strides). Backward writes ``grad * scale`` per component into its reversed place. The same
+    operations per element as ``(coords * scale - 1).movedim(1, -1).flip(-1)`` (bit for bit), without
+    the copy that ``flip`` makes in both directions. The gradient keeps the memory layout autograd
+    gave that expression (channel-last): sums over it downstream (an affine's gradient, the dot
+    products of gradient projection) then add in the same order, so whole registrations stay
+    bitwise equal.
+    """
+
+    @staticmethod
+    def forward(ctx, coords: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ndim = coords.shape[1]
+        ctx.save_for_backward(scale)
+        out = torch.empty_like(coords, memory_format=torch.contiguous_format)
+        for c in range(ndim):
+            torch.mul(coords[:, c], scale[c], out=out[:, ndim - 1 - c])
+        return out.sub_(1.0).movedim(1, -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        ndim = grad.shape[-1]
+        grad_coords = torch.empty_like(grad, memory_format=torch.contiguous_format).movedim(-1, 1)
+        for c in range(ndim):
+            torch.mul(grad[..., ndim - 1 - c], scale[c], out=grad_coords[:, c])
+        return grad_coords, None
 
 
 def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
@@ -72,10 +105,64 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear", padd
     if padding not in _PADDING_MODES:
         raise ValueError(f"padding must be one of {_PADDING_MODES}, got {padding!r}")
     grid = voxel_to_grid_sample(coords, image.shape[2:])
+    torch_mode = "bilinear" if mode == "linear" else "nearest"
+    chunks = _cpu_chunks(image, grid)
+    if chunks > 1:
+        return _chunked_grid_sample(image, grid, torch_mode, padding, chunks)
     if grid.shape[0] != image.shape[0]:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
-    torch_mode = "bilinear" if mode == "linear" else "nearest"
     return F.grid_sample(image, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
+
+
+# Output voxels below which a 3D CPU sample stays in one piece (splitting costs a few small copies).
+_CHUNK_MIN_VOXELS = 1 << 16
+
+
+def _cpu_chunks(image: torch.Tensor, grid: torch.Tensor) -> int:
+    """Pieces to split a 3D CPU ``grid_sample`` of one image into (1: do not split).
+
+    PyTorch's 3D CPU ``grid_sample`` (forward and backward) runs its batch items in parallel and
+    each item on one thread, so one image uses one core whatever ``torch.get_num_threads()`` says.
+    Splitting the output voxels into one batch item per thread (the image broadcast, not copied)
+    computes every voxel with the same arithmetic on all threads: the values are bitwise equal.
+    Not used when the image itself needs a gradient (its gradient would be one full-size tensor per
+    piece) or off the CPU.
+    """
+    if image.device.type != "cpu" or image.dim() != 5 or image.shape[0] != 1 or grid.shape[0] != 1:
+        return 1
+    if image.requires_grad and torch.is_grad_enabled():
+        return 1
+    voxels = grid[..., 0].numel()
+    if voxels < _CHUNK_MIN_VOXELS:
+        return 1
+    return max(1, min(torch.get_num_threads(), voxels // _CHUNK_MIN_VOXELS))
+
+
+def _chunked_grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: str, chunks: int) -> torch.Tensor:
+    """``grid_sample`` of a ``(1, C, *S_in)`` image at a ``(1, *S_out, 3)`` grid as ``chunks`` batch items.
+
+    When ``chunks`` divides the first output axis, the grid is viewed (not copied) as ``chunks``
+    slabs of that axis; otherwise the output voxels, in memory order, are cut into ``chunks`` runs
+    of equal length (the grid copied and padded by a few voxels). Same values as one call,
+    computed on ``chunks`` threads.
+    """
+    out_shape = tuple(grid.shape[1:-1])
+    channels = image.shape[1]
+    images = image.expand(chunks, *image.shape[1:])
+    if out_shape[0] % chunks == 0:
+        pieces = F.grid_sample(images, grid.reshape(chunks, out_shape[0] // chunks, *grid.shape[2:]), mode=mode,
+                               padding_mode=padding, align_corners=True)
+        if channels == 1:
+            return pieces.reshape(1, 1, *out_shape)
+        return pieces.transpose(0, 1).reshape(1, channels, *out_shape)
+    voxels = math.prod(out_shape)
+    run = -(-voxels // chunks)
+    flat = grid.reshape(voxels, grid.shape[-1])
+    flat = torch.cat([flat, flat.new_zeros(run * chunks - voxels, flat.shape[1])])
+    pieces = F.grid_sample(images, flat.view(chunks, run, 1, 1, flat.shape[1]), mode=mode, padding_mode=padding,
+                           align_corners=True)
+    values = pieces.view(chunks, channels, run).transpose(0, 1).reshape(channels, chunks * run)
+    return values[:, :voxels].reshape(1, channels, *out_shape)
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:

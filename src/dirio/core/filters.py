@@ -109,12 +109,62 @@ def _inside_counts(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _neighbour_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x[i - 1] + x[i] + x[i + 1]`` along ``dim``, missing neighbours left out (a new tensor)."""
+    """``x[i - 1] + x[i] + x[i + 1]`` along ``dim``, missing neighbours left out (a new tensor).
+
+    Each sum is formed as ``(x[i] + x[i - 1]) + x[i + 1]``: the first add writes the new tensor
+    (no separate copy of ``x``), the second adds in place.
+    """
     n = x.shape[dim]
-    total = x.clone()
-    total.narrow(dim, 1, n - 1).add_(x.narrow(dim, 0, n - 1))
+    total = torch.empty_like(x)
+    torch.add(x.narrow(dim, 1, n - 1), x.narrow(dim, 0, n - 1), out=total.narrow(dim, 1, n - 1))
+    total.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))
     total.narrow(dim, 0, n - 1).add_(x.narrow(dim, 1, n - 1))
     return total
+
+
+# Elements (batch x channels x voxels) of one slab of the cache-blocked box smoothing: the slab and
+# its few temporaries stay in the last-level cache (32 MiB on the 2-core development machine).
+# Measured on the 3 x 160 x 192 x 224 field, forward + transpose, 2 passes: 2^19 .. 2^21 take
+# 0.36-0.40 s CPU, 2^22 0.41 s, the whole tensor 0.88-0.91 s (1 or 2 threads).
+_BOX_SLAB_ELEMENTS = 1 << 21
+
+
+def _box_chain(x: torch.Tensor, passes: int, first_counts: torch.Tensor | None, adjoint: bool) -> torch.Tensor:
+    """The averages of :func:`box_smooth` (or their transpose) on ``x``; ``first_counts`` replaces
+    the inside counts of the first spatial axis (those of the whole grid when ``x`` is a slab)."""
+    dims = list(range(2, x.dim()))
+    for _ in range(passes):
+        for dim in reversed(dims) if adjoint else dims:
+            if x.shape[dim] > 1 or (dim == 2 and first_counts is not None):
+                counts = first_counts if dim == 2 and first_counts is not None else _inside_counts(x.shape[dim], dim, x)
+                x = _neighbour_sum(x / counts, dim) if adjoint else _neighbour_sum(x, dim).div_(counts)
+    return x
+
+
+def _box_slabs(x: torch.Tensor, passes: int, adjoint: bool) -> torch.Tensor:
+    """:func:`_box_chain` slab by slab along the first spatial axis, for large CPU tensors
+    (the whole tensor at once off the CPU, for small tensors, and when a row is so large that a
+    slab within the budget would be thinner than ``4 * passes`` rows).
+
+    A slab of rows ``start .. start + count - 1`` is computed from a block with ``passes`` halo
+    rows on each side (each pass reaches one row further), with the whole grid's inside counts;
+    every owned value goes through the same operations in the same order as on the whole tensor,
+    so the result is bitwise equal, while the temporaries of a slab stay in cache.
+    """
+    n = x.shape[2]
+    per_row = x.numel() // max(n, 1)
+    rows = max(1, _BOX_SLAB_ELEMENTS // max(per_row, 1))
+    # Slabs thinner than 4 halos would recompute more than a quarter of the rows: whole tensor.
+    if x.device.type != "cpu" or rows < 4 * passes or rows + 2 * passes >= n:
+        return _box_chain(x, passes, None, adjoint)
+    counts = _inside_counts(n, 2, x)
+    out = torch.empty_like(x)
+    for start in range(0, n, rows):
+        count = min(rows, n - start)
+        lo, hi = max(start - passes, 0), min(start + count + passes, n)
+        block = _box_chain(x.narrow(2, lo, hi - lo), passes, counts.narrow(2, lo, hi - lo), adjoint)
+        out.narrow(2, start, count).copy_(block.narrow(2, start - lo, count))
+    return out
 
 
 def box_smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
@@ -122,27 +172,26 @@ def box_smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
 
     At the border the average is over the voxels inside the grid (average pooling with
     ``count_include_pad=False``). Computed with shifted in-place adds, about 6x faster on the CPU
-    than ``avg_pool3d`` with a ``(3, 1, 1)`` kernel. Not differentiable by itself: see
-    :func:`box_smooth_adjoint` for its transpose. Returns a new tensor.
+    than ``avg_pool3d`` with a ``(3, 1, 1)`` kernel, and on large CPU tensors slab by slab along the
+    first spatial axis so that the temporaries stay in cache (same values bit for bit). Not
+    differentiable by itself: see :func:`box_smooth_adjoint` for its transpose. Returns a new
+    tensor (``x`` itself when ``passes`` is 0).
     """
-    for _ in range(passes):
-        for dim in range(2, x.dim()):
-            if x.shape[dim] > 1:
-                x = _neighbour_sum(x, dim).div_(_inside_counts(x.shape[dim], dim, x))
-    return x
+    if passes <= 0:
+        return x
+    return _box_slabs(x, passes, adjoint=False)
 
 
 def box_smooth_adjoint(g: torch.Tensor, passes: int) -> torch.Tensor:
     """The transpose of :func:`box_smooth` applied to ``g`` (its backward pass).
 
     Each average is "sum the neighbours, divide by the count", so its transpose is "divide by the
-    count, sum the neighbours", applied in the reverse order of the axes and passes.
+    count, sum the neighbours", applied in the reverse order of the axes and passes (slab by slab
+    on large CPU tensors, as :func:`box_smooth`).
     """
-    for _ in range(passes):
-        for dim in reversed(range(2, g.dim())):
-            if g.shape[dim] > 1:
-                g = _neighbour_sum(g / _inside_counts(g.shape[dim], dim, g), dim)
-    return g
+    if passes <= 0:
+        return g
+    return _box_slabs(g, passes, adjoint=True)
 
 
 def box_mean_replicate(x: torch.Tensor, radius: int, inplace: bool) -> torch.Tensor:

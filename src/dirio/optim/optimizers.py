@@ -14,14 +14,21 @@ from dirio.core.registry import Registry
 
 def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
          weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam (Kingma & Ba), ``weight_decay`` as an L2 term added to the gradient (torch's Adam)."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    """Adam (Kingma & Ba), ``weight_decay`` as an L2 term added to the gradient (torch's Adam).
+
+    The multi-tensor (``foreach``) implementation on every device: on the CPU PyTorch would otherwise
+    take its per-tensor loop, which gives the same values bit for bit but, on the 3 x 160 x 192 x 224
+    full-resolution field, costs 0.10 s per step against 0.07 s (``fused=True`` would take 0.01 s but
+    rounds differently, so the fields of the presets would change).
+    """
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=True)
 
 
 def amsgrad(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
             weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """Adam with the AMSGrad maximum of the second moments (the gradient-projection IO paper's optimiser)."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=True)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=True,
+                            foreach=True)
 
 
 def sgd(params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
