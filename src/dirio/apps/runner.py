@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -508,6 +509,10 @@ def run_dataset(
         if logger is not None:
             _close_log(logger)
         lock.release()
+        # The ranks leave together: torchrun stops every worker as soon as one exits with an error
+        # status, so no rank may exit while another is still closing its files.
+        if sys.exc_info()[0] is None:
+            barrier(ranks)
         destroy_process_group(ranks)
 
 
