@@ -284,7 +284,7 @@ def test_every_register_option_reaches_the_recorded_settings(tiny, tmp_path):
         "--levels", "2,1", "--iterations", "3,2", "--grid-spacing", "2,1",
         "--lr", "0.7", "--optimizer", "amsgrad",
         "--schedule", "piecewise", "--schedule-options", "constant_until=0.5,cosine_until=0.75",
-        "--seed", "7", "--device", "cpu", "--normalise", "clip", "--clip-range", "10,90",
+        "--seed", "7", "--device", "cpu", "--normalise", "clip", "--clip-range", "10,90", "--auto-mask", "lungs",
         "--tre-order", "1", "--label-ids", "2", "--no-figure", "--quiet",
     )
     assert result.rc == 0, result.err
@@ -295,7 +295,7 @@ def test_every_register_option_reaches_the_recorded_settings(tiny, tmp_path):
     assert terms["similarity_options"] == {"window": 3, "kernel": "gaussian"}
     # --weight applies to the regulariser named without a weight only.
     assert terms["regularizers"] == {"diffusion": 2.0, "bending": 0.5}
-    assert settings["preprocessing"] == {"normalise": "clip", "clip_range": [10.0, 90.0]}
+    assert settings["preprocessing"] == {"normalise": "clip", "clip_range": [10.0, 90.0], "auto_mask": "lungs"}
     assert settings["pyramid"] == {"levels": [2, 1], "iterations": [3, 2]}
     assert settings["transform"]["grid_spacing"] == [2.0, 1.0]
     assert optimization["lr"] == 0.7 and optimization["optimizer"] == "amsgrad"

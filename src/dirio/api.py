@@ -7,6 +7,7 @@ the Learn2Reg layout together with the warped image and the optimisation log.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from dirio.io.images import Image
 from dirio.core.intensity import normalise_intensity
 from dirio.losses.terms import Term
 from dirio.methods.network import NETWORK_STAGES
+from dirio.methods.lung_mask import lung_mask
 from dirio.methods.stages import PairState, run_stages, stage_history
 
 
@@ -180,6 +182,9 @@ def register(
 
     fixed_tensor = tensor(normalised(fixed_array, settings))
     moving_tensor = tensor(normalised(moving_array, settings))
+    records: list[dict] = []
+    if fixed_mask is None and moving_mask is None and settings.preprocessing.auto_mask == "lungs":
+        fixed_mask, moving_mask = _automatic_lung_masks(fixed_array, moving_array, records)
     masks = [None if m is None else tensor(_array(m) != 0) for m in (fixed_mask, moving_mask)]
     init_tensor = None
     if init is not None:
@@ -189,7 +194,7 @@ def register(
     state = PairState(
         fixed=fixed_tensor, moving=moving_tensor, terms=terms, similarity=terms[0].function.similarity,
         fixed_mask=masks[0], moving_mask=masks[1], spacing=spacing, seed=settings.seed, progress=settings.progress,
-        init=init_tensor, stage_fields={} if keep_stages else None,
+        init=init_tensor, stage_fields={} if keep_stages else None, records=records,
     )
     if any(name in NETWORK_STAGES for name in settings.stages):
         state.network_inputs = (tensor(fixed_array), tensor(moving_array))
@@ -210,6 +215,17 @@ def register(
         stages=state.records,
         stage_fields=state.stage_fields,
     )
+
+
+def _automatic_lung_masks(fixed: np.ndarray, moving: np.ndarray, records: list[dict]):
+    """Lung masks of both images (CT in HU); ``(None, None)`` when either has no lung component."""
+    start = time.perf_counter()
+    fixed_mask, moving_mask = lung_mask(fixed), lung_mask(moving)
+    usable = bool(fixed_mask.any() and moving_mask.any())
+    records.append({"stage": "lung-mask", "seconds": time.perf_counter() - start, "peak_memory_mb": 0.0,
+                    "fixed_fraction": float(fixed_mask.mean()), "moving_fraction": float(moving_mask.mean()),
+                    "used": usable})
+    return (fixed_mask, moving_mask) if usable else (None, None)
 
 
 def apply_field(image: np.ndarray, disp: np.ndarray, labels: bool = False, device="cpu") -> np.ndarray:

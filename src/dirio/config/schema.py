@@ -278,6 +278,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("weight", number, "weight of the regularizer(s) given without one", METHOD),
     Option("normalise", text, None, METHOD, choices=("none", "minmax", "percentile", "clip")),
     Option("clip_range", numbers, "window of {normalise} clip", METHOD, metavar="LO,HI"),
+    Option("auto_mask", text, "lungs: an automatic lung mask (CT in HU) when no mask is given; none: no mask "
+           "(lung-ct default: lungs)", METHOD, choices=("none", "lungs")),
     # optimisation
     Option("levels", integers, "pyramid shrink factors, coarse to fine", OPTIMISATION, metavar="F,..."),
     Option("iterations", integers, "iterations per level", OPTIMISATION, metavar="N,..."),

@@ -40,6 +40,7 @@ from dirio.transforms.affine import FAMILIES as AFFINE_FAMILIES
 from dirio.transforms.dense import DenseConfig
 
 NORMALISATIONS = ("none", "minmax", "percentile", "clip")
+AUTO_MASKS = ("none", "lungs")
 AFFINE_CHOICES = ("none",) + AFFINE_FAMILIES
 INIT_CHOICES = ("none", "convex")
 # The order stages run in, whatever order they are switched on in.
@@ -60,10 +61,14 @@ class Preprocessing:
         normalise: ``"none"``, ``"minmax"``, ``"percentile"`` (clip to the 0.5/99.5 percentiles of
             nonzero voxels, then [0, 1]) or ``"clip"`` (clip to ``clip_range`` then [0, 1]).
         clip_range: the window of ``"clip"`` (e.g. a CT window in HU).
+        auto_mask: ``"none"``, or ``"lungs"``: when neither mask is given, both images get an
+            automatic lung mask (:func:`dirio.methods.lung_mask.lung_mask`, CT in HU), computed
+            on the intensities before normalisation.
     """
 
     normalise: str = "percentile"
     clip_range: tuple[float, float] | None = None
+    auto_mask: str = "none"
 
     def validate(self) -> None:
         if self.normalise not in NORMALISATIONS:
@@ -74,6 +79,8 @@ class Preprocessing:
                                  f"got {tuple(self.clip_range)}")
         if self.normalise == "clip" and self.clip_range is None:
             raise ValueError("normalisation 'clip' needs a clip range (low, high)")
+        if self.auto_mask not in AUTO_MASKS:
+            raise ValueError(f"unknown automatic mask {self.auto_mask!r}; choose one of {', '.join(AUTO_MASKS)}")
 
 
 @dataclass
