@@ -152,19 +152,21 @@ class NetworkTransform(TransformModule):
         return self.axes.from_network(disp) if mapped else disp
 
     def field(self, ctx: LevelContext) -> torch.Tensor:
-        fixed = ctx.extra.get(NETWORK_FIXED, ctx.fixed)
-        moving = ctx.extra.get(NETWORK_MOVING, ctx.moving)
-        disp = self.predict(fixed, moving, **self.forward_options(ctx))
-        if tuple(disp.shape[2:]) != tuple(ctx.shape):
-            disp = resize_field(disp, ctx.shape)
-        return disp
+        return self._level_field(ctx, swapped=False)
 
     def reverse_field(self, ctx: LevelContext) -> torch.Tensor:
         """The field of the swapped pair (moving registered to fixed), on the level grid: what
         GradICON's inverse-consistency term (:class:`dirio.losses.terms.InverseConsistencyTerm`) composes."""
+        return self._level_field(ctx, swapped=True)
+
+    def _level_field(self, ctx: LevelContext, swapped: bool) -> torch.Tensor:
+        """The network's field for the context's images (the network's own inputs when the stage
+        gave them), resized to the level grid."""
         fixed = ctx.extra.get(NETWORK_FIXED, ctx.fixed)
         moving = ctx.extra.get(NETWORK_MOVING, ctx.moving)
-        disp = self.predict(moving, fixed, **self.forward_options(ctx))
+        if swapped:
+            fixed, moving = moving, fixed
+        disp = self.predict(fixed, moving, **self.forward_options(ctx))
         if tuple(disp.shape[2:]) != tuple(ctx.shape):
             disp = resize_field(disp, ctx.shape)
         return disp
