@@ -68,3 +68,45 @@ def test_network_parameters_are_not_tagged_as_spatial_fields():
     transform = NetworkTransform(TinyRegistrationNet())
     assert transform.spatial_parameters() == []
     assert [len(g["params"]) for g in transform.parameter_groups()] == [len(list(transform.parameters()))]
+
+
+def test_keypoint_supervision_is_the_mean_squared_distance_after_the_field():
+    from dirio.core.context import LevelContext
+    from dirio.losses.terms import Evaluation, KeypointSupervision
+    from dirio.transforms.dense import DenseDisplacement
+
+    shape = (12, 14)
+    transform = DenseDisplacement(shape)
+    with torch.no_grad():
+        transform.param[0, 0] = 1.5  # u = (1.5, -0.5) everywhere
+        transform.param[0, 1] = -0.5
+    fixed_points = torch.tensor([[[2.0, 3.0], [7.5, 9.25]]])
+    moving_points = fixed_points + torch.tensor([1.0, 0.0])  # the true motion is (1, 0)
+    ctx = LevelContext(level=0, shape=shape, full_shape=shape, fixed=torch.zeros(1, 1, *shape),
+                       moving=torch.zeros(1, 1, *shape),
+                       extra={"fixed_keypoints": fixed_points, "moving_keypoints": moving_points})
+    loss = KeypointSupervision()(Evaluation(ctx, transform.field(ctx), transform), "keypoints")
+    # every point lands (0.5, -0.5) away from its partner: squared distance 0.5
+    assert float(loss) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_keypoint_supervision_alone_drives_the_field_to_the_known_motion():
+    from dirio.losses.terms import KeypointSupervision
+
+    shape = (16, 16)
+    fixed, moving = blob_pair(size=16)
+    points = torch.tensor([[[4.0, 4.0], [11.0, 5.0], [8.0, 12.0], [12.0, 12.0]]])
+
+    class WithPoints(KeypointSupervision):
+        def prepare(self, ctx, name):
+            ctx.extra.update(fixed_keypoints=points, moving_keypoints=points + torch.tensor([2.0, -1.0]))
+
+    from dirio.transforms.dense import DenseDisplacement
+
+    transform = DenseDisplacement(smoothing=2)
+    terms_ = [Term("keypoints", Role.SUPERVISION, WithPoints(), 1.0),
+              Term("diffusion", Role.REGULARIZER, RegularizerTerm(make_regularizer("diffusion")), 0.01)]
+    result = run_pyramid(transform, terms_, fixed, moving, PyramidConfig(levels=(1,), iterations=(150,)),
+                         OptimizerConfig(lr=0.2, schedule="constant"), progress=False)
+    moved = result.displacement[0, :, 8, 8]
+    assert torch.allclose(moved, torch.tensor([2.0, -1.0]), atol=0.3), moved
