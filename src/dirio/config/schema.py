@@ -273,6 +273,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("similarity", text, None, METHOD, choices=("lncc", "ncc", "mse", "mind", "nmi")),
     Option("similarity_options", key_values, "e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND)",
            METHOD, metavar="K=V,..."),
+    Option("features_from", text, "compute the similarity's features (MIND) on each level's images, or on the "
+           "full-resolution images and resample them to the level (convex-adam: full)", METHOD,
+           choices=("level", "full")),
     Option("regularizer", regularizer_weights, "diffusion, l1, tv or bending, each with an optional weight",
            METHOD, metavar="NAME[=W],..."),
     Option("weight", number, "weight of the regularizer(s) given without one", METHOD),

@@ -90,12 +90,16 @@ class TermsConfig:
     Attributes:
         similarity: name of the similarity term (see :func:`dirio.losses.similarity.make_similarity`).
         similarity_options: its options (e.g. ``{"window": 5}`` for LNCC).
+        features_from: ``"level"``: the similarity's features (MIND descriptors) are computed on each
+            level's images; ``"full"``: on the full-resolution images, then resampled onto the level
+            (ConvexAdam's Adam stage); see :class:`dirio.losses.terms.SimilarityTerm`.
         regularizers: ``{name: weight}`` (see :func:`dirio.losses.regularizers.make_regularizer`);
             weights are finite and >= 0.
     """
 
     similarity: str = "lncc"
     similarity_options: dict[str, Any] = field(default_factory=lambda: {"window": 5})
+    features_from: str = "level"
     regularizers: dict[str, float] = field(default_factory=lambda: {"diffusion": 0.3})
 
     def similarity_object(self):
@@ -103,7 +107,7 @@ class TermsConfig:
 
     def build(self) -> list[Term]:
         """One similarity term (weight 1), then each regularizer term with its weight."""
-        terms = [Term(self.similarity, Role.SIMILARITY, SimilarityTerm(self.similarity_object()), 1.0)]
+        terms = [Term(self.similarity, Role.SIMILARITY, SimilarityTerm(self.similarity_object(), self.features_from), 1.0)]
         for name, weight in self.regularizers.items():
             terms.append(Term(name, Role.REGULARIZER, RegularizerTerm(make_regularizer(name)), _weight(name, weight)))
         return terms

@@ -26,6 +26,9 @@ class LevelContext:
         fixed_mask, moving_mask: optional ``(B, 1, *S)`` masks in [0, 1] restricting the similarity.
         spacing: voxel size of the level grid in mm, one number per axis.
         factor: the level's shrink factor (1 for the full grid).
+        full_fixed, full_moving: optional ``(B, C, *full_shape)`` images of the full grid, for
+            terms that compute their features at full resolution (see
+            :class:`dirio.losses.terms.SimilarityTerm`).
         extra: anything a supervision term needs (label maps, keypoints), by name.
         cache: per-level values computed once by the terms' ``prepare`` (e.g. image features), by
             term name; the context owns them so that terms and transforms hold no per-pair state.
@@ -40,6 +43,8 @@ class LevelContext:
     moving_mask: torch.Tensor | None = None
     spacing: tuple[float, ...] | None = None
     factor: float = 1.0
+    full_fixed: torch.Tensor | None = None
+    full_moving: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
 

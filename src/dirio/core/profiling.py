@@ -1,9 +1,11 @@
-"""Peak-memory measurement for a run: CUDA allocator statistics, or the process's resident-set
-high-water mark on the CPU."""
+"""Peak-memory measurement for a run (CUDA allocator statistics, or the process's resident-set
+high-water mark on the CPU) and the wall time of a command's steps."""
 
 from __future__ import annotations
 
+import contextlib
 import resource
+import time
 
 import torch
 
@@ -33,3 +35,22 @@ def peak_memory_mb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class StepTimes:
+    """Wall-clock seconds of the named steps of a command, in the order they ran.
+
+    ``with times("evaluate"): ...`` adds the block's duration to ``times.seconds["evaluate"]``
+    (a step entered twice accumulates).
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

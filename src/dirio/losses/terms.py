@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dirio.core.fields import sample
+from dirio.core.fields import resize_image, sample
 
 if TYPE_CHECKING:  # the contract only, for annotations
     from dirio.transforms.base import Transform
@@ -125,19 +125,39 @@ def ordered(terms: Sequence[Term]) -> list[Term]:
 # --- the term functions --------------------------------------------------------------------------
 
 
+FEATURE_RESOLUTIONS = ("level", "full")
+
+
 class SimilarityTerm:
     """An image similarity of :mod:`dirio.losses.similarity` as a term function.
 
     The fixed and moving features (``similarity.features(image)``, e.g. MIND descriptors) are
     computed once per level in :meth:`prepare`; each evaluation warps the moving features with
     the field and compares them with the fixed ones inside :attr:`Evaluation.mask`.
+
+    ``features_from`` says which images the features are computed on: ``"level"`` (default) the
+    level's own images, so a MIND dilation counts level voxels; ``"full"`` the full-grid images
+    (``ctx.full_fixed`` / ``ctx.full_moving``), the features then being resampled onto the level
+    grid with the pyramid's anti-aliasing, as ConvexAdam average-pools its full-resolution MIND
+    features for its half-resolution Adam stage. Falls back to the level images when the context
+    has no full-grid images (a training batch).
     """
 
-    def __init__(self, similarity):
+    def __init__(self, similarity, features_from: str = "level"):
+        if features_from not in FEATURE_RESOLUTIONS:
+            raise ValueError(f"features_from must be one of {', '.join(FEATURE_RESOLUTIONS)}, got {features_from!r}")
         self.similarity = similarity
+        self.features_from = features_from
+
+    def _features(self, ctx: LevelContext, full: torch.Tensor | None, level: torch.Tensor) -> torch.Tensor:
+        if self.features_from == "full" and full is not None and tuple(full.shape[2:]) != tuple(ctx.shape):
+            with torch.no_grad():
+                return resize_image(self.similarity.features(full), ctx.shape)
+        return self.similarity.features(level)
 
     def prepare(self, ctx: LevelContext, name: str) -> None:
-        ctx.cache[name] = (self.similarity.features(ctx.fixed), self.similarity.features(ctx.moving))
+        ctx.cache[name] = (self._features(ctx, ctx.full_fixed, ctx.fixed),
+                           self._features(ctx, ctx.full_moving, ctx.moving))
 
     def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
         fixed_features, moving_features = evaluation.ctx.cache[name]

@@ -146,7 +146,8 @@ def level_context(fixed, moving, level: int, factor: float, *, fixed_mask=None, 
                   spacing: Sequence[float] | None = None, extra: dict | None = None) -> LevelContext:
     """The context of pyramid level ``level`` (shrink ``factor``) of a pair on the full grid.
 
-    Images are resampled with anti-aliasing (:func:`dirio.core.fields.resize_image`), masks without.
+    Images are resampled with anti-aliasing (:func:`dirio.core.fields.resize_image`), masks without;
+    the full-grid images are kept as ``full_fixed`` / ``full_moving`` (references, not copies).
     ``spacing`` (mm per voxel of the full grid) is scaled by the level's voxel-size ratio.
     """
     full_shape = tuple(fixed.shape[2:])
@@ -164,6 +165,8 @@ def level_context(fixed, moving, level: int, factor: float, *, fixed_mask=None, 
         moving_mask=None if moving_mask is None else resize_image(moving_mask, shape, antialias=False),
         spacing=level_spacing,
         factor=float(factor),
+        full_fixed=fixed,
+        full_moving=moving,
         extra=dict(extra or {}),
     )
 
