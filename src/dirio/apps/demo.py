@@ -21,6 +21,7 @@ from dirio.core.fields import resize_image
 from dirio.io.atomic import check_writable, write_json
 from dirio.io.images import save_image
 from dirio.io.fields import save_field
+from dirio.config.presets import PRESETS
 from dirio.config.settings import make_settings
 from dirio.testing.synthetic import endpoint_error, warped_pair
 
@@ -91,10 +92,11 @@ def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False,
     save_image(files["moving_labels"], pair.moving_labels, affine, overwrite=overwrite)
     save_field(files["true_disp"], pair.true_disp, affine, overwrite=overwrite)
 
-    # The brain-mri preset's pyramid (4, 2) is meant for 1 mm images: its finest level has 2 mm
-    # voxels. Keep that physical resolution at the demo's voxel size.
+    # The brain-mri preset's pyramid is meant for 1 mm images; its first two levels have 4 and 2 mm
+    # voxels. Keep those physical resolutions (and their iterations) at the demo's voxel size.
     finest = max(1, int(round(2.0 / resolution)))
-    settings = make_settings("brain-mri", levels=(2 * finest, finest), progress=not quiet)
+    iterations = tuple(PRESETS["brain-mri"]["iterations"][:2])
+    settings = make_settings("brain-mri", levels=(2 * finest, finest), iterations=iterations, progress=not quiet)
     record = register_files(
         files["fixed"], files["moving"], out, settings=settings,
         fixed_labels=files["fixed_labels"], moving_labels=files["moving_labels"],

@@ -288,6 +288,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("iterations", integers, "iterations per level", OPTIMISATION, metavar="N,..."),
     Option("grid_spacing", numbers, "parameter grid spacing in voxels of each level (one value or one per level)",
            OPTIMISATION, metavar="S[,...]"),
+    Option("smoothing", integer, "passes of a 3-voxel box filter over the field's parameters (0: none)",
+           OPTIMISATION, metavar="N"),
     Option("lr", number, "learning rate, voxels of the level grid per step", OPTIMISATION),
     Option("optimizer", text, None, OPTIMISATION, choices=("adam", "amsgrad", "sgd")),
     Option("schedule", text, None, OPTIMISATION, choices=("constant", "cosine", "piecewise")),
