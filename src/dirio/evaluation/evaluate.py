@@ -89,8 +89,7 @@ def evaluate_field(
 def _overlap(field: np.ndarray, fixed: np.ndarray, moving: np.ndarray, labels, scale: np.ndarray, hd95: bool) -> dict:
     """Dice (and HD95) of the moving labels warped by ``field`` against the fixed ones."""
     result: dict = {}
-    # the identity (scoring "before registration") leaves the labels as they are
-    warped = warp_labels(moving, field) if np.any(field) else moving
+    warped = warp_labels(moving, field)
     if labels is None:
         labels = labels_present(fixed, moving)
     dice = dice_per_label(fixed, warped, labels, moving_labels=moving)
