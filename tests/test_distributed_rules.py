@@ -10,12 +10,10 @@ second moment and turns rounding noise of near-zero gradient entries, which surg
 projecting, into steps of the learning rate's size.)
 """
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dirio.core.context import LevelContext
 from dirio.core.distributed import average_gradients
@@ -26,17 +24,12 @@ from dirio.optim.combine import make_combine_rule
 from dirio.optim.optimizers import make_optimizer
 from dirio.optim.step import Step
 from dirio.transforms.network import NetworkTransform
+from spawn_helpers import free_port, spawn
 from tiny_networks import TinyRegistrationNet, blob_pair
 
 STEPS = 4
 BATCH = 4
 SEED = 5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train(rule_name: str, fixed: torch.Tensor, moving: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -64,6 +57,7 @@ def worker(rank: int, world: int, port: int, rule_name: str, path: str) -> None:
         half = BATCH // world
         weights = train(rule_name, fixed[rank * half:(rank + 1) * half], moving[rank * half:(rank + 1) * half])
         torch.save(weights, f"{path}.{rank}")
+        dist.barrier()  # leave together: neither rank tears down gloo while the other still talks
     finally:
         dist.destroy_process_group()
 
@@ -73,7 +67,7 @@ def test_two_processes_with_half_batches_take_the_steps_of_one_process_with_the_
     fixed, moving = blob_pair(batch=BATCH, seed=SEED, jitter=1.0)
     single = train(rule_name, fixed, moving)
     path = str(tmp_path / "weights")
-    mp.spawn(worker, args=(2, free_port(), rule_name, path), nprocs=2, join=True)
+    spawn(worker, (2, free_port(), rule_name, path), 2, [f"{path}.{rank}" for rank in range(2)])
     ranks = [torch.load(f"{path}.{r}", weights_only=True) for r in range(2)]
     initial = TinyRegistrationNet(seed=1).state_dict()
     moved = max(float((single[f"network.{k}"] - v).abs().max()) for k, v in initial.items())

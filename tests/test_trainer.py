@@ -3,12 +3,10 @@
 Networks are tiny U-Nets (4 channels, 2 levels) on 24x24 Gaussian blobs; every run takes a few steps.
 """
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dirio.errors import DirioError
 from dirio.losses.regularizers import make_regularizer
@@ -19,6 +17,7 @@ from dirio.optim.trainer import LAST, Batch, TrainConfig, epoch_generator, fit, 
 from dirio.transforms.network import NetworkTransform
 from dirio.transforms.networks import UNet, build_network
 from dirio.io.checkpoints import load_checkpoint
+from spawn_helpers import free_port, spawn
 from tiny_networks import blob_pair
 
 TINY = dict(ndim=2, encoder_channels=(4, 4), decoder_channels=(4, 4), final_channels=(4,), init_std=1e-2)
@@ -175,21 +174,16 @@ def _worker(rank, world, port, path):
     try:
         out = f"{path}/rank-out" if rank == 0 else None
         torch.save({rule: _train_rule(rule, out) for rule in RULES}, f"{path}/weights.{rank}")
+        dist.barrier()  # leave together: neither rank tears down gloo while the other still talks
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_gloo_processes_take_the_steps_of_one_process_with_the_whole_batch(tmp_path):
     # Each rank evaluates half of every batch; the rule averages each objective's gradient across
     # ranks before projecting. Tolerance 5e-5 on every weight after 3 SGD steps (float32 sums in
     # another order), while the steps move the weights by more than 1e-3.
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, (2, free_port(), str(tmp_path)), 2, [str(tmp_path / f"weights.{r}") for r in range(2)])
     ranks = [torch.load(tmp_path / f"weights.{r}", weights_only=True) for r in range(2)]
     initial = network().state_dict()
     for rule in RULES:
