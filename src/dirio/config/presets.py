@@ -22,11 +22,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Quarter, half, then full resolution. On the brain validation sets of
         # benchmarks/brain_validation.py (pairs among four real brains scored on tissue classes,
         # fine-scale known warps with another intensity profile, label maps turned into images of
-        # random contrast; not tuned on any one of them) a short full-resolution level gained
-        # +0.03 tissue Dice on real pairs (0.706 -> 0.735), +0.013 Dice on the fine warps and
-        # +0.06 on the random-contrast images, while the quarter- and half-resolution levels had
-        # converged. Three passes of the 3-voxel parameter smoothing (two folded 0.06-0.09 % of the
-        # voxels of real pairs at full resolution, three 0.02-0.03 %), 30 half- and 8
+        # random contrast; chosen on 4 pairs, confirmed on 4 more) a short full-resolution level
+        # gained +0.03 tissue Dice on 4 real pairs (0.716 -> 0.745), +0.005 Dice on the fine warps
+        # and +0.06 on the random-contrast images, while the quarter- and half-resolution levels
+        # had converged. Three passes of the 3-voxel parameter smoothing (two folded 0.06-0.09 % of
+        # the voxels of real pairs at full resolution, three 0.01-0.04 %), 30 half- and 8
         # full-resolution iterations keep the whole command within 20 s on a 2-core CPU
         # (benchmarks/whole_command.py). lr 0.5 level voxels per step with a cosine decay per level:
         # lr 1.0 gave rough fields (see RESULTS.md).
