@@ -162,6 +162,12 @@ def run_timed(command: Sequence[str]) -> tuple[float, subprocess.CompletedProces
     return wall, completed
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its waited-for children."""
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
 def process_peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (Linux ``ru_maxrss`` is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -53,9 +52,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 import _common as C
-from dirio.api import register
+from dirio.api import apply_field, register
 from dirio.apps.cli import build_parser, settings_from_args
-from dirio.core.fields import warp
 from dirio.evaluation.evaluate import evaluate_field
 from dirio.evaluation.jacobian import fraction_nonpositive_jacobian, sdlogj_l2r
 from dirio.io.images import load_image, save_image
@@ -110,13 +108,6 @@ def known_field(shape, seed: int) -> np.ndarray:
     return np.ascontiguousarray((coarse + fine)[0].numpy().transpose(1, 2, 3, 0))
 
 
-def pull(image: np.ndarray, disp: np.ndarray) -> np.ndarray:
-    """``image(x + disp(x))`` with dirio's warp: ``S`` image (float: linear, integer: nearest), ``(*S, 3)`` voxels."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-    field_ = torch.from_numpy(np.ascontiguousarray(disp.transpose(3, 0, 1, 2), dtype=np.float32))[None]
-    return warp(tensor, field_)[0, 0].numpy()
-
-
 def intensity_profile(image: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     """A monotone non-linear remap of ``[0, 1]`` intensities chosen by seed (1: gamma 0.7,
     2: piecewise-linear tissue remap, 3: gamma 1.4, then repeating); returns (image, description)."""
@@ -134,8 +125,8 @@ def fine_pair(image: np.ndarray, seg: np.ndarray, label_ids, seed: int) -> Pair:
     """The ``fine`` set's pair of one seed (see the module docstring)."""
     disp = known_field(image.shape, seed)
     rng = np.random.default_rng(seed)
-    fixed = pull(image, disp) + rng.normal(0.0, 0.01, image.shape)
-    fixed_labels = pull(seg, disp)
+    fixed = apply_field(image, disp) + rng.normal(0.0, 0.01, image.shape)
+    fixed_labels = apply_field(seg, disp, labels=True)
     remapped, profile = intensity_profile(image, seed)
     bias = np.exp(smooth_random_field(image.shape, sigma=30.0, max_displacement=0.2, seed=seed + 2000)[0, 0].numpy())
     moving = remapped * bias + rng.normal(0.0, 0.02, image.shape)
@@ -156,7 +147,7 @@ def label_image(labels: np.ndarray, seed: int) -> np.ndarray:
 def synth_pair(seg: np.ndarray, label_ids, seed: int) -> Pair:
     """The ``synth`` set's pair of one seed: fixed from the warped aseg, moving from the aseg."""
     disp = known_field(seg.shape, seed + 100)
-    fixed_labels = pull(seg, disp)
+    fixed_labels = apply_field(seg, disp, labels=True)
     fixed = label_image(fixed_labels, seed + 200)
     moving = label_image(seg, seed + 300)
     return Pair(f"synth-s{seed}", "synth", fixed, moving, fixed_labels > 0, {"aseg30": (fixed_labels, seg, label_ids)},
@@ -206,7 +197,7 @@ def score(pair: Pair, disp: np.ndarray) -> dict:
     if pair.true_disp is not None:
         row["epe"] = endpoint_error(disp, pair.true_disp, pair.mask)
     if pair.set == "real":
-        warped = pull(pair.moving, disp)
+        warped = apply_field(pair.moving, disp)
         row["ncc"] = ncc(pair.fixed[pair.mask], warped[pair.mask])
         local = lncc_map(torch.from_numpy(pair.fixed)[None, None], torch.from_numpy(warped)[None, None],
                          window=9, squared=False)[0, 0].numpy()
@@ -220,11 +211,6 @@ def correlation_in(mask: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- methods
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its finished children."""
-    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
-
 
 def fingerprint(*parts) -> str:
     """Short hash of arrays and strings (cache key)."""
@@ -252,10 +238,10 @@ def run_dirio(pair: Pair, flags: str, device: str, cache: Path) -> dict:
         with np.load(path) as saved:
             return {k: saved[k] for k in saved.files}
     settings = variant_settings(flags + " -q")
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    cpu0, wall0 = C.cpu_seconds(), time.perf_counter()
     result = register(pair.fixed, pair.moving, settings=settings, device=device)
     record = {"disp": result.disp.astype(np.float32), "wall_seconds": time.perf_counter() - wall0,
-              "cpu_seconds": cpu_seconds() - cpu0}
+              "cpu_seconds": C.cpu_seconds() - cpu0}
     np.savez_compressed(path, **record)
     return record
 
@@ -305,8 +291,8 @@ def run_pair(pair: Pair, variants: dict, peers: list, args, cache: Path, peer_se
         print(f"[{NAME}] {pair.name}: {peer} ...", file=sys.stderr, flush=True)
         out = run_peer(pair, peer, args.peer_python, cache)
         peer_settings[peer] = str(out["settings"])
-        check = pull(pair.moving, out["disp"])  # dirio's warp with the converted field vs the peer's own output
-        flipped = pull(pair.moving, -out["disp"])
+        check = apply_field(pair.moving, out["disp"])  # dirio's warp with the converted field vs the peer's own output
+        flipped = apply_field(pair.moving, -out["disp"])
         rows.append({**base, "method": peer, **score(pair, out["disp"]),
                      "wall_seconds": float(out["wall_seconds"]), "cpu_seconds": float(out["cpu_seconds"]),
                      "check_r": correlation_in(pair.mask, check, out["warped"]),
@@ -403,7 +389,7 @@ def main(argv=None) -> None:
     cache = Path(args.out) / "fields"
     cache.mkdir(parents=True, exist_ok=True)
     partial = Path(args.out) / "rows.partial.jsonl"
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    cpu0, wall0 = C.cpu_seconds(), time.perf_counter()
     rows, peer_settings, methods = [], {}, ["identity", *variants, *peers]
     if args.from_partial:
         rows = [r for r in map(json.loads, partial.read_text().splitlines()) if r["set"] in sets]
@@ -422,7 +408,7 @@ def main(argv=None) -> None:
                 log.writelines(json.dumps(r) + "\n" for r in done)
     except KeyboardInterrupt:  # keep the pairs completed so far
         notes.append(f"stopped by the user after {len({r['pair'] for r in rows})} complete pairs")
-    run = {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": cpu_seconds() - cpu0}
+    run = {"wall_seconds": time.perf_counter() - wall0, "cpu_seconds": C.cpu_seconds() - cpu0}
     tables = []
     for s in sets:
         mine = [r for r in rows if r["set"] == s]

@@ -53,7 +53,6 @@ import hashlib
 import itertools
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -66,14 +65,14 @@ import torch
 from scipy import ndimage
 
 import _common as C
-from dirio.api import register
+from dirio.api import apply_field, register
 from dirio.apps.cli import add_registration_options, settings_from_args
 from dirio.config.settings import PRESETS
-from dirio.core.fields import warp
 from dirio.evaluation.jacobian import fraction_nonpositive_jacobian
 from dirio.evaluation.landmarks import tre
 from dirio.io.images import load_image
 from dirio.testing.synthetic import smooth_random_field
+from oasis_pair import ncc
 from lung_pair import index_crop_inputs, load_lung_data, world_inputs
 
 NAME = "lung_validation"
@@ -125,31 +124,9 @@ def canonical(flags: str) -> str:
     return shlex.join(shlex.split(flags))
 
 
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process (all threads) and its waited-for children."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
-
-
-def to_torch_field(disp: np.ndarray) -> torch.Tensor:
-    """``(*S, 3)`` numpy field -> ``(1, 3, *S)`` float32 tensor (dirio's layout)."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(disp, -1, 0), dtype=np.float32))[None]
-
-
-def pull(image: np.ndarray, disp: np.ndarray, labels: bool = False) -> np.ndarray:
-    """``image(x + disp(x))`` with dirio's warp (linear, or nearest for label maps); ``(*S)`` -> ``(*S)``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-    return warp(tensor, to_torch_field(disp), mode="nearest" if labels else "linear")[0, 0].numpy()
-
-
 def masked_ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """Normalised cross-correlation of two ``(*S)`` images over the voxels of ``mask`` (a diagnostic)."""
-    x, y = a[mask > 0].astype(np.float64), b[mask > 0].astype(np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum() + 1e-12))
+    return ncc(a[mask > 0], b[mask > 0])
 
 
 def percent_folding(disp: np.ndarray) -> float:
@@ -193,7 +170,7 @@ def breathing_case(image: np.ndarray, mask: np.ndarray, spacing, seed: int) -> d
     random = smooth_random_field(shape, sigma=10.0, max_displacement=random_vox, seed=seed + 1000)[0]
     random = random.permute(1, 2, 3, 0).numpy()
     lung_motion = si + expansion + random
-    inside = pull(lung.astype(np.uint8), lung_motion, labels=True) > 0  # the fixed (exhale) lung
+    inside = apply_field(lung.astype(np.uint8), lung_motion, labels=True) > 0  # the fixed (exhale) lung
     # below the fixed lung in each (i, j) column the abdomen follows the diaphragm; elsewhere no SI motion
     has_lung = inside.any(axis=2)
     lowest = np.where(has_lung, np.argmax(inside, axis=2), -1)
@@ -202,7 +179,7 @@ def breathing_case(image: np.ndarray, mask: np.ndarray, spacing, seed: int) -> d
     true = np.where(inside[..., None], lung_motion, body_motion).astype(np.float32)
     noise = np.random.default_rng(seed + 100)
     moving = image.astype(np.float32)
-    fixed = pull(moving, true) + params["density_hu"] * inside
+    fixed = apply_field(moving, true) + params["density_hu"] * inside
     return {
         "fixed": (fixed + noise.normal(0, NOISE_HU, shape)).astype(np.float32),
         "moving": (moving + noise.normal(0, NOISE_HU, shape)).astype(np.float32),
@@ -328,11 +305,11 @@ def settings_for(flags: str, quick: bool):
 def run_dirio(flags: str, case: dict, args: argparse.Namespace) -> tuple[np.ndarray, dict]:
     """Register ``case['moving']`` to ``case['fixed']`` with the masks; field ``(*S, 3)`` voxels and timing."""
     settings = settings_for(flags, args.quick)
-    wall0, cpu0 = time.perf_counter(), cpu_seconds()
+    wall0, cpu0 = time.perf_counter(), C.cpu_seconds()
     result = register(case["fixed"], case["moving"], settings=settings, fixed_mask=case["fixed_mask"],
                       moving_mask=case["moving_mask"], spacing=tuple(float(s) for s in case["spacing"]),
                       device=args.device)
-    timing = {"wall_s": time.perf_counter() - wall0, "cpu_s": cpu_seconds() - cpu0, "cached": False}
+    timing = {"wall_s": time.perf_counter() - wall0, "cpu_s": C.cpu_seconds() - cpu0, "cached": False}
     return np.asarray(result.disp, dtype=np.float32), timing
 
 
@@ -370,9 +347,9 @@ def run_peer(python: str, case: dict, args: argparse.Namespace) -> tuple[np.ndar
                "fixed_mask": str(tmp / "fixed_mask.nii.gz"), "moving_mask": str(tmp / "moving_mask.nii.gz"),
                "params": PEER_PARAMS, "threads": torch.get_num_threads(), "out": str(tmp / "disp.npy")}
         (tmp / "job.json").write_text(json.dumps(job))
-        wall0, cpu0 = time.perf_counter(), cpu_seconds()
+        wall0, cpu0 = time.perf_counter(), C.cpu_seconds()
         done = subprocess.run([python, str(PEER_WORKER), str(tmp / "job.json")], capture_output=True, text=True)
-        process = {"process_wall_s": time.perf_counter() - wall0, "process_cpu_s": cpu_seconds() - cpu0}
+        process = {"process_wall_s": time.perf_counter() - wall0, "process_cpu_s": C.cpu_seconds() - cpu0}
         if done.returncode != 0:
             raise RuntimeError(f"{PEER} failed:\n{done.stderr[-3000:]}")
         disp = np.load(tmp / "disp.npy")
@@ -401,8 +378,8 @@ def similarity_check(case: dict, disp: np.ndarray) -> dict:
     fixed = np.clip(case["fixed"], *CLIP_HU)
     moving = np.clip(case["moving"], *CLIP_HU).astype(np.float32)
     return {"ncc_identity": masked_ncc(fixed, moving, case["fixed_mask"]),
-            "ncc_after": masked_ncc(fixed, pull(moving, disp), case["fixed_mask"]),
-            "ncc_negated": masked_ncc(fixed, pull(moving, -disp), case["fixed_mask"])}
+            "ncc_after": masked_ncc(fixed, apply_field(moving, disp), case["fixed_mask"]),
+            "ncc_negated": masked_ncc(fixed, apply_field(moving, -disp), case["fixed_mask"])}
 
 
 # ----------------------------------------------------------------------------------------------
