@@ -5,6 +5,31 @@ from __future__ import annotations
 
 from typing import Any
 
+_CONVEX_ADAM: dict[str, Any] = {
+    # ConvexAdam (Siebert, Hansen & Heinrich, Learn2Reg 2021), faithful to the defaults of its
+    # reference code (convex_adam_MIND.py); the differences left are geometry conventions
+    # (dirio's pyramid grids use align_corners=True, the half-resolution features are a
+    # Gaussian-antialiased resampling instead of a 2x2x2 average).
+    # MIND-SSC is nearly invariant to intensity scaling: robust percentile scaling is enough.
+    "normalise": "percentile",
+    # mind_r = 1, mind_d = 2, computed on the full-resolution images for both stages.
+    "similarity": "mind",
+    "similarity_options": {"radius": 1, "dilation": 2},
+    "features_from": "full",
+    # ConvexAdam minimises 12 * mean MIND SSD + lambda * sum_axes mean_{voxels, components}(du^2)
+    # with lambda = 1.25; per unit of dirio's MIND loss (the channel mean) and diffusion (summed
+    # over components) that is lambda / 12 / 3 = 0.035.
+    "regularizers": {"diffusion": 1.25 / 36},
+    # Discrete step: grid_sp = 6, disp_hw = 4, its six coupling weights, inverse consistency
+    # (ic, 15 iterations), descriptors at full resolution (see ConvexConfig's defaults).
+    "init": "convex",
+    "convex": {"feature_factor": 1, "mind_dilation": 2},
+    # Adam refinement of a half-resolution field (grid_sp_adam = 2), 80 iterations at lr 1,
+    # constant rate, three passes of a 3-voxel box over the parameters (its three avg_pool3d).
+    "levels": (2,), "iterations": (80,), "grid_spacing": 1.0, "lr": 1.0,
+    "schedule": "constant", "smoothing": 3,
+}
+
 # Each preset documents where its defaults come from. Values were chosen on synthetic warps of
 # the voxelmorph brain and on brain-vs-mirrored-brain pairs (not on any evaluation pair); see
 # README "Presets" and benchmarks/RESULTS.md.
@@ -64,47 +89,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "affine": "affine",
         "affine_options": {"levels": (4, 2), "iterations": (150, 30)},
     },
-    "convex-adam": {
-        # ConvexAdam (Siebert, Hansen & Heinrich, Learn2Reg 2021), faithful to the defaults of its
-        # reference code (convex_adam_MIND.py); the differences left are geometry conventions
-        # (dirio's pyramid grids use align_corners=True, the half-resolution features are a
-        # Gaussian-antialiased resampling instead of a 2x2x2 average).
-        # MIND-SSC is nearly invariant to intensity scaling: robust percentile scaling is enough.
-        "normalise": "percentile",
-        # mind_r = 1, mind_d = 2, computed on the full-resolution images for both stages.
-        "similarity": "mind",
-        "similarity_options": {"radius": 1, "dilation": 2},
-        "features_from": "full",
-        # ConvexAdam minimises 12 * mean MIND SSD + lambda * sum_axes mean_{voxels, components}(du^2)
-        # with lambda = 1.25; per unit of dirio's MIND loss (the channel mean) and diffusion (summed
-        # over components) that is lambda / 12 / 3 = 0.035.
-        "regularizers": {"diffusion": 1.25 / 36},
-        # Discrete step: grid_sp = 6, disp_hw = 4, its six coupling weights, inverse consistency
-        # (ic, 15 iterations), descriptors at full resolution (see ConvexConfig's defaults).
-        "init": "convex",
-        "convex": {"feature_factor": 1, "mind_dilation": 2},
-        # Adam refinement of a half-resolution field (grid_sp_adam = 2), 80 iterations at lr 1,
-        # constant rate, three passes of a 3-voxel box over the parameters (its three avg_pool3d).
-        "levels": (2,), "iterations": (80,), "grid_spacing": 1.0, "lr": 1.0,
-        "schedule": "constant", "smoothing": 3,
-    },
+    "convex-adam": _CONVEX_ADAM,
     "convex-adam-fast": {
         # convex-adam with two speed shortcuts, each measured against the faithful preset in
-        # benchmarks/RESULTS.md ("convex-adam: faithful and fast"): the discrete step's
-        # descriptors are computed on 2x2x2 block averages (dilation 1 there ~ 2 at full
-        # resolution; 8x fewer voxels), and the Adam stage runs 60 quarter-resolution iterations
-        # then 15 half-resolution ones on features of each level's own images, instead of 80
+        # benchmarks/RESULTS.md (issue 12, lung validation): the discrete step's descriptors are
+        # computed on 2x2x2 block averages (dilation 1 there ~ 2 at full resolution; 8x fewer
+        # voxels), and the Adam stage runs 60 quarter-resolution iterations then 15
+        # half-resolution ones on features of each level's own images, instead of 80
         # half-resolution iterations on full-resolution features. A half-resolution iteration of
         # the 160x192x224 brain costs ~0.35 s on the 2-core development CPU, a quarter-resolution
         # one ~0.04 s.
-        "normalise": "percentile",
-        "similarity": "mind",
-        "similarity_options": {"radius": 1, "dilation": 2},
-        "regularizers": {"diffusion": 1.25 / 36},
-        "init": "convex",
+        **_CONVEX_ADAM,
+        "features_from": "level",
         "convex": {"feature_factor": 2, "mind_dilation": 1},
-        "levels": (4, 2), "iterations": (60, 15), "grid_spacing": 1.0, "lr": 1.0,
-        "schedule": "constant", "smoothing": 3,
+        "levels": (4, 2), "iterations": (60, 15),
     },
     "continuous": {
         # Vujovic et al., "continuous optimisation for large displacements": ConvexAdam's similarity
