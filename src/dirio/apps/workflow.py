@@ -355,20 +355,6 @@ def _register_locked(fixed, moving, out_dir: Path, paths: dict[str, Path], start
                overwrite=True)
     if overwrite:
         paths["metrics"].unlink(missing_ok=True)  # the old manifest must not vouch for a mixed set
-    record = {
-        "fixed": str(fixed),
-        "moving": str(moving),
-        "before": before,
-        "after": after,
-        "optimisation_seconds": result.seconds,
-        "peak_memory_mb": result.peak_memory_mb,
-        "levels": result.levels,
-        "stages": result.stages,
-        "affine": None,
-        "device": result.device,
-        "settings": settings.to_dict(),
-        "versions": software_versions(),
-    }
     # The field's gzip compression (~2 s for a 160x192x224 field) runs in a second thread while
     # this one writes the other files and draws the figure (zlib releases the GIL).
     with times("write"), ThreadPoolExecutor(max_workers=1) as pool:
@@ -382,7 +368,7 @@ def _register_locked(fixed, moving, out_dir: Path, paths: dict[str, Path], start
         save_image(paths["warped"], result.warped, affine, overwrite=overwrite)
         if warped_labels is not None:
             save_image(paths["warped_labels"], warped_labels, affine, overwrite=overwrite)
-        record["affine"] = write_affine_outputs(paths, result, affine, overwrite)
+        affine_record_written = write_affine_outputs(paths, result, affine, overwrite)
         write_text(paths["history"], history_csv(result.history), overwrite=overwrite)
         if figure:
             from dirio.viz.figures import registration_figure
@@ -396,7 +382,21 @@ def _register_locked(fixed, moving, out_dir: Path, paths: dict[str, Path], start
                 overwrite=overwrite, labels=label_pair,
             )
         field_written.result()
-    record["outputs"] = {key: str(path) for key, path in paths.items()}
+    record = {
+        "fixed": str(fixed),
+        "moving": str(moving),
+        "before": before,
+        "after": after,
+        "optimisation_seconds": result.seconds,
+        "peak_memory_mb": result.peak_memory_mb,
+        "levels": result.levels,
+        "stages": result.stages,
+        "affine": affine_record_written,
+        "device": result.device,
+        "settings": settings.to_dict(),
+        "versions": software_versions(),
+        "outputs": {key: str(path) for key, path in paths.items()},
+    }
     with times("checksums"):
         record["sha256"] = {key: sha256_of(path) for key, path in paths.items() if key != "metrics"}
     record["step_seconds"] = times.seconds
