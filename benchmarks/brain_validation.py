@@ -65,8 +65,7 @@ NAME = "brain_validation"
 WORKER = Path(__file__).with_name("brain_peers_worker.py")
 DEFAULT_VARIANTS = {
     "brain-mri": "--preset brain-mri",
-    "brain-mri-x1": "--preset brain-mri --levels 4,2,1 --iterations 80,40,10",
-    "brain-mri-x1-pcgrad": "--preset brain-mri --levels 4,2,1 --iterations 80,40,10 --combine pcgrad",
+    "former": "--preset brain-mri --compose-every 0 --weight 0.3 --smoothing 3 --iterations 80,30,8",
 }
 PEERS = ("ants", "dipy")
 # Known warps of the `fine` and `synth` sets: (sigma, largest component) in voxels per component.

@@ -301,7 +301,8 @@ def test_every_register_option_reaches_the_recorded_settings(tiny, tmp_path):
     assert terms["similarity_options"] == {"window": 3, "kernel": "gaussian"}
     # --weight applies to the regulariser named without a weight only.
     assert terms["regularizers"] == {"diffusion": 2.0, "bending": 0.5}
-    assert settings["preprocessing"] == {"normalise": "clip", "clip_range": [10.0, 90.0], "auto_mask": "lungs"}
+    assert settings["preprocessing"] == {"normalise": "clip", "clip_range": [10.0, 90.0], "auto_mask": "lungs",
+                                       "mask_use": "restrict"}
     assert settings["pyramid"] == {"levels": [2, 1], "iterations": [3, 2]}
     assert settings["transform"]["grid_spacing"] == [2.0, 1.0]
     assert optimization["lr"] == 0.7 and optimization["optimizer"] == "amsgrad"

@@ -64,14 +64,14 @@ def test_an_unknown_key_is_refused():
 def test_options_map_one_to_one_onto_flat_settings_keys_and_the_combined_ones_as_documented():
     values = {
         "preset": "brain-mri", "similarity": "mse", "levels": "2,1", "iterations": [3, 2], "grid_spacing": "2",
-        "smoothing": "1", "features_from": "full", "lr": 0.7, "schedule": "constant", "regularizer": "diffusion,bending=0.5", "weight": 2,
+        "smoothing": "1", "features_from": "full", "compose_every": "2", "mask_use": "fill", "lr": 0.7, "schedule": "constant", "regularizer": "diffusion,bending=0.5", "weight": 2,
         "affine": "rigid", "affine_levels": "2", "affine_iterations": "5", "affine_lr": 0.1, "init": "convex",
         "convex_spacing": 4, "convex_radius": 2, "convex_symmetric": "false", "quiet": True,
         "device": "cpu", "itk_field": True, "label_ids": [1], "tre_order": 1,  # run options: no settings
     }
     expected = make_settings(
         "brain-mri", similarity="mse", levels=(2, 1), iterations=(3, 2), grid_spacing=2.0, smoothing=1,
-        features_from="full", lr=0.7,
+        features_from="full", compose_every=2, mask_use="fill", lr=0.7,
         schedule="constant", regularizers={"diffusion": 2.0, "bending": 0.5}, affine="rigid",
         affine_options={"levels": (2,), "iterations": (5,), "lr": 0.1}, init="convex",
         convex={"grid_spacing": 4, "radius": 2, "symmetric": False}, progress=False,
@@ -82,6 +82,19 @@ def test_options_map_one_to_one_onto_flat_settings_keys_and_the_combined_ones_as
 def test_a_negative_smoothing_is_refused_in_one_line():
     with pytest.raises(DirioError, match="smoothing must be a non-negative integer, got -1"):
         settings_from_values({"smoothing": -1})
+
+
+def test_compose_every_takes_one_value_or_one_per_level_and_refuses_bad_ones_in_one_line():
+    assert settings_from_values({"compose_every": "2,2,4"}, preset="brain-mri").transform.compose_every == (2, 2, 4)
+    assert settings_from_values({"compose_every": "0"}, preset="brain-mri").transform.compose_every == 0
+    with pytest.raises(DirioError, match="compose_every must be non-negative integers, one value or one per level"):
+        settings_from_values({"compose_every": "2,2"}, preset="brain-mri")
+    with pytest.raises(DirioError, match="does not apply to a diffeomorphic"):
+        settings_from_values({"compose_every": "2", "diffeomorphic": True})
+    # a velocity field asked for does not inherit the preset's composition
+    assert settings_from_values({"diffeomorphic": True}, preset="brain-mri").transform.compose_every == 0
+    with pytest.raises(OptionError, match="mask_use"):
+        settings_from_values({"mask_use": "ignore"})
 
 
 def test_weight_alone_weights_every_regularizer_of_the_preset():

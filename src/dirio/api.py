@@ -20,6 +20,7 @@ from dirio.io.images import Image
 from dirio.core.intensity import normalise_intensity
 from dirio.losses.terms import Term
 from dirio.methods.network import NETWORK_STAGES
+from dirio.core.mask_fill import fill_outside_mask
 from dirio.methods.lung_mask import lung_mask
 from dirio.methods.stages import PairState, run_stages, stage_history
 
@@ -185,6 +186,12 @@ def register(
     records: list[dict] = []
     if fixed_mask is None and moving_mask is None and settings.preprocessing.auto_mask == "lungs":
         fixed_mask, moving_mask = _automatic_lung_masks(fixed_array, moving_array, records)
+    if settings.preprocessing.mask_use == "fill":  # the masks act on the images, not on the similarity
+        if fixed_mask is not None:
+            fixed_tensor = tensor(fill_outside_mask(fixed_tensor[0, 0].cpu().numpy(), _array(fixed_mask)))
+        if moving_mask is not None:
+            moving_tensor = tensor(fill_outside_mask(moving_tensor[0, 0].cpu().numpy(), _array(moving_mask)))
+        fixed_mask = moving_mask = None
     masks = [None if m is None else tensor(_array(m) != 0) for m in (fixed_mask, moving_mask)]
     init_tensor = None
     if init is not None:

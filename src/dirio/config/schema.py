@@ -283,6 +283,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("clip_range", numbers, "window of {normalise} clip", METHOD, metavar="LO,HI"),
     Option("auto_mask", text, "lungs: an automatic lung mask (CT in HU) when no mask is given; none: no mask "
            "(lung-ct default: lungs)", METHOD, choices=("none", "lungs")),
+    Option("mask_use", text, "restrict: the similarity counts only inside the masks; fill: each image outside its "
+           "mask takes the nearest inside intensity (ConvexAdam's way; convex-adam default)", METHOD,
+           choices=("restrict", "fill")),
     # optimisation
     Option("levels", integers, "pyramid shrink factors, coarse to fine", OPTIMISATION, metavar="F,..."),
     Option("iterations", integers, "iterations per level", OPTIMISATION, metavar="N,..."),
@@ -290,6 +293,8 @@ OPTIONS: tuple[Option, ...] = (
            OPTIMISATION, metavar="S[,...]"),
     Option("smoothing", integer, "passes of a 3-voxel box filter over the field's parameters (0: none)",
            OPTIMISATION, metavar="N"),
+    Option("compose_every", integers, "compose the field from increments folded in every N steps, one value or one "
+           "per level (0: one additive field; 0 at a level: fold at its end)", OPTIMISATION, metavar="N[,...]"),
     Option("lr", number, "learning rate, voxels of the level grid per step", OPTIMISATION),
     Option("optimizer", text, None, OPTIMISATION, choices=("adam", "amsgrad", "sgd")),
     Option("schedule", text, None, OPTIMISATION, choices=("constant", "cosine", "piecewise")),
@@ -376,7 +381,7 @@ _AFFINE = {"affine_levels": "levels", "affine_iterations": "iterations", "affine
 _CONVEX = {"convex_spacing": "grid_spacing", "convex_radius": "radius", "convex_coupling": "coupling",
            "convex_symmetric": "symmetric", "convex_memory": "memory_mb"}
 # Options of target "settings" that do not set the flat key of their own name.
-_COMBINED = {"preset", "regularizer", "weight", "grid_spacing", "quiet", *_AFFINE, *_CONVEX}
+_COMBINED = {"preset", "regularizer", "weight", "grid_spacing", "compose_every", "quiet", *_AFFINE, *_CONVEX}
 
 
 def option(key: str) -> Option:
@@ -403,7 +408,7 @@ def settings_overrides(values: Mapping[str, Any], preset: str | None = None) -> 
 
     ``regularizer`` names regularizers with optional weights; those without take ``weight`` (else
     1). ``weight`` alone weights every regularizer of the preset (else diffusion). One
-    ``grid_spacing`` value applies to every level. ``quiet`` turns progress bars off. Options
+    ``grid_spacing`` or ``compose_every`` value applies to every level. ``quiet`` turns progress bars off. Options
     of target ``"run"`` are left out.
     """
     preset = values.get("preset") or preset
@@ -418,6 +423,9 @@ def settings_overrides(values: Mapping[str, Any], preset: str | None = None) -> 
     grid_spacing = values.get("grid_spacing")
     if grid_spacing is not None and len(grid_spacing) == 1:
         grid_spacing = grid_spacing[0]
+    compose_every = values.get("compose_every")
+    if compose_every is not None and len(compose_every) == 1:
+        compose_every = compose_every[0]
     symmetric = values.get("convex_symmetric")
     convex = {name: values.get(key) for key, name in _CONVEX.items()}
     convex["symmetric"] = None if symmetric is None else symmetric == "true"
@@ -428,6 +436,7 @@ def settings_overrides(values: Mapping[str, Any], preset: str | None = None) -> 
     overrides.update(
         regularizers=regularizers,
         grid_spacing=grid_spacing,
+        compose_every=compose_every,
         affine_options={name: values.get(key) for key, name in _AFFINE.items()},
         convex=convex,
     )

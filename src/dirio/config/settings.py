@@ -41,6 +41,7 @@ from dirio.transforms.dense import DenseConfig
 
 NORMALISATIONS = ("none", "minmax", "percentile", "clip")
 AUTO_MASKS = ("none", "lungs")
+MASK_USES = ("restrict", "fill")
 AFFINE_CHOICES = ("none",) + AFFINE_FAMILIES
 INIT_CHOICES = ("none", "convex")
 # The order stages run in, whatever order they are switched on in.
@@ -64,11 +65,16 @@ class Preprocessing:
         auto_mask: ``"none"``, or ``"lungs"``: when neither mask is given, both images get an
             automatic lung mask (:func:`dirio.methods.lung_mask.lung_mask`, CT in HU), computed
             on the intensities before normalisation.
+        mask_use: how masks act: ``"restrict"``, the similarity counts only inside them;
+            ``"fill"``, each image outside its mask takes its nearest inside intensity
+            (:func:`dirio.core.mask_fill.fill_outside_mask`, after normalisation) and the
+            similarity then counts everywhere (ConvexAdam's use of masks).
     """
 
     normalise: str = "percentile"
     clip_range: tuple[float, float] | None = None
     auto_mask: str = "none"
+    mask_use: str = "restrict"
 
     def validate(self) -> None:
         if self.normalise not in NORMALISATIONS:
@@ -81,6 +87,8 @@ class Preprocessing:
             raise ValueError("normalisation 'clip' needs a clip range (low, high)")
         if self.auto_mask not in AUTO_MASKS:
             raise ValueError(f"unknown automatic mask {self.auto_mask!r}; choose one of {', '.join(AUTO_MASKS)}")
+        if self.mask_use not in MASK_USES:
+            raise ValueError(f"unknown mask use {self.mask_use!r}; choose one of {', '.join(MASK_USES)}")
 
 
 @dataclass
@@ -258,6 +266,9 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
     if overrides.get("similarity") is not None and overrides.get("similarity_options") is None:
         # A similarity chosen explicitly does not inherit the options of another one's preset.
         overrides = {**overrides, "similarity_options": {}}
+    if overrides.get("diffeomorphic") and overrides.get("compose_every") is None:
+        # A velocity field chosen explicitly does not inherit a preset's composition of displacement steps.
+        overrides = {**overrides, "compose_every": 0}
     layers.append(overrides)
     return apply_overrides(Settings(), layers)
 

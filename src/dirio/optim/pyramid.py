@@ -246,6 +246,7 @@ def run_pyramid(
                 read = (iteration + 1) % log_every == 0 or iteration == iterations - 1
                 check = (lambda losses, meta=meta: log.check_finite(meta, losses)) if read else None
                 losses, diagnostics = step(transform, ctx, optimizer, params, spatial, check=check)
+                transform.after_step(ctx)
                 log.add(meta, losses, diagnostics)
                 bar.update(1)
                 ran = iteration + 1

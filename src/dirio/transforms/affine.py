@@ -245,6 +245,9 @@ class AffineThenDense(TransformModule):
     def start_level(self, ctx: LevelContext) -> bool:
         return self.dense.start_level(ctx)
 
+    def after_step(self, ctx: LevelContext) -> None:
+        self.dense.after_step(ctx)
+
     def parameter_groups(self) -> list[dict]:
         return self.dense.parameter_groups()
 

@@ -31,6 +31,8 @@ class Transform(Protocol):
     * ``start_level(ctx) -> bool``: the per-level hook, called before a level's first iteration
       (resample a field onto the level's parameter grid, freeze or unfreeze parts); returns True
       when the parameter tensors were replaced, so that the optimiser must be rebuilt.
+    * ``after_step(ctx)``: called after every optimiser step of instance optimisation (e.g. to fold
+      an increment into an accumulated field, :mod:`dirio.transforms.composed`).
     * ``field(ctx)``: ``(B, ndim, *ctx.shape)`` displacement in voxels of the level grid.
     * ``regularized(ctx, field)``: a :class:`RegularizedField`, or ``None`` when no smoothness
       regularizer applies (an affine transform); ``field`` is this iteration's ``field(ctx)``
@@ -48,6 +50,8 @@ class Transform(Protocol):
 
     def start_level(self, ctx: LevelContext) -> bool: ...
 
+    def after_step(self, ctx: LevelContext) -> None: ...
+
     def field(self, ctx: LevelContext) -> torch.Tensor: ...
 
     def regularized(self, ctx: LevelContext, field: torch.Tensor) -> RegularizedField | None: ...
@@ -59,7 +63,7 @@ class Transform(Protocol):
 
 class TransformModule(torch.nn.Module):
     """Defaults shared by dirio's transforms: one optimiser group at the level rate, no spatial
-    parameters, nothing to do between levels, no regularized field, state as detached copies."""
+    parameters, nothing to do between levels or steps, no regularized field, state as detached copies."""
 
     def parameter_groups(self) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_divisor": 1.0}]
@@ -69,6 +73,9 @@ class TransformModule(torch.nn.Module):
 
     def start_level(self, ctx: LevelContext) -> bool:
         return False
+
+    def after_step(self, ctx: LevelContext) -> None:
+        return None
 
     def regularized(self, ctx: LevelContext, field: torch.Tensor) -> RegularizedField | None:
         return None

@@ -27,6 +27,7 @@ from dirio.core.fields import integrate_velocity, resize_field
 from dirio.core.filters import box_smooth, box_smooth_adjoint
 from dirio.core.context import LevelContext, RegularizedField
 from dirio.transforms.base import TransformModule
+from dirio.transforms.composed import ComposedDisplacement
 
 
 def grid_shape(shape: Sequence[int], spacing: float) -> tuple[int, ...]:
@@ -190,18 +191,34 @@ class DenseConfig:
             for every level or one per level); 1 optimises a field at the level's resolution.
         smoothing: passes of a 3-voxel box filter applied to the parameters to form the field
             (see :func:`smooth_parameters`); 0 uses the parameters as they are.
+        compose_every: 0 optimises one field additively; ``N > 0`` optimises increments that are
+            composed into an accumulated field every ``N`` steps and at every level change
+            (:class:`dirio.transforms.composed.ComposedDisplacement`; not with ``diffeomorphic``).
+            One number, or one per level (0 at a level: fold only when it ends; not all 0).
     """
 
     diffeomorphic: bool = False
     grid_spacing: float | Sequence[float] = 1.0
     integration_steps: int = 7
     smoothing: int = 2
+    compose_every: int | Sequence[int] = 0
 
     def spacings(self, levels: int) -> list[float]:
         """One parameter-grid spacing per pyramid level."""
         if isinstance(self.grid_spacing, (int, float)):
             return [float(self.grid_spacing)] * levels
         return [float(s) for s in self.grid_spacing]
+
+    def compose_counts(self, levels: int) -> list[int]:
+        """Steps between folds per pyramid level (all 0: an additive field)."""
+        if isinstance(self.compose_every, (int, float)):
+            return [self.compose_every] * levels
+        return list(self.compose_every)
+
+    @property
+    def composes(self) -> bool:
+        """Whether the field is built by composition (:mod:`dirio.transforms.composed`)."""
+        return any(self.compose_counts(1))
 
     def validate(self, levels: int) -> None:
         """Raise ``ValueError`` when the settings do not fit a pyramid of ``levels`` levels."""
@@ -212,8 +229,18 @@ class DenseConfig:
             raise ValueError(f"smoothing must be a non-negative integer, got {self.smoothing!r}")
         if int(self.integration_steps) != self.integration_steps or self.integration_steps < 0:
             raise ValueError(f"integration_steps must be a non-negative integer, got {self.integration_steps!r}")
+        counts = self.compose_counts(levels)
+        if len(counts) != levels or any(int(n) != n or n < 0 for n in counts):
+            raise ValueError(f"compose_every must be non-negative integers, one value or one per level; "
+                             f"got {self.compose_every!r}")
+        if self.composes and self.diffeomorphic:
+            raise ValueError("compose_every composes displacement increments; it does not apply to a diffeomorphic "
+                             "(velocity) field")
 
-    def build(self, init: torch.Tensor | None = None, device=None) -> DenseDisplacement:
+    def build(self, init: torch.Tensor | None = None, device=None) -> DenseDisplacement | ComposedDisplacement:
         """The transform, its parameters created at the first pyramid level."""
+        if self.composes:
+            increment = DenseDisplacement(None, device=device, smoothing=self.smoothing, grid_spacing=self.grid_spacing)
+            return ComposedDisplacement(increment, self.compose_every, init=init)
         return make_dense_model(self.diffeomorphic, None, init=init, device=device, steps=self.integration_steps,
                                 smoothing=self.smoothing, grid_spacing=self.grid_spacing)
