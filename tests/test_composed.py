@@ -65,9 +65,8 @@ def test_after_step_folds_every_n_steps():
 
 def test_per_level_counts_and_zero_folds_only_at_the_level_end():
     model = composed((2, 0), (6, 7, 8))
-    assert model.current_every == 2
+    assert model.every_of_level(0) == 2 and model.every_of_level(1) == 0
     model.start_level(context((6, 7, 8), level=1))
-    assert model.current_every == 0
     for _ in range(5):
         with torch.no_grad():
             model.increment.param.add_(0.1)

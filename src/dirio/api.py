@@ -181,17 +181,17 @@ def register(
     def tensor(array):
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
 
-    fixed_tensor = tensor(normalised(fixed_array, settings))
-    moving_tensor = tensor(normalised(moving_array, settings))
     records: list[dict] = []
     if fixed_mask is None and moving_mask is None and settings.preprocessing.auto_mask == "lungs":
         fixed_mask, moving_mask = _automatic_lung_masks(fixed_array, moving_array, records)
+    fixed_image, moving_image = normalised(fixed_array, settings), normalised(moving_array, settings)
     if settings.preprocessing.mask_use == "fill":  # the masks act on the images, not on the similarity
         if fixed_mask is not None:
-            fixed_tensor = tensor(fill_outside_mask(fixed_tensor[0, 0].cpu().numpy(), _array(fixed_mask)))
+            fixed_image = fill_outside_mask(fixed_image, _array(fixed_mask))
         if moving_mask is not None:
-            moving_tensor = tensor(fill_outside_mask(moving_tensor[0, 0].cpu().numpy(), _array(moving_mask)))
+            moving_image = fill_outside_mask(moving_image, _array(moving_mask))
         fixed_mask = moving_mask = None
+    fixed_tensor, moving_tensor = tensor(fixed_image), tensor(moving_image)
     masks = [None if m is None else tensor(_array(m) != 0) for m in (fixed_mask, moving_mask)]
     init_tensor = None
     if init is not None:

@@ -59,7 +59,6 @@ class ComposedDisplacement(TransformModule):
             raise ValueError(f"compose_every must be non-negative integers, not all 0, got {compose_every!r}")
         self.increment = increment
         self.compose_every = compose_every
-        self.current_every = int(counts[0])
         self.initial_field = init
         self.steps_since_fold = 0
         self.register_buffer("accumulated", None)
@@ -85,7 +84,6 @@ class ComposedDisplacement(TransformModule):
         self.increment.start_level(ctx)
         with torch.no_grad():
             self.increment.param.zero_()
-        self.current_every = self.every_of_level(ctx.level)
         self.steps_since_fold = 0
         return True
 
@@ -98,7 +96,8 @@ class ComposedDisplacement(TransformModule):
     def after_step(self, ctx: LevelContext) -> None:
         """Count one optimiser step; fold every ``compose_every`` steps of the level."""
         self.steps_since_fold += 1
-        if self.current_every and self.steps_since_fold >= self.current_every:
+        every = self.every_of_level(ctx.level)
+        if every and self.steps_since_fold >= every:
             self.fold(ctx.shape)
 
     def field(self, ctx: LevelContext) -> torch.Tensor:

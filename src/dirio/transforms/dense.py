@@ -218,7 +218,7 @@ class DenseConfig:
     @property
     def composes(self) -> bool:
         """Whether the field is built by composition (:mod:`dirio.transforms.composed`)."""
-        return any(self.compose_counts(1))
+        return any(self.compose_counts(1))  # one value stands for every level; a list comes back as given
 
     def validate(self, levels: int) -> None:
         """Raise ``ValueError`` when the settings do not fit a pyramid of ``levels`` levels."""
