@@ -4,21 +4,21 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean browser
+.PHONY: demo test bench clean browser docs napari-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[all,test]'
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[all,test,docs,napari]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/dirio demo --overwrite
 
-test: $(STAMP) browser
+test: $(STAMP) browser napari-deps
 	$(VENV)/bin/python -m pytest -q
 
-# The HTML report test loads the page in headless Chromium. When no browser is found (DIRIO_CHROMIUM
+# The HTML report and documentation tests load pages in headless Chromium. When no browser is found (DIRIO_CHROMIUM
 # or one of BROWSERS on PATH) and we are root with apt-get (a fresh CI machine), install Debian's
 # chromium-headless-shell, the smallest package: a download of about 100 MB, about 300 MB on disk;
 # 14 s with `apt-get update` when the packages were already in apt's cache. This step never fails
@@ -34,8 +34,20 @@ browser:
 	  } >/dev/null 2>&1 || echo "could not install chromium-headless-shell; the browser test will be skipped"; \
 	fi
 
+# The documentation site (mkdocs.yml, docs/) into site/: --strict makes any warning an error (a broken
+# link, a missing anchor, a docstring the API reference cannot read). Open site/index.html, or
+# `$(VENV)/bin/mkdocs serve` to write with live reload.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The napari plugin's tests need OpenGL under a virtual X display: Xvfb and Mesa's software driver.
+# Installed as root with apt-get when missing (a fresh CI machine); never fails the target: without
+# them those tests are skipped, with the reason.
+napari-deps:
+	@sh tests/napari_system_deps.sh
+
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out site dist

@@ -1,4 +1,4 @@
-"""Benchmark: dirio brain variants against ANTs SyN and dipy SyN on three brain validation sets.
+"""Benchmark: dirio brain variants against ANTs SyN, dipy SyN, greedy and FireANTs on four brain validation sets.
 
 Every method registers the same pairs (moving -> fixed, all on the 160x192x224 voxelmorph grid) and
 every field is scored by the same dirio code (``dirio.evaluation``): peers' fields are converted to
@@ -22,6 +22,10 @@ Sets:
   of the aseg warped by a known field (as in ``fine``, nearest neighbour), moving = image of the
   original aseg with *other* random intensities, so the true answer is the known field. Scored:
   Dice (30 labels), EPE.
+* ``known``: the ``synth2``-like known warps of ``benchmarks/brain_synthetic.py``: fixed = the voxelmorph
+  scan warped by one smooth random field (sigma 14 voxels, largest component 8 voxels), moving = the scan,
+  both with N(0, 0.01) noise (``dirio.testing.synthetic.warped_pair``; same contrast). Scored: Dice
+  (30 labels), EPE.
 
 Every row also has % det(J) <= 0, SDlogJ (Learn2Reg) and NDV %, and the method's wall and CPU
 seconds (getrusage, self + children; peers: inside their worker). dirio variants run in this process
@@ -30,8 +34,11 @@ separate interpreter (``--peer-python`` or ``$DIRIO_PEER_PYTHON``) through
 ``benchmarks/brain_peers_worker.py``. Fields are cached in ``<out>/fields`` keyed by pair, method
 and a hash of the inputs (and dirio flags), so reruns only compute what changed.
 
-    python benchmarks/brain_validation.py [--sets fine,real,synth] [--peer-python /tmp/antsenv/bin/python]
-        [--variant NAME="dirio register flags" ...] [--peers ants,dipy] [--quick]
+    python benchmarks/brain_validation.py [--sets fine,real,synth,known] [--peer-python /tmp/antsenv/bin/python]
+        [--peer-python greedy=/tmp/greedyenv/bin/python] [--variant NAME="dirio register flags" ...]
+        [--peers ants,dipy,greedy,fireants] [--quick]
+
+``--peer-python`` is one interpreter for every peer, or ``PEER=PYTHON`` for one peer (repeatable).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from dirio.evaluation.evaluate import evaluate_field
 from dirio.evaluation.jacobian import fraction_nonpositive_jacobian, sdlogj_l2r
 from dirio.io.images import load_image, save_image
 from dirio.losses.lncc import lncc_map
-from dirio.testing.synthetic import endpoint_error, smooth_random_field
+from dirio.testing.synthetic import endpoint_error, smooth_random_field, warped_pair
 from oasis_pair import ncc
 
 NAME = "brain_validation"
@@ -67,7 +74,10 @@ DEFAULT_VARIANTS = {
     "brain-mri": "--preset brain-mri",
     "former": "--preset brain-mri --compose-every 0 --weight 0.3 --smoothing 3 --iterations 80,30,8",
 }
-PEERS = ("ants", "dipy")
+PEERS = ("ants", "dipy", "greedy", "fireants")
+PEER_MODULES = {"ants": "ants", "dipy": "dipy", "greedy": "picsl_greedy", "fireants": "fireants"}
+# The `known` set (the synth2 pairs of benchmarks/brain_synthetic.py): sigma, largest component (voxels), noise.
+KNOWN = (14.0, 8.0, 0.01)
 # Known warps of the `fine` and `synth` sets: (sigma, largest component) in voxels per component.
 COARSE = (12.0, 6.0)
 FINE = (3.0, 2.0)
@@ -151,6 +161,13 @@ def synth_pair(seg: np.ndarray, label_ids, seed: int) -> Pair:
     moving = label_image(seg, seed + 300)
     return Pair(f"synth-s{seed}", "synth", fixed, moving, fixed_labels > 0, {"aseg30": (fixed_labels, seg, label_ids)},
                 disp)
+
+
+def known_pair(image: np.ndarray, seg: np.ndarray, label_ids, seed: int) -> Pair:
+    """The ``known`` set's pair of one seed: the scan warped by a smooth random field, same contrast."""
+    made = warped_pair(image, seg, sigma=KNOWN[0], max_displacement=KNOWN[1], noise_std=KNOWN[2], seed=seed)
+    return Pair(f"known-s{seed}", "known", made.fixed, made.moving, made.fixed_labels > 0,
+                {"aseg30": (made.fixed_labels, made.moving_labels, label_ids)}, made.true_disp)
 
 
 def tissue_classes(image: np.ndarray, iterations: int = 50) -> np.ndarray:
@@ -249,7 +266,7 @@ def peer_available(python: str | None, peer: str) -> str | None:
     """None when ``python`` can import the peer's package, else the one-line reason to skip it."""
     if not python:
         return "no peer interpreter (give --peer-python or set DIRIO_PEER_PYTHON)"
-    module = "ants" if peer == "ants" else "dipy"
+    module = PEER_MODULES[peer]
     try:
         done = subprocess.run([python, "-c", f"import {module}, nibabel"], capture_output=True, text=True, timeout=120)
     except OSError as error:
@@ -273,7 +290,17 @@ def run_peer(pair: Pair, peer: str, python: str, cache: Path) -> dict:
         return {k: saved[k] for k in saved.files}
 
 
-def run_pair(pair: Pair, variants: dict, peers: list, args, cache: Path, peer_settings: dict) -> list[dict]:
+def peer_pythons(values: list[str]) -> dict[str, str]:
+    """``--peer-python`` values -> ``{peer: interpreter}``, ``""`` for the one of every other peer."""
+    pythons = {"": os.environ.get("DIRIO_PEER_PYTHON")} if os.environ.get("DIRIO_PEER_PYTHON") else {}
+    for value in values:
+        peer, _, python = value.partition("=") if "=" in value.split("/")[0] else ("", "", value)
+        pythons[peer] = python
+    return pythons
+
+
+def run_pair(pair: Pair, variants: dict, peers: list, args, cache: Path, peer_settings: dict,
+             pythons: dict[str, str]) -> list[dict]:
     """Rows of one pair: the identity ("before"), every dirio variant and every peer, all scored alike."""
     rows = []
     base = {"set": pair.set, "pair": pair.name, **pair.info}
@@ -288,7 +315,7 @@ def run_pair(pair: Pair, variants: dict, peers: list, args, cache: Path, peer_se
                      "wall_seconds": float(out["wall_seconds"]), "cpu_seconds": float(out["cpu_seconds"])})
     for peer in peers:
         print(f"[{NAME}] {pair.name}: {peer} ...", file=sys.stderr, flush=True)
-        out = run_peer(pair, peer, args.peer_python, cache)
+        out = run_peer(pair, peer, pythons.get(peer, pythons.get("")), cache)
         peer_settings[peer] = str(out["settings"])
         check = apply_field(pair.moving, out["disp"])  # dirio's warp with the converted field vs the peer's own output
         flipped = apply_field(pair.moving, -out["disp"])
@@ -339,7 +366,7 @@ def build_pairs(sets, args):
     """Yield the pairs of the chosen sets round-robin (first of each set, then the second...), so that a
     run stopped early has pairs of every set; ``--quick``: one per set."""
     makers = {}
-    if "fine" in sets or "synth" in sets:
+    if "fine" in sets or "synth" in sets or "known" in sets:
         image, seg, label_ids, _ = C.load_voxelmorph_brain(NAME)
         ids = [int(v) for v in label_ids]
     count = 1 if args.quick else None
@@ -349,6 +376,8 @@ def build_pairs(sets, args):
         makers["real"] = [lambda p=p: real_pair(*p) for p in REAL_PAIRS[:1 if args.quick else args.real_pairs]]
     if "synth" in sets:
         makers["synth"] = [lambda s=s: synth_pair(seg, ids, s) for s in args.synth_seeds[:count]]
+    if "known" in sets:
+        makers["known"] = [lambda s=s: known_pair(image, seg, ids, s) for s in args.known_seeds[:count]]
     for index in range(max((len(m) for m in makers.values()), default=0)):
         for s in sets:
             if index < len(makers.get(s, [])):
@@ -357,15 +386,18 @@ def build_pairs(sets, args):
 
 def main(argv=None) -> None:
     parser = C.base_parser(NAME, __doc__.splitlines()[0], "brain-mri")
-    parser.add_argument("--sets", default="fine,real,synth", help="comma-separated: fine, real, synth")
+    parser.add_argument("--sets", default="fine,real,synth,known", help="comma-separated: fine, real, synth, known")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="a dirio variant as `dirio register` flags (repeatable; default: " +
                         "; ".join(f"{k}={v!r}" for k, v in DEFAULT_VARIANTS.items()) + ")")
-    parser.add_argument("--peer-python", default=os.environ.get("DIRIO_PEER_PYTHON"),
-                        help="interpreter with antspyx / dipy (default $DIRIO_PEER_PYTHON)")
-    parser.add_argument("--peers", default="ants,dipy", help="peers to run (comma-separated; '' for none)")
+    parser.add_argument("--peer-python", action="append", default=[],
+                        help="interpreter with the peers' packages, or PEER=PYTHON for one peer (repeatable; "
+                        "default $DIRIO_PEER_PYTHON)")
+    parser.add_argument("--peers", default="ants,dipy", help=f"peers to run, of {', '.join(PEERS)} "
+                        "(comma-separated; '' for none)")
     parser.add_argument("--fine-seeds", type=C.int_list, default=(1, 2))
     parser.add_argument("--synth-seeds", type=C.int_list, default=(1, 2))
+    parser.add_argument("--known-seeds", type=C.int_list, default=(1, 2))
     parser.add_argument("--from-partial", action="store_true",
                         help="compute nothing: tabulate <out>/rows.partial.jsonl (the progress record of a stopped run)")
     parser.add_argument("--real-pairs", type=int, default=len(REAL_PAIRS), help=f"how many of {REAL_PAIRS}")
@@ -378,8 +410,11 @@ def main(argv=None) -> None:
     for flags in variants.values():
         variant_settings(flags)  # refuse bad flags before any work
     notes, peers = [], []
+    pythons = peer_pythons(args.peer_python)
     for peer in [p for p in args.peers.split(",") if p]:
-        reason = "skipped in --quick" if args.quick else peer_available(args.peer_python, peer)
+        if peer not in PEERS:
+            parser.error(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+        reason = "skipped in --quick" if args.quick else peer_available(pythons.get(peer, pythons.get("")), peer)
         if reason:
             print(f"[{NAME}] peer {peer} skipped: {reason}", file=sys.stderr)
             notes.append(f"peer {peer} skipped: {reason}")
@@ -401,7 +436,7 @@ def main(argv=None) -> None:
         partial.write_text("")
     try:
         for pair in ([] if args.from_partial else build_pairs(sets, args)):
-            done = run_pair(pair, variants, peers, args, cache, peer_settings)
+            done = run_pair(pair, variants, peers, args, cache, peer_settings, pythons)
             rows += done
             with open(Path(args.out) / "rows.partial.jsonl", "a") as log:  # progress record of a long run
                 log.writelines(json.dumps(r) + "\n" for r in done)
@@ -434,7 +469,7 @@ def main(argv=None) -> None:
     ]
     results = {"device": args.device, "sets": sets, "variants": variants, "peers": peers,
                "peer_settings": peer_settings, "run": run, "rows": rows}
-    C.finish(NAME, "Brain validation sets: dirio variants vs ANTs SyN and dipy SyN", args, results, tables, notes)
+    C.finish(NAME, "Brain validation sets: dirio variants vs ANTs SyN, dipy SyN, greedy and FireANTs", args, results, tables, notes)
 
 
 if __name__ == "__main__":

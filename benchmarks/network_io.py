@@ -11,10 +11,16 @@ Pairs (fixed <- moving), all on the 160 x 192 x 224 VoxelMorph grid:
 * ``mirror``: the scan <- its left-right mirror (labels swapped left/right; 30 labels).
 
 Modes (``--modes``; each a set of ``dirio.api.register`` overrides, see MODES): ``direct``
-(network inference), ``nio-cpu`` (the CPU budget: NIO on LapIRN levels 1-2 with the loss at half
-resolution, then a full-resolution final pass), ``nio-l1`` (level 1 only), ``network+dense``,
+(network inference), ``nio-cpu`` (``--network-budget cpu``: NIO on LapIRN level 1 only, the loss at
+half resolution, then the full-resolution final pass), ``nio-l12`` (levels 1-2, 60 and 8 steps:
+Issue 11's CPU budget), ``nio-l1`` (level 1 only, 60 steps), ``network+dense``,
 ``dense`` (the brain-mri preset), and ``io-sum`` / ``io-pcgrad`` (network-io; every step is a
 full-resolution forward and backward: minutes per step on 2 cores, use ``--io-steps``).
+
+Issue 21 found that the optimising modes' final full-resolution pass fed the network the
+preprocessed images instead of its own inputs (fixed in ``dirio.optim.pyramid``); the Issue 11
+numbers of ``io-*`` and ``nio-*`` in benchmarks/RESULTS.md predate the fix.
+``benchmarks/network_claims.py`` runs the papers' schedules.
 
 Every result is appended as one JSON line to ``OUT/results.jsonl`` as soon as it is known, so a long
 run can be stopped and read; ``--summary`` prints the Markdown table of a results file.
@@ -46,7 +52,8 @@ AXES = "voxelmorph-grid"
 
 MODES = {
     "direct": {"method": "network"},
-    "nio-cpu": {"method": "nio", "network_levels": (1, 2), "network_iterations": (60, 8, 0),
+    "nio-cpu": {"method": "nio", "network_budget": "cpu"},
+    "nio-l12": {"method": "nio", "network_levels": (1, 2), "network_iterations": (60, 8, 0),
                 "network_resolution": (2, 2, 1)},
     "nio-l1": {"method": "nio", "network_levels": (1,), "network_iterations": (60, 0, 0),
                "network_resolution": (2, 2, 1)},

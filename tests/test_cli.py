@@ -627,9 +627,17 @@ def test_existing_output_is_kept_byte_for_byte_without_overwrite_and_replaced_wi
     assert (out / "metrics.json").read_bytes() == old
     assert [p.name for p in out.iterdir()] == ["metrics.json"]  # nothing else written
 
+    # --overwrite replaces only what an earlier dirio run wrote: this metrics.json is the user's
     result = _register(tiny, out, *QUICK, "--overwrite")
+    _assert_user_error(result, "metrics.json")
+    assert (out / "metrics.json").read_bytes() == old
+
+    (out / "metrics.json").unlink()
+    assert _register(tiny, out, *QUICK).rc == 0
+    first = _read_metrics(out)
+    result = _register(tiny, out, *QUICK, "--overwrite", "--seed", "1")
     assert result.rc == 0, result.err
-    assert "after" in _read_metrics(out)
+    assert _read_metrics(out)["settings"] != first["settings"]
     assert (out / "disp_fixed_moving.nii.gz").exists()
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("nilearn", reason="the demo data ships with nilearn (the 'demo' extra)")
+pytest.importorskip("nilearn", reason="the demo data ships with nilearn (a dependency of dirio)")
 
 from dirio.apps.demo import load_template, run_demo  # noqa: E402
 

@@ -53,5 +53,5 @@ def test_full_features_without_full_grid_images_use_the_level_images():
 
 
 def test_an_unknown_feature_resolution_is_refused_in_one_line():
-    with pytest.raises(ValueError, match="features_from must be one of level, full, got 'half'"):
+    with pytest.raises(ValueError, match="features_from must be one of level, full, pooled, got 'half'"):
         make_settings(features_from="half").validate()

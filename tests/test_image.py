@@ -315,9 +315,11 @@ def test_field_round_trip_in_learn2reg_layout(tmp_path):
     loaded = load_field(path)
     assert loaded.dtype == np.float32
     np.testing.assert_array_equal(loaded, disp)
-    # The NIfTI vector layout (*S, 1, 3) is accepted too.
+    # The NIfTI vector layout (*S, 1, 3) without a vector intent is ambiguous (voxels or mm?): refused
+    # (issue 18), the Learn2Reg layout being (D, H, W, 3).
     vector = write_nifti(tmp_path / "vector.nii.gz", disp[:, :, :, None, :])
-    np.testing.assert_array_equal(load_field(vector), disp)
+    message = _error_message(load_field, vector)
+    assert "vector.nii.gz" in message and "(4, 5, 6, 1, 3)" in message and "without a vector intent" in message
 
 
 def test_field_of_wrong_shape_or_with_nan(tmp_path):

@@ -7,18 +7,19 @@ from dirio.api import register
 from dirio.core.mask_fill import fill_outside_mask
 
 
-def test_outside_takes_the_nearest_inside_value_after_a_one_voxel_erosion():
-    image = np.arange(7 * 9 * 5, dtype=np.float32).reshape(7, 9, 5)
+def test_outside_takes_the_half_resolution_nearest_interior_value_upsampled_as_convexadam():
+    """ConvexAdam's fill (dirio.core.mask_fill) by hand on an image that varies along k only."""
+    image = np.broadcast_to(np.arange(5, dtype=np.float32), (7, 9, 5)).copy()  # I(i, j, k) = k
     mask = np.zeros(image.shape, dtype=np.uint8)
-    mask[1:6, 2:8, 0:5] = 1  # eroded by one voxel, not at the image border: [2:5, 3:7, 0:5]
+    mask[1:6, 2:8, 0:5] = 1  # interior (3x3x3 mean > 0.9, edge values repeated): [2:5, 3:7, 0:5]
     filled = fill_outside_mask(image, mask)
     np.testing.assert_array_equal(filled[2:5, 3:7, :], image[2:5, 3:7, :])
-    # nearest inside voxels, by hand: the corner (0, 0, 0) -> (2, 3, 0); (6, 4, 2) -> (4, 4, 2); (3, 8, 4) -> (3, 6, 4)
-    assert filled[0, 0, 0] == image[2, 3, 0]
-    assert filled[6, 4, 2] == image[4, 4, 2]
-    assert filled[3, 8, 4] == image[3, 6, 4]
-    # a boundary voxel of the mask itself is filled too
-    assert filled[1, 4, 2] == image[2, 4, 2]
+    # on the half grid (k = 0, 2, 4) the nearest interior voxel has the same k: values 0, 2, 4;
+    # upsampled by 2 (linear, align_corners=False: full k sits at k / 2 - 0.25, clamped at 0):
+    # max(k - 0.5, 0)
+    expected = np.array([0.0, 0.5, 1.5, 2.5, 3.5], dtype=np.float32)
+    for voxel in ((0, 0), (6, 8), (1, 4), (3, 8)):  # corners, a mask face voxel (not interior), a side
+        np.testing.assert_allclose(filled[voxel], expected, rtol=0, atol=1e-6)
 
 
 def test_empty_full_and_too_thin_masks():
@@ -26,7 +27,7 @@ def test_empty_full_and_too_thin_masks():
     np.testing.assert_array_equal(fill_outside_mask(image, np.zeros(image.shape)), image)
     np.testing.assert_array_equal(fill_outside_mask(image, np.ones(image.shape)), image)
     thin = np.zeros(image.shape)
-    thin[2, 3, 1:6] = 1  # erosion would empty it: the mask is used as given
+    thin[2, 3, 1:6] = 1  # no interior (and none on the half grid): the mask as given, full resolution
     filled = fill_outside_mask(image, thin)
     np.testing.assert_array_equal(filled[2, 3, 1:6], image[2, 3, 1:6])
     assert filled[0, 0, 0] == image[2, 3, 1]

@@ -221,7 +221,7 @@ def test_options_reach_the_settings_from_the_schema_and_bad_values_are_refused()
     assert make_settings(method="dense").stages == ("dense",)
     with pytest.raises(DirioError, match="network axes"):
         settings_from_values({"method": "network", "network_axes": "0,1"})
-    with pytest.raises(DirioError, match="nio takes one iteration count per LapIRN level"):
+    with pytest.raises(DirioError, match="`network_iterations` of nio: one count per LapIRN level"):
         settings_from_values({"method": "nio", "network_iterations": "10"})
     with pytest.raises(DirioError, match="missing.pt: network checkpoint not found"):
         register(blob(), blob(), method="network", model="missing.pt", progress=False, device="cpu")
@@ -231,3 +231,36 @@ def test_the_model_is_loaded_once_per_process(tiny_model, monkeypatch):
     first = load_model(NetworkConfig(model=str(tiny_model)), torch.device("cpu"))
     monkeypatch.setattr(network_methods, "_MODEL_CACHE", dict(network_methods._MODEL_CACHE))
     assert load_model(NetworkConfig(model=str(tiny_model)), torch.device("cpu")) is first
+
+
+def test_nio_minimises_the_papers_loss_0_6_lncc_plus_0_4_diffusion(tiny_model):
+    """NIO paper: ``L = (1 - lambda) LNCC(window 7^3) + lambda diffusion`` with lambda = 0.4."""
+    terms = make_settings(method="nio").stage_options("nio").config.terms()
+    assert [(t.name, t.role, t.weight) for t in terms] == [("lncc", Role.SIMILARITY, pytest.approx(0.6)),
+                                                            ("diffusion", Role.REGULARIZER, pytest.approx(0.4))]
+    assert terms[0].function.similarity.window == 7
+    # the engine minimises exactly that weighted sum: every logged step's loss is 0.6 lncc + 0.4 diffusion
+    result = register(blob(), blob(centre_shift=2.0), method="nio", model=str(tiny_model), device="cpu",
+                      progress=False, network_iterations=(2, 1, 1), network_lr=1e-3)
+    assert len(result.history) == 4
+    for row in result.history:
+        assert row["diffusion"] > 0 and row["lncc"] < 0
+        assert row["loss"] == pytest.approx(0.6 * row["lncc"] + 0.4 * row["diffusion"], rel=1e-6)
+    # another lambda moves both weights: (1 - 0.25, 0.25), never (1, 0.25)
+    other = make_settings(method="nio", network_lambda=0.25).stage_options("nio").config.terms()
+    assert [t.weight for t in other] == [pytest.approx(0.75), pytest.approx(0.25)]
+
+
+def test_the_final_field_of_an_optimising_stage_is_computed_on_the_networks_own_inputs(tiny_model):
+    """The loss sees the preprocessed images, the network the original ones: with a vanishing learning
+    rate, network-io and nio must return direct inference's field (the final pass once fed the network
+    the preprocessed images instead, which is another field)."""
+    fixed = blob() * 3.0 + np.random.default_rng(0).random(SHAPE).astype(np.float32) * 0.5
+    fixed[0, 0, 0] = 50.0  # an outlier: percentile preprocessing and min-max give other intensities
+    moving = blob(centre_shift=2.0)
+    direct = register(fixed, moving, method="network", model=str(tiny_model), device="cpu", progress=False)
+    for method, iterations in (("network-io", (1,)), ("nio", (1, 1, 1))):
+        tuned = register(fixed, moving, method=method, model=str(tiny_model), device="cpu", progress=False,
+                         network_iterations=iterations, network_lr=1e-30, network_weight_decay=0.0)
+        assert np.abs(direct.disp).max() > 1e-3
+        assert np.allclose(tuned.disp, direct.disp, atol=1e-6), method

@@ -89,10 +89,11 @@ def test_compose_every_takes_one_value_or_one_per_level_and_refuses_bad_ones_in_
     assert settings_from_values({"compose_every": "0"}, preset="brain-mri").transform.compose_every == 0
     with pytest.raises(DirioError, match="compose_every must be non-negative integers, one value or one per level"):
         settings_from_values({"compose_every": "2,2"}, preset="brain-mri")
-    with pytest.raises(DirioError, match="does not apply to a diffeomorphic"):
-        settings_from_values({"compose_every": "2", "diffeomorphic": True})
-    # a velocity field asked for does not inherit the preset's composition
+    with pytest.raises(DirioError, match="integration_steps must be at least 1"):
+        settings_from_values({"compose_every": "2", "symmetric": True, "integration_steps": "0"})
+    # a velocity field (or the symmetric pair) asked for does not inherit the preset's composition
     assert settings_from_values({"diffeomorphic": True}, preset="brain-mri").transform.compose_every == 0
+    assert settings_from_values({"symmetric": True}, preset="brain-mri").transform.compose_every == 0
     with pytest.raises(OptionError, match="mask_use"):
         settings_from_values({"mask_use": "ignore"})
 

@@ -3,8 +3,9 @@
 ``dirio register FIXED MOVING -o OUT``, ``dirio warp``, ``dirio evaluate``, ``dirio demo``,
 ``dirio sweep`` (weights x combination rules on one pair, Pareto front; :mod:`dirio.apps.sweep`) and
 ``dirio run`` (every pair of a Learn2Reg dataset split; :mod:`dirio.apps.runner`), ``dirio train`` (train
-a registration network; :mod:`dirio.apps.train`) and ``dirio report`` (rebuild a run's HTML page;
-:mod:`dirio.viz.html_report`).
+a registration network; :mod:`dirio.apps.train`), ``dirio report`` (rebuild a run's HTML page;
+:mod:`dirio.viz.html_report`) and ``dirio transform-points`` (map point files through a field;
+:mod:`dirio.apps.transform_points`).
 User errors print one line ``dirio: error: ...`` and exit with status 2.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -78,6 +80,10 @@ def registration_values(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in keys if hasattr(args, key)}
 
 
+# Coordinate spaces of ``dirio transform-points`` (:data:`dirio.io.points.SPACES`, kept here: the parser
+# is built without importing the I/O modules).
+POINT_SPACES = ("voxel", "ras", "lps")
+
 # Keys that lower layers name in messages (as `key`) whose flag is not --key.
 FLAG_ALIASES = {"allow_outside": "--allow-outside-paths"}
 
@@ -104,8 +110,20 @@ def settings_from_args(args: argparse.Namespace):
     return settings_from_values(registration_values(args))
 
 
+# A negative number or a comma-separated list starting with one (``-1``, ``-1e-3``, ``-1,2,3``): an
+# option's value, never a flag (argparse's own pattern knows single numbers only, so ``-1,2,3`` failed
+# as "expected one argument" instead of reaching the option's range check).
+_NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+NEGATIVE_VALUE = re.compile(rf"^-{_NUMBER}(,-?{_NUMBER})*,?$")
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with dirio's one-line error format (``dirio: error: ...``, exit status 2)."""
+    """argparse with dirio's one-line error format (``dirio: error: ...``, exit status 2); a value
+    that starts with a negative number (:data:`NEGATIVE_VALUE`) is an option's value."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_VALUE
 
     def error(self, message):
         command = self.prog.split()[-1]
@@ -117,12 +135,12 @@ def add_pair_inputs(parser: argparse.ArgumentParser) -> None:
     """The optional inputs of one registration pair (labels, masks, keypoints, label ids, grid
     handling) as an "inputs" group: shared by ``dirio register`` and ``dirio sweep``."""
     inputs = parser.add_argument_group("inputs")
-    inputs.add_argument("--fixed-labels")
-    inputs.add_argument("--moving-labels")
-    inputs.add_argument("--fixed-mask")
-    inputs.add_argument("--moving-mask")
+    inputs.add_argument("--fixed-labels", help="label map of the fixed image: Dice and HD95")
+    inputs.add_argument("--moving-labels", help="label map of the moving image (warped with nearest neighbour)")
+    inputs.add_argument("--fixed-mask", help="the similarity counts inside the masks (see --mask-use)")
+    inputs.add_argument("--moving-mask", help="mask of the moving image (pulled into fixed space)")
     inputs.add_argument("--fixed-keypoints", help="CSV of voxel coordinates (i,j,k), one point per row")
-    inputs.add_argument("--moving-keypoints")
+    inputs.add_argument("--moving-keypoints", help="the corresponding points of the moving image: TRE in mm")
     add_option(inputs, schema.option("label_ids"))
     add_option(inputs, schema.option("resample"), default=False)
     inputs.add_argument("--ndim", type=int, choices=[2, 3], default=3, help="spatial dimensions of the images")
@@ -134,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     reg = commands.add_parser("register", help="register MOVING to FIXED and write field, warped image, metrics, figure")
-    reg.add_argument("fixed")
-    reg.add_argument("moving")
+    reg.add_argument("fixed", help="fixed image (the field is on its grid)")
+    reg.add_argument("moving", help="moving image, on the fixed grid (or --resample)")
     reg.add_argument("-o", "--output", required=True, help="output directory")
     add_pair_inputs(reg)
     add_registration_options(reg)
@@ -143,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", help="replace existing output files")
     out.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
     add_option(out, schema.option("tre_order"), default=3)
+    add_option(out, schema.option("inverse"), default=False)
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
     warp = commands.add_parser("warp", help="apply a displacement field to an image or label map")
@@ -154,14 +173,36 @@ def build_parser() -> argparse.ArgumentParser:
     warp.add_argument("--overwrite", action="store_true")
     warp.add_argument("--resample", action="store_true",
                       help="resample an image on another grid onto the field's grid first (else an error)")
+    warp.add_argument("--inverse", action="store_true",
+                      help="IMAGE is on the fixed grid: warp it into the moving space by the inverse of FIELD "
+                           "(inverted iteratively); an inverse_disp_*.nii.gz file warps that way without it")
+
+    points = commands.add_parser("transform-points", help="map points through a displacement field: fixed -> moving, "
+                                                          "or moving -> fixed with --inverse")
+    points.add_argument("points", help=".csv (voxel indices, or world mm with --space), .fcsv or .mrk.json "
+                                       "(3D Slicer markups: the file states RAS or LPS)")
+    points.add_argument("field", help="disp_*.nii.gz in the Learn2Reg layout")
+    points.add_argument("-o", "--output", required=True, help=".csv, .fcsv or .mrk.json (the format by the name)")
+    points.add_argument("--inverse", action="store_true",
+                        help="map moving-space points into the fixed space (solves x + u(x) = y per point)")
+    points.add_argument("--space", choices=POINT_SPACES,
+                        help="coordinates of a CSV input: voxel (default), ras or lps (world mm through the field's "
+                             "affine); Slicer markups state theirs")
+    points.add_argument("--output-space", choices=POINT_SPACES,
+                        help="coordinates written (default: the input's; lps for markups from voxel input)")
+    points.add_argument("--order", type=int, choices=[1, 3], default=3,
+                        help="interpolation of u at the points: 3 = cubic B-spline (dirio evaluate's TRE default), "
+                             "1 = trilinear")
+    points.add_argument("--ndim", type=int, choices=[2, 3], default=3)
+    points.add_argument("--overwrite", action="store_true")
 
     ev = commands.add_parser("evaluate", help="score an existing displacement field")
     ev.add_argument("field")
     ev.add_argument("fixed", help="fixed image (grid and spacing)")
-    ev.add_argument("--fixed-labels")
-    ev.add_argument("--moving-labels")
-    ev.add_argument("--fixed-keypoints")
-    ev.add_argument("--moving-keypoints")
+    ev.add_argument("--fixed-labels", help="label map of the fixed image: Dice and HD95")
+    ev.add_argument("--moving-labels", help="label map of the moving image, warped by the field")
+    ev.add_argument("--fixed-keypoints", help="CSV of voxel coordinates (i,j,k), one point per row")
+    ev.add_argument("--moving-keypoints", help="the corresponding points of the moving image: TRE in mm")
     add_option(ev, schema.option("label_ids"), help=None)
     ev.add_argument("--ndim", type=int, choices=[2, 3], default=3)
     add_option(ev, schema.option("tre_order"), help=None, default=3)
@@ -186,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="register one pair with several weights and combination rules; "
                                               "plot the Pareto front and write the table")
-    sweep.add_argument("fixed")
-    sweep.add_argument("moving")
+    sweep.add_argument("fixed", help="fixed image")
+    sweep.add_argument("moving", help="moving image")
     sweep.add_argument("-o", "--output", required=True, help="output directory (sweep.json, sweep.csv, sweep.md, pareto.png)")
     sweep.add_argument("--weights", type=_float_list, required=True, metavar="W,...",
                        help="regularizer weights to try (every regularizer gets the weight)")
@@ -203,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "fields, metrics tables, report; resumable; torchrun shards it")
     run.add_argument("dataset", help="Learn2Reg dataset JSON (e.g. OASIS_dataset.json)")
     run.add_argument("--split", choices=["val", "test", "train"], default="val",
-                     help="registration_val (default), registration_test, or training pairs (see README)")
+                     help="registration_val (default), registration_test, or training pairs (documentation: A whole Learn2Reg dataset)")
     run.add_argument("-o", "--output", required=True, help="run folder (fields, tables, report, status)")
     run.add_argument("--config", help="TOML or YAML file with the keys of the dirio register options")
     run.add_argument("--overwrite", action="store_true",
@@ -282,11 +323,24 @@ def run_register(args) -> int:
         fixed_keypoints=args.fixed_keypoints, moving_keypoints=args.moving_keypoints,
         label_ids=args.label_ids, resample=args.resample, overwrite=args.overwrite,
         figure=not args.no_figure, device=args.device, ndim=args.ndim, tre_order=args.tre_order,
-        itk_field=bool(args.itk_field),
+        itk_field=bool(args.itk_field), inverse=bool(args.inverse),
     )
+    for line in kept_lines(record):
+        print(f"dirio: {line}", file=sys.stderr)
     if not args.quiet:
         print(summary_line(record))
     return 0
+
+
+def kept_lines(record: dict) -> list[str]:
+    """What ``register --overwrite`` left in the folder (files dirio did not write, or that changed), one
+    line per kind; none without ``--overwrite`` or when nothing was kept."""
+    from dirio.io.manifest import Replacement
+
+    replaced = record.get("overwrite")
+    if not replaced:
+        return []
+    return Replacement(replaced["removed"], replaced["kept_changed"], replaced["kept_foreign"]).kept_lines()
 
 
 def summary_line(record: dict) -> str:
@@ -299,6 +353,8 @@ def summary_line(record: dict) -> str:
         parts.append(f"TRE {before['tre_mm_mean']:.2f} -> {after['tre_mm_mean']:.2f} mm")
     parts.append(f"det<=0 {after['percent_nonpositive_jacobian']:.4f}%")
     parts.append(f"SDlogJ {after['sdlogj_l2r']:.3f}")
+    if record.get("inverse"):
+        parts.append(f"inverse consistency {record['inverse']['inverse_consistency_mm_mean']:.3f} mm")
     parts.append(f"{record['optimisation_seconds']:.1f} s optimisation, {record['total_seconds']:.1f} s total")
     return "; ".join(parts) + f"; outputs in {Path(record['outputs']['disp']).parent}"
 
@@ -306,8 +362,27 @@ def summary_line(record: dict) -> str:
 def run_warp(args) -> int:
     from dirio.apps.workflow import warp_file
 
-    warp_file(args.image, args.field, args.output, labels=args.labels, overwrite=args.overwrite, ndim=args.ndim,
-              resample=args.resample)
+    record = warp_file(args.image, args.field, args.output, labels=args.labels, overwrite=args.overwrite,
+                       ndim=args.ndim, resample=args.resample, inverse=args.inverse)
+    if record is not None:
+        print(f"{args.output}: warped by the inverse field ({record['method']}, {record['iterations']} iterations; "
+              f"residual mean {record['residual_voxels_mean']:.2g} / max {record['residual_voxels_max']:.2g} voxels)")
+    return 0
+
+
+def run_transform_points(args) -> int:
+    from dirio.apps.transform_points import transform_points_file
+
+    record = transform_points_file(args.points, args.field, args.output, inverse=args.inverse, space=args.space,
+                                   out_space=args.output_space, order=args.order, overwrite=args.overwrite,
+                                   ndim=args.ndim)
+    line = (f"{args.output}: {record['points']} points mapped {record['direction']} "
+            f"({record['space_in']} -> {record['space_out']})")
+    if args.inverse:
+        line += f"; largest residual {record['residual_voxels_max']:.2g} voxels"
+        if record["not_inverted"]:
+            line += f"; {record['not_inverted']} points not inverted (a fold or the grid's edge)"
+    print(line)
     return 0
 
 
@@ -392,17 +467,41 @@ def run_dataset_command(args) -> int:
 def run_report(args) -> int:
     from dirio.viz.html_report import write_report
 
+    from dirio.apps.runner import record_report
+
     page = write_report(args.run_folder)
+    record_report(args.run_folder)
     print(f"report written to {page}")
     return 0
+
+
+class _WarningLines(logging.Handler):
+    """Warnings of dirio's modules (logger ``dirio``) as ``dirio: warning: ...`` lines on the current
+    stderr, options written as this command's flags (:func:`with_flags`)."""
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(logging.WARNING)
+        self.args = args
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"dirio: warning: {with_flags(DirioError(record.getMessage()), self.args)}", file=sys.stderr)
+
+
+def show_warnings(args: argparse.Namespace) -> None:
+    """Print the warnings of this command's run on the terminal (one handler, replaced per call)."""
+    logger = logging.getLogger("dirio")
+    for handler in [h for h in logger.handlers if isinstance(h, _WarningLines)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_WarningLines(args))
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    show_warnings(args)
     handlers = {"register": run_register, "warp": run_warp, "evaluate": run_evaluate, "demo": run_demo,
                 "sweep": run_sweep, "run": run_dataset_command, "report": run_report, "convert": run_convert,
-                "train": run_train}
+                "train": run_train, "transform-points": run_transform_points}
     try:
         code = handlers[args.command](args)
     except DirioError as error:

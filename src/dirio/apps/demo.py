@@ -18,7 +18,8 @@ import torch
 
 from dirio.errors import DirioError
 from dirio.core.fields import resize_image
-from dirio.io.atomic import check_writable, write_json
+from dirio.io.atomic import check_output_folder, check_writable, write_json
+from dirio.io.manifest import check_replaceable, earlier_outputs, files_with_checksums, sign_record
 from dirio.io.images import save_image
 from dirio.io.fields import save_field
 from dirio.config.presets import PRESETS
@@ -37,7 +38,7 @@ def template_directory() -> Path:
     """Folder of nilearn's packaged data (found without importing nilearn, which is slow)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise DirioError("the demo needs the MNI152 template shipped with nilearn: pip install nilearn (the 'demo' extra)")
+        raise DirioError("the demo needs the MNI152 template shipped with nilearn: nilearn is a dependency of dirio: pip install nilearn")
     folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
     missing = [name for name in TEMPLATE_FILES.values() if not (folder / name).exists()]
     if missing:
@@ -68,6 +69,23 @@ def load_template(resolution: float = 2.0):
     return t1.astype(np.float32), labels, affine
 
 
+# The demo's known deformation, in mm (the benchmark's deformation at 1 mm: smoothing 14 voxels,
+# largest component 8 voxels).
+WARP_SMOOTHING_MM = 14.0
+WARP_MAX_DISPLACEMENT_MM = 8.0
+
+
+def demo_pair(resolution: float = 2.0, seed: int = 0):
+    """The demo's pair: the template (:func:`load_template`) and the template deformed by the known
+    smooth warp. Returns ``(pair, affine)``: a :class:`dirio.testing.synthetic.SyntheticPair`
+    (``fixed``, ``moving``, their label maps, ``true_disp`` in voxels of the fixed grid) and the
+    4x4 voxel-to-world affine of both images."""
+    t1, labels, affine = load_template(resolution)
+    pair = warped_pair(t1, labels, sigma=WARP_SMOOTHING_MM / resolution,
+                       max_displacement=WARP_MAX_DISPLACEMENT_MM / resolution, seed=seed)
+    return pair, affine
+
+
 def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False, resolution=2.0, seed=0) -> dict:
     """Build the synthetic pair, register it, write inputs, outputs and ``demo.json``; print a summary."""
     from dirio.apps.workflow import register_files
@@ -82,10 +100,12 @@ def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False,
         "moving_labels": inputs / "moving_tissue.nii.gz",
         "true_disp": inputs / "true_disp.nii.gz",
     }
+    check_output_folder(out)
     check_writable([*files.values(), out / "demo.json"], overwrite)
-    t1, labels, affine = load_template(resolution)
-    # The benchmark's deformation at 1 mm (smoothing 14 voxels, largest component 8 voxels), in mm.
-    pair = warped_pair(t1, labels, sigma=14.0 / resolution, max_displacement=8.0 / resolution, seed=seed)
+    if overwrite:  # only what an earlier demo wrote (demo.json is its manifest: dirio.io.manifest)
+        check_replaceable(out, [path.relative_to(out).as_posix() for path in [*files.values(), out / "demo.json"]],
+                          earlier_outputs(out, kinds=("demo",)))
+    pair, affine = demo_pair(resolution, seed)
     save_image(files["fixed"], pair.fixed, affine, overwrite=overwrite)
     save_image(files["moving"], pair.moving, affine, overwrite=overwrite)
     save_image(files["fixed_labels"], pair.fixed_labels, affine, overwrite=overwrite)
@@ -108,7 +128,7 @@ def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False,
     brain = pair.fixed_labels > 0
     summary = {
         "resolution_mm": resolution,
-        "shape": list(t1.shape),
+        "shape": list(pair.fixed.shape),
         "dice_before": record["before"]["dice_mean"],
         "dice_after": record["after"]["dice_mean"],
         "dice_per_tissue_after": {TISSUE_LABELS[int(k)]: v for k, v in record["after"]["dice_per_label"].items()},
@@ -119,10 +139,11 @@ def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False,
         "total_seconds": time.perf_counter() - start,
         "figure": record["outputs"]["figure"],
     }
-    write_json(out / "demo.json", summary, overwrite=overwrite)
+    summary["files"] = files_with_checksums(out, [path.relative_to(out).as_posix() for path in files.values()])
+    write_json(out / "demo.json", sign_record(summary), overwrite=overwrite)
     if not quiet:
         print(
-            f"demo: MNI152 at {resolution:g} mm {tuple(t1.shape)}, known smooth warp\n"
+            f"demo: MNI152 at {resolution:g} mm {tuple(pair.fixed.shape)}, known smooth warp\n"
             f"  tissue Dice      {summary['dice_before']:.3f} -> {summary['dice_after']:.3f}\n"
             f"  endpoint error   {summary['endpoint_error_before_mm']:.2f} -> {summary['endpoint_error_after_mm']:.2f} mm (inside the brain)\n"
             f"  folding          {summary['percent_nonpositive_jacobian']:.4f}% voxels with det <= 0\n"

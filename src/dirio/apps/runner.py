@@ -6,7 +6,9 @@ and checked against the fixed grid), scores it with dirio's metrics, draws a thu
 then writes ``OUT/status/<pair>.json``: a pair is finished exactly when its status record says
 ``done`` and its field file is the one the record names (same SHA-256, same shape). Every file goes
 through :func:`dirio.io.atomic.atomic_output`, so a crash (even SIGKILL) leaves whole files or
-``.tmp-*`` leftovers, which the next run deletes before it starts.
+``.tmp-*`` leftovers, which the next run deletes before it starts. The status records and
+``run.json`` are signed manifests of the files they name (:mod:`dirio.io.manifest`): ``--overwrite``
+deletes exactly those, unchanged, and keeps every other file in OUT.
 
 Scale-out: under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment) every
 process joins a ``gloo`` process group, takes the pairs ``i`` with ``i % WORLD_SIZE == RANK`` and,
@@ -28,7 +30,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 import traceback
@@ -54,6 +55,8 @@ from dirio.io.dataset import Pair, load_dataset
 from dirio.errors import DirioError
 from dirio.io.atomic import check_output_folder, LOCK_NAME, OutputLock, remove_temporaries, sha256_of, write_json, write_text
 from dirio.io.fields import load_field, save_field
+from dirio.io.manifest import (REGISTER_MANIFEST, RUN_LOG, RUN_MANIFEST, Replacement, files_with_checksums,
+                               read_signed_record, replace_earlier_outputs, sign_record, unchanged)
 from dirio.apps.workflow import Inputs, evaluate, load_inputs, register_inputs, software_versions
 
 CASES_COLUMNS = ("pair", "fixed", "moving", "status", "seconds", "dice", "hd95", "sdlogj", "fold_percent",
@@ -112,24 +115,65 @@ def _remove_temporaries(out_dir: Path) -> int:
                (out_dir, out_dir / "status", out_dir / "thumbnails", out_dir / ITK_FOLDER))
 
 
-def _clear_previous_run(out_dir: Path) -> None:
-    """``--overwrite``: delete what an earlier run wrote in OUT (and nothing else)."""
-    for folder in ("status", "thumbnails", "report", ITK_FOLDER):
-        shutil.rmtree(out_dir / folder, ignore_errors=True)
-    for name in ("cases.csv", "labels.csv", "summary.json", "run.json", "run.log"):
-        (out_dir / name).unlink(missing_ok=True)
-    for path in out_dir.glob("disp_*.nii.gz"):
-        path.unlink(missing_ok=True)
+TABLES = ("cases.csv", "labels.csv", "summary.json")
 
 
-def prepare_out_dir(out_dir: Path, run_record: dict, overwrite: bool) -> None:
+def report_names() -> list[str]:
+    """The files of ``OUT/report/`` that :func:`dirio.viz.html_report.write_report` writes (relative to OUT)."""
+    from dirio.viz.html_report import LABELS_PNG, METRICS_PNG, PAGE_NAME, REPORT_DIR
+
+    return [f"{REPORT_DIR}/{name}" for name in (PAGE_NAME, METRICS_PNG, LABELS_PNG)]
+
+
+def record_report(out_dir: str | Path) -> None:
+    """After ``dirio report`` rebuilt a run folder's report: name its files, with their new checksums, in
+    the run's manifest ``run.json`` (so that a later ``--overwrite`` knows them as the run's). Nothing
+    when ``run.json`` is not a signed dirio record, or while a run holds the folder (it rewrites both)."""
+    out_dir = Path(out_dir)
+    if read_signed_record(out_dir / RUN_MANIFEST) is None:
+        return
+    try:
+        with OutputLock(out_dir):
+            record = read_signed_record(out_dir / RUN_MANIFEST)
+            if record is not None:
+                record["files"] = {**(record.get("files") or {}), **files_with_checksums(out_dir, report_names())}
+                write_json(out_dir / RUN_MANIFEST, sign_record(record), overwrite=True)
+    except DirioError:  # the folder is being written by a run
+        pass
+
+
+def run_output_names(pairs: Sequence[Pair], report: bool, itk_field: bool) -> list[str]:
+    """Every file a run of ``pairs`` may write into OUT (relative to OUT), besides the appended ``run.log``."""
+    names = [RUN_MANIFEST, *TABLES, *(report_names() if report else [])]
+    for pair in pairs:
+        names += [pair.disp_name, f"status/{pair.name}.json"]
+        if report:
+            names.append(f"thumbnails/{pair.name}.png")
+        if itk_field:
+            names += [f"{ITK_FOLDER}/{path.name}" for path in itk_paths(Path("."), pair)]
+    return names
+
+
+def prepare_out_dir(out_dir: Path, run_record: dict, overwrite: bool,
+                    will_write: Sequence[str] = ()) -> Replacement | None:
     """Rank 0: check that OUT is this run's folder (or new), clean leftovers, write ``run.json``.
 
+    With ``overwrite`` the earlier outputs in OUT are replaced as :mod:`dirio.io.manifest` says:
+    the files an earlier ``dirio run`` or ``dirio register`` recorded writing, unchanged since, are
+    deleted; every other file stays (``run.log`` is appended to). Without it, a resumed run keeps
+    the earlier run's record of its tables and report (``run.json``'s ``files``).
+
+    Args:
+        will_write: the files this run writes (:func:`run_output_names`), which ``overwrite`` may
+            replace only where an earlier run wrote them.
+    Returns:
+        What ``overwrite`` removed and kept, or ``None`` without ``overwrite``.
     Raises:
         DirioError: OUT holds a run made with another configuration or dataset, or OUT holds files
-            but is not a dirio run folder; both unless ``overwrite``.
+            but is not a dirio run folder; both unless ``overwrite``. With ``overwrite``: a file
+            this run writes exists but an earlier run did not write it or it changed since.
     """
-    run_json = out_dir / "run.json"
+    run_json = out_dir / RUN_MANIFEST
     if out_dir.exists() and not out_dir.is_dir():
         raise DirioError(f"{out_dir} exists and is not a folder")
     ours = {LOCK_NAME}  # the lock of this run (see run_dataset) does not make OUT "not empty"
@@ -146,14 +190,23 @@ def prepare_out_dir(out_dir: Path, run_record: dict, overwrite: bool) -> None:
             )
     elif (out_dir.is_dir() and not run_json.is_file() and any(p.name not in ours for p in out_dir.iterdir())
           and not overwrite):
-        raise DirioError(f"{out_dir} is not empty and holds no run.json (not a dirio run folder); "
+        holds = (f" (it holds the outputs of dirio register: {REGISTER_MANIFEST})"
+                 if (out_dir / REGISTER_MANIFEST).is_file() else "")
+        raise DirioError(f"{out_dir} is not empty and holds no run.json (not a dirio run folder){holds}; "
                          f"choose an empty or new folder, or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        _clear_previous_run(out_dir)
     _remove_temporaries(out_dir)
+    replaced = None
+    if overwrite:
+        replaced = replace_earlier_outputs(out_dir, will_write)
+        run_record["files"] = {}
+    else:  # resuming: the tables and report of the earlier run stay its outputs until rewritten
+        previous = read_signed_record(run_json) or {}
+        run_record["files"] = {name: digest for name, digest in (previous.get("files") or {}).items()
+                               if unchanged(out_dir, name, digest)}
     (out_dir / "status").mkdir(exist_ok=True)
-    write_json(run_json, run_record, overwrite=True)
+    write_json(run_json, sign_record(run_record), overwrite=True)
+    return replaced
 
 
 # --- logging and progress ----------------------------------------------------------------------
@@ -171,21 +224,20 @@ class _RankFilter(logging.Filter):
 
 def _open_log(out_dir: Path, ranks: Ranks, quiet: bool) -> logging.Logger:
     """Logger ``dirio.run.rank<r>``: every line to OUT/run.log (appended, with the tracebacks of failed
-    pairs), progress lines to stderr."""
+    pairs), progress lines to stderr (with ``quiet`` only warnings: failed pairs, kept files)."""
     logger = logging.getLogger(f"{LOGGER}.rank{ranks.rank}")
     logger.setLevel(logging.DEBUG)  # tracebacks of failed pairs go to the file only
     logger.propagate = False
     _close_log(logger)
-    file_handler = logging.FileHandler(out_dir / "run.log", mode="a", encoding="utf-8")
+    file_handler = logging.FileHandler(out_dir / RUN_LOG, mode="a", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s rank%(rank)d %(levelname)s %(message)s"))
     file_handler.addFilter(_RankFilter(ranks.rank))
     logger.addHandler(file_handler)
-    if not quiet:
-        console = logging.StreamHandler()
-        prefix = f"rank {ranks.rank}: " if ranks.distributed else ""
-        console.setFormatter(logging.Formatter(prefix + "%(message)s"))
-        console.setLevel(logging.INFO)
-        logger.addHandler(console)
+    console = logging.StreamHandler()
+    prefix = f"rank {ranks.rank}: " if ranks.distributed else ""
+    console.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    console.setLevel(logging.WARNING if quiet else logging.INFO)  # -q: failures and warnings only
+    logger.addHandler(console)
     return logger
 
 
@@ -302,18 +354,24 @@ def register_pair(pair: Pair, out_dir: Path, configuration: RunConfiguration, la
         after = evaluate(inputs, disp, label_ids, configuration.tre_order)
         if report:
             _thumbnail(out_dir, pair, inputs.fixed.data, result.warped, disp, logger)
+        written = [pair.disp_name, *(path.relative_to(out_dir).as_posix() for path in itk_paths(out_dir, pair)
+                                     if itk_field), f"thumbnails/{pair.name}.png" if report else None]
+        files = files_with_checksums(out_dir, [name for name in written if name])
         record.update({
-            "status": "done", "error": None, "shape": expected, "disp_sha256": sha256_of(disp_path),
+            "status": "done", "error": None, "shape": expected, "disp_sha256": files[pair.disp_name], "files": files,
             "label_ids": [int(label) for label in after.get("dice_per_label", {})] or None,
             "before": before, "after": after,
             "optimisation_seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
         })
+        warnings = [stage["warning"] for stage in result.stages if "warning" in stage]  # e.g. no lungs found
+        if warnings:
+            record["warnings"] = warnings
     except Exception as error:  # noqa: BLE001 - a failing pair is recorded, the run goes on
         logger.debug("pair %s failed:\n%s", pair.name, traceback.format_exc())
         disp_path.unlink(missing_ok=True)
         for path in itk_paths(out_dir, pair):
             path.unlink(missing_ok=True)
-        record.update({"status": "failed", "error": _one_line(error)})
+        record.update({"status": "failed", "error": _one_line(error), "files": {}})
     record["seconds"] = time.perf_counter() - start
     record["finished"] = _now()
     return record
@@ -336,7 +394,9 @@ def _thumbnail(out_dir: Path, pair: Pair, fixed: np.ndarray, warped: np.ndarray,
 
 
 def _write_status(out_dir: Path, record: dict) -> None:
-    write_json(out_dir / "status" / f"{record['pair']}.json", record, overwrite=True)
+    """The pair's status record, signed (:func:`dirio.io.manifest.sign_record`): it is the manifest of
+    the pair's files, which ``--overwrite`` reads."""
+    write_json(out_dir / "status" / f"{record['pair']}.json", sign_record(record), overwrite=True)
 
 
 # --- tables ------------------------------------------------------------------------------------
@@ -351,7 +411,7 @@ def _cell(value: Any) -> str:
 
 
 def case_row(pair: Pair, record: dict | None) -> dict:
-    """One ``cases.csv`` row (see the interface in the README); empty cells for missing metrics."""
+    """One ``cases.csv`` row (see docs/how-to/datasets.md); empty cells for missing metrics."""
     row = {column: None for column in CASES_COLUMNS}
     row.update({"pair": pair.name, "fixed": pair.fixed.entry, "moving": pair.moving.entry})
     if record is None:
@@ -469,20 +529,25 @@ def run_dataset(
     logger = None
     lock = OutputLock(out_dir)
     try:
-        problem = None
+        problem, replaced = None, None
         if ranks.main:
             try:
+                check_output_folder(out_dir)  # first: also a name the system refuses (too long) is one line
                 if out_dir.exists() and not out_dir.is_dir():
                     raise DirioError(f"{out_dir} exists and is not a folder")
-                check_output_folder(out_dir)
                 lock.acquire()  # held by rank 0 until the end: a second run into OUT fails at once
-                prepare_out_dir(out_dir, run_record, overwrite)
+                replaced = prepare_out_dir(out_dir, run_record, overwrite,
+                                           run_output_names(pairs, report, itk_field))
             except DirioError as error:
                 problem = str(error)
         problem = broadcast_object(problem, ranks)
         if problem is not None:
             raise DirioError(problem)
         logger = _open_log(out_dir, ranks, quiet)
+        if replaced is not None:
+            logger.info("--overwrite: removed %d file(s) of the earlier run", len(replaced.removed))
+            for line in replaced.kept_lines():
+                logger.warning("%s", line)
         mine = [pair for pair in pairs if pair.index % ranks.world_size == ranks.rank]
         logger.info("%s split %s: %d pairs, %d on this process (rank %d of %d), device %s, %s threads",
                     data.path.name, split, len(pairs), len(mine), ranks.rank, ranks.world_size, device,
@@ -527,19 +592,25 @@ def _finish(out_dir: Path, name: str, pairs: Sequence[Pair], run_record: dict, w
     failed = len(result["failed"])
     run_record.update({"finished": _now(), "seconds": time.perf_counter() - wall, "done": result["done"],
                        "failed": failed})
-    write_json(out_dir / "run.json", run_record, overwrite=True)
+    write_json(out_dir / RUN_MANIFEST, sign_record(run_record), overwrite=True)
+    written = list(TABLES)
     if report:
         from dirio.viz.html_report import write_report
 
         try:
             logger.info("report: %s", write_report(out_dir))
+            written += report_names()
         except Exception as error:  # noqa: BLE001 - see the docstring
             logger.debug("report failed:\n%s", traceback.format_exc())
             logger.warning("no report: %s", _one_line(error))
+    # run.json, written last, is the manifest of the run's tables and report (dirio.io.manifest)
+    earlier = {name: digest for name, digest in run_record.get("files", {}).items() if unchanged(out_dir, name, digest)}
+    run_record["files"] = {**earlier, **files_with_checksums(out_dir, written)}
+    write_json(out_dir / RUN_MANIFEST, sign_record(run_record), overwrite=True)
     logger.info("%d of %d pairs done, %d failed; %s; tables in %s", result["done"], len(pairs), failed,
                 format_duration(time.perf_counter() - wall), out_dir)
     for item in result["failed"]:
-        logger.info("failed: %s: %s", item["pair"], item["error"])
+        logger.warning("failed: %s: %s", item["pair"], item["error"])
     return failed
 
 

@@ -353,13 +353,18 @@ def sweep_files(
     """Sweep a pair of image files and write ``sweep.json``, ``sweep.csv``, ``sweep.md`` and ``pareto.png``.
 
     Inputs are read and checked as by ``dirio register`` (:func:`dirio.apps.workflow.load_inputs`).
-    Nothing existing is replaced unless ``overwrite``. Returns the JSON record.
+    Nothing existing is replaced unless ``overwrite``, and then only files an earlier sweep wrote
+    (``sweep.json`` is their manifest: :mod:`dirio.io.manifest`). Returns the JSON record.
     """
-    from dirio.io.atomic import check_writable, write_json, write_text
+    from dirio.io.atomic import check_output_folder, check_writable, write_json, write_text
+    from dirio.io.manifest import check_replaceable, earlier_outputs, files_with_checksums, sign_record
     from dirio.apps.workflow import load_inputs, software_versions
 
     paths = sweep_output_paths(out_dir)
+    check_output_folder(out_dir)
     check_writable(paths.values(), overwrite)
+    if overwrite:
+        check_replaceable(out_dir, [path.name for path in paths.values()], earlier_outputs(out_dir, kinds=("sweep",)))
     try:
         sweep_runs(rules, weights)
         check_sweep_options(rules, settings.optimization.combine_options)
@@ -396,6 +401,8 @@ def sweep_files(
     pareto_figure(paths["figure"], rows, title=f"{Path(fixed).name} <- {Path(moving).name}", overwrite=overwrite)
     write_text(paths["csv"], rows_csv(rows), overwrite=overwrite)
     write_text(paths["table"], table, overwrite=overwrite)
+    record["files"] = files_with_checksums(out_dir, [paths[key].name for key in ("figure", "csv", "table")])
+    record = sign_record(record)
     write_json(paths["json"], record, overwrite=overwrite)
     record["table"] = table
     record["outputs"] = {k: str(v) for k, v in paths.items()}

@@ -35,7 +35,7 @@ from dirio.evaluation.jacobian import (
     sdlogj_l2r_from_determinant,
 )
 from dirio.evaluation.overlap import dice_per_label, mean_dice, warp_labels
-from dirio.io.atomic import check_writable, write_json
+from dirio.io.atomic import check_output_folder, check_writable, write_json
 from dirio.io.checkpoints import load_checkpoint, load_state_dict_checked
 from dirio.losses.regularizers import make_regularizer
 from dirio.losses.similarity import make_similarity
@@ -49,7 +49,7 @@ from dirio.methods.training_data import (
     label_ids_of,
     load_training_images,
 )
-from dirio.optim.trainer import BEST, LAST, Batch, TrainConfig, TrainResult, fit, resume_state
+from dirio.optim.trainer import BEST, LAST, Batch, TrainConfig, TrainResult, epoch_label, fit, resume_state
 from dirio.transforms.network import NetworkTransform
 from dirio.transforms.networks.registry import NETWORKS
 
@@ -235,6 +235,9 @@ def _train(images, output, values, labels, val_images, val_labels, overwrite, qu
     rank = distributed.rank()
     if values["threads"] is not None:
         torch.set_num_threads(values["threads"])
+    # first, before anything looks into it: a folder that cannot be made (/proc/x, a name too long) is one
+    # line; rank 0 probes it by writing (the others only check the names, so that they do not race)
+    check_output_folder(output, probe=rank == 0)
     last = output / LAST
     if last.exists() and not values["resume"] and not overwrite:
         raise DirioError(f"{output} already holds a training run ({LAST}); pass `resume` to continue it or "
@@ -309,7 +312,7 @@ def _train(images, output, values, labels, val_images, val_labels, overwrite, qu
         if log is not None:
             row = epochs[-1]
             shown = [f"loss {row['loss']:.4f}"] + [f"{k[4:]} {v:.4f}" for k, v in row.items() if k.startswith("val_")]
-            log(f"epoch {row['epoch'] + 1}/{config.epochs}: " + ", ".join(shown) +
+            log(f"{epoch_label(row['epoch'], config.epochs)}: " + ", ".join(shown) +
                 f" ({row['seconds']:.1f} s, {row['pairs_per_second']:.1f} pairs/s)")
 
     started = time.perf_counter()

@@ -8,11 +8,14 @@ and turned into :class:`dirio.config.settings.Settings` by the schema, as the co
 (:func:`dirio.config.schema.settings_from_values`), so a config file and the equivalent flags give
 the same settings. Besides those, the run keys ``label_ids``, ``use_masks``, ``resample``,
 ``tre_order``, ``device`` and ``itk_field`` are accepted. Any other key is an error naming the file
-and the key.
+and the key. A relative path in a value (``model``, a ``label_ids`` file) is taken from the config
+file's folder, whatever the folder dirio runs in; a ``model`` that does not exist is an error before
+any work.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +96,23 @@ def read_config_file(path: str | Path) -> dict:
     return content
 
 
+# Keys whose value can name a file. One rule for all of them: a relative path in a config file is
+# taken from the config file's folder, never from the folder dirio runs in.
+FILE_VALUED_KEYS = ("model", "label_ids")
+
+
+def _names_file(key: str, value: str) -> bool:
+    """Whether a text value of a :data:`FILE_VALUED_KEYS` key is a path (``label_ids`` also takes
+    ``"2,3,4"``)."""
+    return key != "label_ids" or not re.fullmatch(r"[\s\d,+-]*", value)
+
+
 def _file_value(key: str, value: Any, source: str, base: Path | None) -> Any:
-    """A config value parsed by its schema option; a relative ``label_ids`` file is taken beside the config file."""
-    if key == "label_ids" and isinstance(value, str) and base is not None:
-        candidate = Path(value)
-        if not candidate.is_absolute() and (base / candidate).exists():
+    """A config value parsed by its schema option; a relative file path (``model``, a ``label_ids``
+    file) is taken from the config file's folder ``base``."""
+    if key in FILE_VALUED_KEYS and isinstance(value, str) and base is not None and _names_file(key, value):
+        candidate = Path(value).expanduser()
+        if not candidate.is_absolute():
             value = str(base / candidate)
     try:
         return OPTIONS_BY_KEY[key].convert(value)
@@ -110,14 +125,19 @@ def split_config(content: dict, source: str, base: Path | None = None) -> tuple[
 
     Raises:
         DirioError: ``"<source>: unknown key 'x'"`` for a key that is not in the schema's file keys,
+            ``"<source>: keys 'x_y' and 'x-y' are the same option"`` for both spellings of one key,
             or ``"<source>: key 'x' ..."`` for a value of the wrong kind.
     """
     registration, run = {}, {}
+    spelled: dict[str, str] = {}
     for raw_key, value in content.items():
         key = str(raw_key).replace("-", "_")
         if key not in FILE_KEYS:
             known = ", ".join(sorted(FILE_KEYS))
             raise DirioError(f"{source}: unknown key {raw_key!r} (keys are the dirio register options: {known})")
+        if key in spelled:
+            raise DirioError(f"{source}: keys {spelled[key]!r} and {raw_key!r} are the same option; keep one")
+        spelled[key] = str(raw_key)
         target = run if OPTIONS_BY_KEY[key].target == "run" else registration
         target[key] = _file_value(key, value, source, base)
     return registration, run
@@ -147,6 +167,12 @@ def run_configuration(config_file: str | Path | None, explicit: dict | None = No
         target = run if key in OPTIONS_BY_KEY and OPTIONS_BY_KEY[key].target == "run" else registration
         target[key] = value
     run.update({k: v for k, v in (run_values or {}).items() if v is not None})
+    model = registration.get("model")
+    if model is not None and not Path(model).expanduser().is_file():  # a usage error, not a failure of every pair
+        if config_file is not None and "model" not in (explicit or {}):
+            raise DirioError(f"{source}: key 'model': {model}: network checkpoint not found (a relative path is "
+                             f"taken from the config file's folder)")
+        raise DirioError(f"{model}: network checkpoint not found (`model`)")
     try:
         settings = settings_from_values({**registration, "quiet": True})
     except DirioError as error:

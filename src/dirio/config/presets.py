@@ -7,39 +7,45 @@ from typing import Any
 
 _CONVEX_ADAM: dict[str, Any] = {
     # ConvexAdam (Siebert, Hansen & Heinrich, Learn2Reg 2021), faithful to the defaults of its
-    # reference code (convex_adam_MIND.py); the differences left are geometry conventions
-    # (dirio's pyramid grids use align_corners=True, the half-resolution features are a
-    # Gaussian-antialiased resampling instead of a 2x2x2 average).
-    # MIND-SSC is nearly invariant to intensity scaling: robust percentile scaling is enough.
-    "normalise": "percentile",
-    # Masks as the reference uses them: each image outside its mask takes the nearest inside
-    # intensity before MIND, and the losses count everywhere (dirio.core.mask_fill). On the lung
-    # validations (benchmarks/lung_validation.py) this is at least as accurate as the reference on
-    # every set (breathing warps 0.41 vs 0.65 mm, keypoints 0.29 vs 0.46, 10 landmarks index 2.07
-    # vs 2.09, world 2.30 vs 3.55); restricting the losses to the masks was better on the
-    # breathing warps (0.33, 0.26) but behind the reference on the index landmarks (2.24).
+    # reference code (convexAdam 0.2.0, convex_adam_MIND.convex_adam_pt). Its field is reproduced
+    # voxel by voxel (benchmarks/convexadam_reference.py, tests/test_convexadam_agreement.py); the
+    # differences left are two quirks of its Adam stage that make its field worse: it reads the
+    # moving features at y + u(y) n / (n - 1) (an align_corners=False grid with a displacement
+    # normalised by (n - 1) / 2) and as 0 beyond the grid. dirio reads them at y + u(y), edge values
+    # beyond.
+    # MIND-SSC is invariant to affine intensity changes: min-max scaling keeps the reference's
+    # descriptors exactly (percentile clipping changed them where it clipped).
+    "normalise": "minmax",
+    # Masks as the reference uses them: each image outside its mask's interior takes the nearest
+    # interior intensity of the half-resolution grid, upsampled (dirio.core.mask_fill, the reference's
+    # fill), and the losses count everywhere.
     "mask_use": "fill",
-    # mind_r = 1, mind_d = 2, computed on the full-resolution images for both stages.
+    # mind_r = 1, mind_d = 2, computed on the full-resolution images for both stages; the Adam
+    # stage averages them over 2x2x2 blocks (its avg_pool3d).
     "similarity": "mind",
     "similarity_options": {"radius": 1, "dilation": 2},
-    "features_from": "full",
+    "features_from": "pooled",
     # ConvexAdam minimises 12 * mean MIND SSD + lambda * sum_axes mean_{voxels, components}(du^2)
-    # with lambda = 1.25; per unit of dirio's MIND loss (the channel mean) and diffusion (summed
-    # over components) that is lambda / 12 / 3 = 0.035.
+    # with lambda = 1.25 on its smoothed field; per unit of dirio's MIND loss (the channel mean) and
+    # diffusion (summed over components) that is lambda / 12 / 3 = 0.035.
     "regularizers": {"diffusion": 1.25 / 36},
     # Discrete step: grid_sp = 6, disp_hw = 4, its six coupling weights, inverse consistency
-    # (ic, 15 iterations), descriptors at full resolution (see ConvexConfig's defaults).
+    # (ic, 15 iterations), descriptors at full resolution, its border conventions (see ConvexConfig's
+    # defaults; the step's field matches the reference's to 0.01 voxels on the lung pair).
     "init": "convex",
-    "convex": {"feature_factor": 1, "mind_dilation": 2},
+    "convex": {"feature_factor": 1, "mind_dilation": 2, "borders": "convexadam"},
     # Adam refinement of a half-resolution field (grid_sp_adam = 2), 80 iterations at lr 1,
-    # constant rate, three passes of a 3-voxel box over the parameters (its three avg_pool3d).
+    # constant rate, three passes of a 3-voxel box over the parameters with zero padding (its three
+    # avg_pool3d(padding=1)), the diffusion on that smoothed field, the half grid's
+    # align_corners=False geometry (its F.interpolate between the grids).
     "levels": (2,), "iterations": (80,), "grid_spacing": 1.0, "lr": 1.0,
-    "schedule": "constant", "smoothing": 3,
+    "schedule": "constant", "smoothing": 3, "smoothing_border": "zeros", "regularize": "smoothed",
+    "grid_alignment": "centres",
 }
 
 # Each preset documents where its defaults come from. Values were chosen on synthetic warps of
 # the voxelmorph brain and on brain-vs-mirrored-brain pairs (not on any evaluation pair); see
-# README "Presets" and benchmarks/RESULTS.md.
+# docs/concepts/presets.md and benchmarks/RESULTS.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "brain-mri": {
         # Skull-stripped T1 in [0, 1]: robust percentile scaling only removes outliers.

@@ -269,13 +269,16 @@ NETWORK = "network stages"
 
 OPTIONS: tuple[Option, ...] = (
     # method
-    Option("preset", text, "named defaults (see README)", METHOD, choices=tuple(PRESETS)),
+    Option("preset", text, "named defaults (documentation: Concepts, Presets)", METHOD, choices=tuple(PRESETS)),
     Option("similarity", text, None, METHOD, choices=("lncc", "ncc", "mse", "mind", "nmi")),
     Option("similarity_options", key_values, "e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND)",
            METHOD, metavar="K=V,..."),
     Option("features_from", text, "compute the similarity's features (MIND) on each level's images, or on the "
-           "full-resolution images and resample them to the level (convex-adam: full)", METHOD,
-           choices=("level", "full")),
+           "full-resolution images and resample them to the level (full) or average them over the level's blocks "
+           "(pooled, ConvexAdam's)", METHOD, choices=("level", "full", "pooled")),
+    Option("feature_sampling", text, "how the moving features are read at x + u(x): exact, or with ConvexAdam's "
+           "two quirks (scaled by n/(n-1), zero beyond the grid), to reproduce its field", METHOD,
+           choices=("exact", "convexadam")),
     Option("regularizer", regularizer_weights, "diffusion, l1, tv or bending, each with an optional weight",
            METHOD, metavar="NAME[=W],..."),
     Option("weight", number, "weight of the regularizer(s) given without one", METHOD),
@@ -293,6 +296,12 @@ OPTIONS: tuple[Option, ...] = (
            OPTIMISATION, metavar="S[,...]"),
     Option("smoothing", integer, "passes of a 3-voxel box filter over the field's parameters (0: none)",
            OPTIMISATION, metavar="N"),
+    Option("smoothing_border", text, "border of that box filter: inside (average over the grid) or zeros "
+           "(zero padding, ConvexAdam's)", OPTIMISATION, choices=("inside", "zeros")),
+    Option("regularize", text, "what the regularizers see: the parameters, or the smoothed field they form "
+           "(ConvexAdam's)", OPTIMISATION, choices=("parameters", "smoothed")),
+    Option("grid_alignment", text, "geometry of the field's resampling between grids: corners (align_corners=True) "
+           "or centres (align_corners=False, ConvexAdam's)", OPTIMISATION, choices=("corners", "centres")),
     Option("compose_every", integers, "compose the field from increments folded in every N steps, one value or one "
            "per level (0: one additive field; 0 at a level: fold at its end)", OPTIMISATION, metavar="N[,...]"),
     Option("lr", number, "learning rate, voxels of the level grid per step", OPTIMISATION),
@@ -300,7 +309,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("schedule", text, None, OPTIMISATION, choices=("constant", "cosine", "piecewise")),
     Option("schedule_options", key_values, "e.g. constant_until=0.26,cosine_until=0.67 for piecewise",
            OPTIMISATION, metavar="K=V,..."),
-    Option("diffeomorphic", switch, "optimise a stationary velocity field (scaling and squaring)", OPTIMISATION),
+    Option("diffeomorphic", switch, "optimise a stationary velocity field (scaling and squaring); with "
+           "{compose_every}: fold each increment as a velocity, exp(u)", OPTIMISATION),
+    Option("symmetric", switch, "symmetric diffeomorphic: two velocity fields (with {compose_every}: two composed "
+           "fields) deform both images toward a middle space; the field and its inverse are composed from the halves",
+           OPTIMISATION),
+    Option("integration_steps", integer, "squarings of the scaling and squaring (velocity fields, diffeomorphic "
+           "folds)", OPTIMISATION, metavar="N"),
     Option("combine", text, "how similarity and regularizer gradients are combined (default sum)", OPTIMISATION,
            choices=("sum", "pcgrad", "surgery")),
     Option("combine_options", key_values,
@@ -330,17 +345,20 @@ OPTIONS: tuple[Option, ...] = (
            "consistent", STAGES, choices=("true", "false")),
     Option("convex_memory", number, "largest cost volume kept in memory; larger ones are recomputed slab by slab",
            STAGES, metavar="MB"),
+    Option("convex_borders", text, "beyond the cell grid: convexadam (zero features, smoothing over zero padding, the "
+           "reference's symmetrisation; the default) or replicate (edge values, inside averages)", STAGES,
+           choices=("convexadam", "replicate")),
     # network stages
     Option("method", text, "how the field is found: dense (the default: optimise a field), network (one forward "
            "pass of a pretrained network), the network's weights tuned on the pair (all at once, or LapIRN level "
-           "by level: nio), or the network's field refined by the dense stage (see README)", NETWORK,
+           "by level: nio), or the network's field refined by the dense stage (documentation: Networks)", NETWORK,
            choices=("dense", "network", "network-io", "nio", "network+dense")),
-    Option("model", text, "network checkpoint (a dirio checkpoint, an upstream LapIRN file, or ICON weights: see README); "
+    Option("model", text, "network checkpoint (a dirio checkpoint, an upstream LapIRN file, or ICON weights: documentation, Networks); "
            "default: the packaged LapIRN OASIS brain model", NETWORK, metavar="CHECKPOINT"),
-    Option("network_architecture", text, "architecture of an upstream LapIRN file or of ICON weights (see README)",
+    Option("network_architecture", text, "architecture of an upstream LapIRN file or of ICON weights (documentation: Networks)",
            NETWORK, metavar="NAME"),
     Option("network_axes", text, "image axes in the network's training order: identity (default), or e.g. "
-           "0,2,-1 (README: brains on the VoxelMorph grid with the LapIRN OASIS model)", NETWORK, metavar="AXES"),
+           "0,2,-1 (documentation, Networks: brains on the VoxelMorph grid with the LapIRN OASIS model)", NETWORK, metavar="AXES"),
     Option("network_iterations", integers, "steps per level (default 50 when all weights are tuned, 100,60,30 "
            "for nio)", NETWORK, metavar="N,..."),
     Option("network_levels", integers, "network levels whose weights are optimised (LapIRN 1 to 3; default all)",
@@ -356,7 +374,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("network_regularizer", text, "regularizer of the network stages (gradicon: inverse consistency)",
            NETWORK, choices=("diffusion", "bending", "l1", "tv", "gradicon")),
     Option("network_lambda", number, "the network loss is (1 - lambda) similarity + lambda regularizer "
-           "(default 0.4)", NETWORK),
+           "(default 0.4: 0.6 LNCC + 0.4 diffusion, the NIO paper's loss)", NETWORK),
+    Option("network_budget", text, "defaults of the network options not given: paper (the papers' schedules: "
+           "nio 100,60,30 steps on every level, IO 50 steps) or cpu (about 3 minutes per brain on a CPU: "
+           "nio optimises LapIRN's coarsest level only, 25 steps on a half resolution loss grid; IO 1 step)",
+           NETWORK, choices=("paper", "cpu")),
     Option("network_checkpointing", switch, "gradient checkpointing: less memory, about one more forward pass",
            NETWORK),
     Option("network_mixed_precision", switch, "bfloat16 autocast of the network on CUDA", NETWORK),
@@ -370,6 +392,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("use_masks", switch, "pass the dataset's masks to the registration as similarity masks", target="run"),
     Option("resample", switch, "resample moving-side inputs onto the fixed grid", target="run"),
     Option("tre_order", integer, "interpolation of u at keypoints", choices=(1, 3), target="run"),
+    Option("inverse", switch, "also write the inverse field inverse_disp_<fixed>_<moving>.nii.gz on the moving grid "
+           "(= the fixed grid; with {itk_field} its ITK form too) and the inverse consistency into metrics.json",
+           target="run", in_files=False),
 )
 OPTIONS_BY_KEY: dict[str, Option] = {option.key: option for option in OPTIONS}
 # The options shared by every command that registers, in the order of their groups.
@@ -379,7 +404,7 @@ FILE_KEYS: tuple[str, ...] = tuple(option.key for option in OPTIONS if option.in
 
 _AFFINE = {"affine_levels": "levels", "affine_iterations": "iterations", "affine_lr": "lr"}
 _CONVEX = {"convex_spacing": "grid_spacing", "convex_radius": "radius", "convex_coupling": "coupling",
-           "convex_symmetric": "symmetric", "convex_memory": "memory_mb"}
+           "convex_symmetric": "symmetric", "convex_memory": "memory_mb", "convex_borders": "borders"}
 # Options of target "settings" that do not set the flat key of their own name.
 _COMBINED = {"preset", "regularizer", "weight", "grid_spacing", "compose_every", "quiet", *_AFFINE, *_CONVEX}
 
@@ -465,4 +490,20 @@ def settings_from_values(values: Mapping[str, Any], preset: str | None = None) -
         settings.validate()
     except (ValueError, TypeError) as error:
         raise DirioError(str(error)) from None
+    _refuse_unused_network_options(parsed, settings)
     return settings
+
+
+def _refuse_unused_network_options(parsed: Mapping[str, Any], settings: Settings) -> None:
+    """Network options given for a method without a network stage would be silently ignored: refuse them."""
+    from dirio.methods.network import NETWORK_STAGES
+
+    if any(name in NETWORK_STAGES for name in settings.stages):
+        return
+    given = [option.key for option in OPTIONS if option.group == NETWORK and option.key != "method"
+             and parsed.get(option.key) is not None]
+    if given:
+        keys = ", ".join(f"`{key}`" for key in given)
+        raise DirioError(f"{keys} {'applies' if len(given) == 1 else 'apply'} to the network methods only "
+                         f"(network, network-io, nio, network+dense) but the method is {settings.method}: drop "
+                         f"{'it' if len(given) == 1 else 'them'} or choose a network `method`")

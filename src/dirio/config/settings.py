@@ -100,7 +100,11 @@ class TermsConfig:
         similarity_options: its options (e.g. ``{"window": 5}`` for LNCC).
         features_from: ``"level"``: the similarity's features (MIND descriptors) are computed on each
             level's images; ``"full"``: on the full-resolution images, then resampled onto the level
-            (ConvexAdam's Adam stage); see :class:`dirio.losses.terms.SimilarityTerm`.
+            (ConvexAdam's Adam stage); ``"pooled"``: on the full-resolution images, averaged over the
+            level's blocks (ConvexAdam's own pooling); see :class:`dirio.losses.terms.SimilarityTerm`.
+        feature_sampling: how the moving features are read at ``x + u(x)``: ``"exact"``, or
+            ``"convexadam"`` (ConvexAdam's quirks, for reproducing it; see
+            :class:`dirio.losses.terms.SimilarityTerm`).
         regularizers: ``{name: weight}`` (see :func:`dirio.losses.regularizers.make_regularizer`);
             weights are finite and >= 0.
     """
@@ -108,6 +112,7 @@ class TermsConfig:
     similarity: str = "lncc"
     similarity_options: dict[str, Any] = field(default_factory=lambda: {"window": 5})
     features_from: str = "level"
+    feature_sampling: str = "exact"
     regularizers: dict[str, float] = field(default_factory=lambda: {"diffusion": 0.3})
 
     def similarity_object(self):
@@ -115,7 +120,8 @@ class TermsConfig:
 
     def build(self) -> list[Term]:
         """One similarity term (weight 1), then each regularizer term with its weight."""
-        terms = [Term(self.similarity, Role.SIMILARITY, SimilarityTerm(self.similarity_object(), self.features_from), 1.0)]
+        terms = [Term(self.similarity, Role.SIMILARITY, SimilarityTerm(self.similarity_object(), self.features_from,
+                                                                    self.feature_sampling), 1.0)]
         for name, weight in self.regularizers.items():
             terms.append(Term(name, Role.REGULARIZER, RegularizerTerm(make_regularizer(name)), _weight(name, weight)))
         return terms
@@ -211,6 +217,13 @@ class Settings:
             raise ValueError(f"learning rate {self.optimization.lr:g} is absurd: with {self.optimization.optimizer} "
                              f"it is a step of about that many voxels of the level grid, and at most {MAX_LR:g} is "
                              f"accepted (the presets use 0.5-5)")
+        for name in self.stages:
+            if name in ("network-io", "nio"):
+                optimizer, lr = self.network.option(name, "optimizer"), float(self.network.option(name, "lr"))
+                if optimizer in ("adam", "amsgrad") and lr > MAX_LR:
+                    raise ValueError(f"`network_lr` {lr:g} is absurd: with {optimizer} every weight moves by about "
+                                     f"that much per step, and at most {MAX_LR:g} is accepted (the defaults are "
+                                     f"2e-5 and 1e-4)")
         self.affine_options.validate()
         self.convex.validate()
 
@@ -266,8 +279,9 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
     if overrides.get("similarity") is not None and overrides.get("similarity_options") is None:
         # A similarity chosen explicitly does not inherit the options of another one's preset.
         overrides = {**overrides, "similarity_options": {}}
-    if overrides.get("diffeomorphic") and overrides.get("compose_every") is None:
-        # A velocity field chosen explicitly does not inherit a preset's composition of displacement steps.
+    if (overrides.get("diffeomorphic") or overrides.get("symmetric")) and overrides.get("compose_every") is None:
+        # A velocity field (or the symmetric pair of them) chosen explicitly does not inherit a preset's
+        # composition of displacement steps; with an explicit compose_every, diffeomorphic folds exp(u).
         overrides = {**overrides, "compose_every": 0}
     layers.append(overrides)
     return apply_overrides(Settings(), layers)

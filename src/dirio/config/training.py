@@ -9,6 +9,7 @@ line and are not part of this list.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from dirio.config.schema import (
@@ -64,7 +65,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("val_pairs", integer, "validation pairs drawn once (seeded) from the validation images", DATA,
            default=16, metavar="N"),
     Option("augment", augment_options, "none, or rotation=10,scale=0.1,shear=0,translation=0.05,elastic=0,"
-           "elastic_spacing=8,intensity=0.1,gamma=0.2,noise=0.01 (the defaults; README)", DATA, metavar="K=V,..."),
+           "elastic_spacing=8,intensity=0.1,gamma=0.2,noise=0.01 (the defaults; documentation: Training)", DATA, metavar="K=V,..."),
     Option("label_ids", label_ids, "labels of Dice supervision and validation (default: all present)", DATA),
     # network
     Option("architecture", text, "network architecture (dirio.transforms.networks.NETWORKS)", NETWORK,
@@ -127,4 +128,11 @@ def train_values(values: Mapping[str, Any]) -> dict[str, Any]:
         raise OptionError("val_count", f"must be >= 0, got {parsed['val_count']}")
     if parsed["threads"] is not None and parsed["threads"] < 1:
         raise OptionError("threads", f"must be at least 1, got {parsed['threads']}")
+    from dirio.config.settings import MAX_LR  # registration's bound; torch only when values are parsed
+
+    if not 0 < parsed["lr"] < math.inf:
+        raise OptionError("lr", f"must be positive and finite, got {parsed['lr']:g}")
+    if parsed["optimizer"] in ("adam", "amsgrad") and parsed["lr"] > MAX_LR:
+        raise OptionError("lr", f"{parsed['lr']:g} is absurd: with {parsed['optimizer']} every weight moves by about "
+                                f"that much per step, and at most {MAX_LR:g} is accepted (the default is 1e-4)")
     return parsed

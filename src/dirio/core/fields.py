@@ -216,15 +216,20 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     return disp
 
 
-def resize_field(disp: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def resize_field(disp: torch.Tensor, shape: Sequence[int], align_corners: bool = True) -> torch.Tensor:
     """Resample a field to another grid covering the same extent, rescaling its values.
 
-    Uses (bi/tri)linear interpolation with ``align_corners=True``; component ``d`` is multiplied
-    by ``(shape[d] - 1) / (S[d] - 1)`` so that displacements stay in voxels of the new grid.
+    Uses (bi/tri)linear interpolation with ``align_corners=True`` (the outermost voxel centres of
+    both grids coincide); component ``d`` is multiplied by ``(shape[d] - 1) / (S[d] - 1)`` so that
+    displacements stay in voxels of the new grid. With ``align_corners=False`` the grids' outer
+    voxel *edges* coincide instead (voxel ``y`` of the new grid sits at ``(y + 0.5) S / shape - 0.5``,
+    positions beyond the outermost centres take the border values; ConvexAdam's ``F.interpolate``
+    between its full and half grids) and the factor is ``shape[d] / S[d]``.
 
     Args:
         disp: ``(B, ndim, *S)`` field.
         shape: new spatial shape.
+        align_corners: the grid geometry (see above).
     Returns:
         ``(B, ndim, *shape)`` field.
     """
@@ -233,9 +238,12 @@ def resize_field(disp: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if tuple(old) == tuple(shape):
         return disp
     mode = "trilinear" if ndim == 3 else "bilinear"
-    resized = F.interpolate(disp, size=tuple(shape), mode=mode, align_corners=True)
-    factors = torch.tensor(
-        [(n_new - 1) / max(n_old - 1, 1) for n_new, n_old in zip(shape, old)], device=disp.device, dtype=disp.dtype
+    resized = F.interpolate(disp, size=tuple(shape), mode=mode, align_corners=align_corners)
+    if align_corners:
+        ratios = [(n_new - 1) / max(n_old - 1, 1) for n_new, n_old in zip(shape, old)]
+    else:
+        ratios = [n_new / n_old for n_new, n_old in zip(shape, old)]
+    factors = torch.tensor(ratios, device=disp.device, dtype=disp.dtype
     )
     return resized * factors.view(1, ndim, *([1] * ndim))
 

@@ -100,11 +100,16 @@ def gaussian_smooth(image: torch.Tensor, sigma: float | Sequence[float]) -> torc
 # --- box smoothing by shifted adds ---------------------------------------------------------------
 
 
-def _inside_counts(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """How many of the 3 neighbours along ``dim`` lie inside a grid of ``n`` (2 at the ends, else 3),
-    shaped to broadcast against ``like``."""
+BOX_BORDERS = ("inside", "zeros")
+
+
+def _inside_counts(n: int, dim: int, like: torch.Tensor, border: str = "inside") -> torch.Tensor:
+    """The divisor of each 3-neighbour sum along ``dim`` on a grid of ``n``, shaped to broadcast
+    against ``like``: with ``border="inside"`` how many neighbours lie inside (2 at the ends, else
+    3); with ``"zeros"`` always 3 (the missing neighbour counts as a zero)."""
     counts = torch.full((n,), 3.0, device=like.device, dtype=like.dtype)
-    counts[0] = counts[-1] = 2.0
+    if border == "inside":
+        counts[0] = counts[-1] = 2.0
     shape = [1] * like.dim()
     shape[dim] = n
     return counts.view(shape)
@@ -131,19 +136,21 @@ def _neighbour_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 _BOX_SLAB_ELEMENTS = 1 << 21
 
 
-def _box_chain(x: torch.Tensor, passes: int, first_counts: torch.Tensor | None, adjoint: bool) -> torch.Tensor:
+def _box_chain(x: torch.Tensor, passes: int, first_counts: torch.Tensor | None, adjoint: bool,
+               border: str = "inside") -> torch.Tensor:
     """The averages of :func:`box_smooth` (or their transpose) on ``x``; ``first_counts`` replaces
     the inside counts of the first spatial axis (those of the whole grid when ``x`` is a slab)."""
     dims = list(range(2, x.dim()))
     for _ in range(passes):
         for dim in reversed(dims) if adjoint else dims:
-            if x.shape[dim] > 1 or (dim == 2 and first_counts is not None):
-                counts = first_counts if dim == 2 and first_counts is not None else _inside_counts(x.shape[dim], dim, x)
+            if x.shape[dim] > 1 or (dim == 2 and first_counts is not None) or border == "zeros":
+                counts = (first_counts if dim == 2 and first_counts is not None
+                          else _inside_counts(x.shape[dim], dim, x, border))
                 x = _neighbour_sum(x / counts, dim) if adjoint else _neighbour_sum(x, dim).div_(counts)
     return x
 
 
-def _box_slabs(x: torch.Tensor, passes: int, adjoint: bool) -> torch.Tensor:
+def _box_slabs(x: torch.Tensor, passes: int, adjoint: bool, border: str = "inside") -> torch.Tensor:
     """:func:`_box_chain` slab by slab along the first spatial axis, for large CPU tensors
     (the whole tensor at once off the CPU, for small tensors, and when a row is so large that a
     slab within the budget would be thinner than ``4 * passes`` rows).
@@ -158,33 +165,37 @@ def _box_slabs(x: torch.Tensor, passes: int, adjoint: bool) -> torch.Tensor:
     rows = max(1, _BOX_SLAB_ELEMENTS // max(per_row, 1))
     # Slabs thinner than 4 halos would recompute more than a quarter of the rows: whole tensor.
     if x.device.type != "cpu" or rows < 4 * passes or rows + 2 * passes >= n:
-        return _box_chain(x, passes, None, adjoint)
-    counts = _inside_counts(n, 2, x)
+        return _box_chain(x, passes, None, adjoint, border)
+    counts = _inside_counts(n, 2, x, border)
     out = torch.empty_like(x)
     for start in range(0, n, rows):
         count = min(rows, n - start)
         lo, hi = max(start - passes, 0), min(start + count + passes, n)
-        block = _box_chain(x.narrow(2, lo, hi - lo), passes, counts.narrow(2, lo, hi - lo), adjoint)
+        block = _box_chain(x.narrow(2, lo, hi - lo), passes, counts.narrow(2, lo, hi - lo), adjoint, border)
         out.narrow(2, start, count).copy_(block.narrow(2, start - lo, count))
     return out
 
 
-def box_smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
+def box_smooth(x: torch.Tensor, passes: int, border: str = "inside") -> torch.Tensor:
     """``passes`` rounds of a 3-voxel moving average along every spatial axis of ``(B, C, *S)``.
 
-    At the border the average is over the voxels inside the grid (average pooling with
-    ``count_include_pad=False``). Computed with shifted in-place adds, about 6x faster on the CPU
+    At the border (``border="inside"``) the average is over the voxels inside the grid (average
+    pooling with ``count_include_pad=False``); with ``border="zeros"`` the grid is padded with
+    zeros and every sum is divided by 3 (``avg_pool3d(x, 3, stride=1, padding=1)``, the default
+    ``count_include_pad=True``, as ConvexAdam smooths its fields and costs). Computed with shifted in-place adds, about 6x faster on the CPU
     than ``avg_pool3d`` with a ``(3, 1, 1)`` kernel, and on large CPU tensors slab by slab along the
     first spatial axis so that the temporaries stay in cache (same values bit for bit). Not
     differentiable by itself: see :func:`box_smooth_adjoint` for its transpose. Returns a new
     tensor (``x`` itself when ``passes`` is 0).
     """
+    if border not in BOX_BORDERS:
+        raise ValueError(f"box border must be one of {', '.join(BOX_BORDERS)}, got {border!r}")
     if passes <= 0:
         return x
-    return _box_slabs(x, passes, adjoint=False)
+    return _box_slabs(x, passes, adjoint=False, border=border)
 
 
-def box_smooth_adjoint(g: torch.Tensor, passes: int) -> torch.Tensor:
+def box_smooth_adjoint(g: torch.Tensor, passes: int, border: str = "inside") -> torch.Tensor:
     """The transpose of :func:`box_smooth` applied to ``g`` (its backward pass).
 
     Each average is "sum the neighbours, divide by the count", so its transpose is "divide by the
@@ -193,7 +204,7 @@ def box_smooth_adjoint(g: torch.Tensor, passes: int) -> torch.Tensor:
     """
     if passes <= 0:
         return g
-    return _box_slabs(g, passes, adjoint=True)
+    return _box_slabs(g, passes, adjoint=True, border=border)
 
 
 def box_mean_replicate(x: torch.Tensor, radius: int, inplace: bool) -> torch.Tensor:

@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
-
+from dirio.core.points import sample_displacement
 from dirio.evaluation._checks import as_field, check_same_shape, spacing_array
 
 
@@ -34,7 +33,8 @@ def tre(
 
     ``u`` is sampled at the fixed points by ``scipy.ndimage.map_coordinates`` with spline
     ``order`` (3: cubic B-spline with prefiltering, the evaluator's default; 1: trilinear) and its
-    default boundary mode (``"constant"``: zero displacement far outside the grid). Learn2Reg
+    default boundary mode (``"constant"``: zero displacement far outside the grid). The sampling is
+    :func:`dirio.core.points.sample_displacement`. Learn2Reg
     multiplies by the moving image's spacing; fixed and moving share a grid here.
 
     Args:
@@ -56,8 +56,6 @@ def tre(
     scale = spacing_array(spacing, ndim)
     if fixed.shape[0] == 0:
         return np.zeros(0)
-    sampled = np.stack(
-        [ndimage.map_coordinates(field[..., d], fixed.T, order=order, mode="constant") for d in range(ndim)],
-        axis=1,
-    )
+    # one sampling for TRE and ``dirio transform-points`` (same numbers to the last bit)
+    sampled = sample_displacement(field, fixed, order)
     return np.linalg.norm((fixed + sampled - moving) * scale, axis=1)

@@ -84,7 +84,8 @@ def _dice(in_fixed: np.ndarray, in_warped: np.ndarray) -> float:
 
 
 def mean_dice(per_label: Mapping[int, float]) -> float:
-    """Mean of per-label values ignoring NaN (``np.nanmean``, as Learn2Reg); NaN if all are NaN."""
+    """Mean of ``{label: Dice}`` values ignoring NaN (``np.nanmean``, as Learn2Reg): a label absent from
+    either map does not count; NaN if all are NaN."""
     return nanmean(per_label.values())
 
 

@@ -44,13 +44,15 @@ def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool, folder
             in it (:func:`check_output_folder`); without it, only that no file stands in the way.
     Raises:
         DirioError: ``"<path> exists; pass `overwrite` to replace it"`` for the first existing
-            path, or when a path is an existing directory (never replaced, whatever ``overwrite``).
+            path, or when a path is an existing directory (never replaced, whatever ``overwrite``),
+            or a name is longer than the file system allows.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     folders_checked = set()
     for path in paths:
         path = Path(path)
+        check_name_lengths(path)
         if path.is_dir():
             raise DirioError(f"{path} is a directory; expected a file name")
         if path.exists() and not overwrite:
@@ -63,39 +65,116 @@ def check_writable(paths: PathLike | Iterable[PathLike], overwrite: bool, folder
 def _nearest_existing(folder: Path) -> Path:
     """``folder`` itself or its nearest existing ancestor."""
     folder = Path(os.path.abspath(folder))
-    while not folder.exists() and folder != folder.parent:
+    while not _exists(folder) and folder != folder.parent:
         folder = folder.parent
     return folder
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, false for a name the system refuses (``File name too long``)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def check_output_folder(folder: PathLike, probe: bool = True) -> None:
     """Refuse, before any work, an output folder that cannot be created or written.
 
-    An existing folder is probed by creating (and at once deleting) a temporary file in it, which
-    also catches read-only file systems and full quota; a folder still to be created needs its
-    nearest existing ancestor to be a writable folder. ``probe=False`` checks only that no file
-    stands where a folder is needed (no file is created).
+    The folder is really tried: the folders still missing on the way to it are created, a
+    temporary file is created in it (which also catches read-only file systems, full quota,
+    ``/proc`` and ``/sys``, and names longer than the file system allows), and then the probe file
+    and the folders made for it are removed again, so a refused or later failing command leaves
+    nothing behind. ``probe=False`` checks only the names and that no file stands where a folder is
+    needed (nothing is created).
 
     Raises:
-        DirioError: ``"<folder> is a file, not a folder"`` (also for a file on the way to it) or
+        DirioError: ``"<folder> is a file, not a folder"`` (also for a file on the way to it),
+            ``"<folder>: name too long ..."``, ``"<folder>: cannot create this folder (<reason>)"`` or
             ``"<folder>: cannot write there (<reason>)"``.
     """
     folder = Path(folder)
-    existing = _nearest_existing(folder)
+    absolute = Path(os.path.abspath(folder))
+    check_name_lengths(absolute)
+    existing = _nearest_existing(absolute)
     if not existing.is_dir():
-        where = "" if existing == Path(os.path.abspath(folder)) else f" (on the way to {folder})"
+        where = "" if existing == absolute else f" (on the way to {folder})"
         raise DirioError(f"{existing} is a file, not a folder{where}; choose another output location")
     if not probe:
         return
-    if existing == Path(os.path.abspath(folder)):
+    for attempt in range(3):  # another process probing the same new folder may remove it under us
+        if _probe_folder(folder, absolute, existing, last_try=attempt == 2):
+            return
+
+
+def _probe_folder(folder: Path, absolute: Path, existing: Path, last_try: bool) -> bool:
+    """Create the missing folders and a temporary file in ``absolute``, then remove them again.
+
+    Returns False (try again) when a folder vanished meanwhile (unless ``last_try``).
+    """
+    missing = []
+    parent = absolute
+    while parent != existing:
+        missing.append(parent)
+        parent = parent.parent
+    created = []
+    try:
+        for part in reversed(missing):
+            try:
+                os.mkdir(part)
+            except FileExistsError:
+                continue  # made by another process meanwhile
+            except FileNotFoundError:
+                if not last_try and existing != absolute:
+                    return False
+                raise DirioError(f"{folder}: cannot create this folder (No such file or directory)") from None
+            except OSError as error:
+                raise DirioError(f"{folder}: cannot create this folder ({error.strerror or error})") from None
+            created.append(part)
         try:
-            handle, probe_path = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
+            handle, probe_path = tempfile.mkstemp(prefix=".tmp-probe-", dir=absolute)
+        except FileNotFoundError:
+            if not last_try and not created and existing != absolute:
+                return False
+            raise DirioError(f"{folder}: cannot write there (No such file or directory)") from None
         except OSError as error:
             raise DirioError(f"{folder}: cannot write there ({error.strerror or error})") from None
         os.close(handle)
         os.unlink(probe_path)
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        raise DirioError(f"{folder}: cannot be created, {existing} is not writable")
+        return True
+    finally:
+        for part in reversed(created):
+            try:
+                os.rmdir(part)
+            except OSError:
+                pass
+
+
+# The random prefix of a temporary file's name (:func:`_temporary_sibling`): ``.tmp-`` 12 hex ``-``.
+_TEMPORARY_PREFIX_LENGTH = 18
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or its nearest existing ancestor) allows."""
+    try:
+        return int(os.pathconf(_nearest_existing(folder), "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no pathconf (Windows)
+        return 255
+
+
+def check_name_lengths(path: PathLike) -> None:
+    """Refuse a path with a component longer than its file system allows (``File name too long``).
+
+    Raises:
+        DirioError: ``"<path>: the name '<start>...' has N bytes; the file system allows at most M"``.
+    """
+    path = Path(os.path.abspath(path))
+    limit = _name_max(path)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise DirioError(f"{path}: the name {part[:24]!r}... has {size} bytes; the file system allows at most "
+                             f"{limit}; choose a shorter output name")
 
 
 def remove_temporaries(folder: PathLike) -> int:
@@ -240,9 +319,14 @@ def _temporary_sibling(path: Path) -> Path:
     """A fresh name ``.tmp-<random>-<name>`` beside ``path``.
 
     The full file name, suffixes included, is kept at the end so that writers that choose the
-    format from the name (nibabel, SimpleITK, matplotlib) see ``.nii.gz``, ``.mha``, ``.png``...
+    format from the name (nibabel, SimpleITK, matplotlib) see ``.nii.gz``, ``.mha``, ``.png``...; of a
+    name too long for the prefix, only its end is kept.
     """
-    return path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+    name = path.name
+    room = _name_max(path.parent) - _TEMPORARY_PREFIX_LENGTH
+    while len(os.fsencode(name)) > room:
+        name = name[1:]
+    return path.with_name(f".tmp-{secrets.token_hex(6)}-{name}")
 
 
 @contextmanager

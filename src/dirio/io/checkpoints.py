@@ -70,7 +70,8 @@ def state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str
     return "; ".join(parts) or None
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], source: str, what: str) -> None:
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], source: str, what: str,
+                            load: bool = True) -> None:
     """Load ``state_dict`` into ``module`` (strict), or raise a one-line :class:`DirioError`.
 
     Args:
@@ -78,14 +79,33 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
         state_dict: the weights.
         source: where they come from, for the message (usually the file name).
         what: the network, for the message (e.g. ``"lapirn-disp (start_channel=7)"``).
+        load: ``False`` checks only (keys, shapes, finite values), e.g. against a module on the meta device.
     Raises:
         DirioError: ``"<source>: weights do not fit <what>: missing keys ...; unexpected keys ...;
-            shape mismatch ..."``.
+            shape mismatch ..."``, or ``"<source>: non-finite weights (NaN or Inf) in ..."``.
     """
     problem = state_dict_mismatch(module.state_dict(), state_dict)
     if problem:
         raise DirioError(f"{source}: weights do not fit {what}: {problem}")
-    module.load_state_dict(state_dict, strict=True)
+    problem = non_finite_weights(state_dict)
+    if problem:
+        raise DirioError(f"{source}: {problem}; the checkpoint is damaged or was saved from a diverged training")
+    if load:
+        module.load_state_dict(state_dict, strict=True)
+
+
+def non_finite_weights(state_dict: Mapping[str, Any]) -> str | None:
+    """Name the floating-point tensors of ``state_dict`` holding NaN or Inf values, or ``None``.
+
+    Returns:
+        e.g. ``"non-finite weights (NaN or Inf) in 24 of 126 tensors: levels.0.encoder.0.weight, ...
+        (+21 more)"``.
+    """
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if not bad:
+        return None
+    return f"non-finite weights (NaN or Inf) in {len(bad)} of {len(tensors)} tensors: {_listed(bad)}"
 
 
 def _check_plain(value: Any, where: str, tensors: bool) -> None:
@@ -173,6 +193,24 @@ def _read(path: Path) -> Any:
         raise DirioError(f"{path}: not a readable weights-only PyTorch checkpoint ({reason})") from None
 
 
+def _check_entries(content: Mapping[str, Any], path: Path) -> None:
+    """Refuse a dirio checkpoint whose entries have the wrong types (a damaged or forged file)."""
+    problems = []
+    if not isinstance(content["architecture"], str):
+        problems.append(f"architecture is a {type(content['architecture']).__name__}, not a name")
+    settings = content["settings"]
+    if not isinstance(settings, Mapping) or not all(isinstance(k, str) for k in settings):
+        problems.append("settings are not a table of named values")
+    state = content["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
+        problems.append("state_dict is not a table of named tensors")
+    if not isinstance(content.get("extra") or {}, Mapping):
+        problems.append("extra is not a table")
+    if problems:
+        raise DirioError(f"{path}: a damaged dirio checkpoint: {'; '.join(problems)}")
+
+
 def load_checkpoint(path: PathLike, architecture: str | None = None, convert_plain=None) -> dict:
     """Read a network checkpoint into the dict of the dirio format (module docstring).
 
@@ -204,6 +242,7 @@ def load_checkpoint(path: PathLike, architecture: str | None = None, convert_pla
         missing = [k for k in ("architecture", "settings", "state_dict") if k not in content]
         if missing:
             raise DirioError(f"{path}: dirio checkpoint without {', '.join(missing)}")
+        _check_entries(content, path)
         if architecture is not None and content["architecture"] != architecture:
             raise DirioError(f"{path}: holds architecture {content['architecture']!r}, expected {architecture!r}")
         return {
@@ -214,7 +253,7 @@ def load_checkpoint(path: PathLike, architecture: str | None = None, convert_pla
             "state_dict": content["state_dict"],
             "extra": dict(content.get("extra") or {}),
         }
-    if content and all(isinstance(v, torch.Tensor) for v in content.values()):
+    if content and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items()):
         converted = None if convert_plain is None else convert_plain(content, architecture, path)
         if converted is not None:
             return converted

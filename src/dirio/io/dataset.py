@@ -6,7 +6,7 @@ names the evaluation pairs under ``registration_val`` / ``registration_test`` as
 ``{"fixed": "./imagesTr/OASIS_0438_0000.nii.gz", "moving": "./imagesTr/OASIS_0439_0000.nii.gz"}``
 (paths relative to the JSON's folder) and the training images under ``training``.
 
-Rules (the README's "dirio run" section documents them for users):
+Rules (docs/how-to/datasets.md documents them for users):
 
 * **Case ids.** An image file ``<anything>_<case>_<modality>.nii.gz`` (modality = 4 digits) has case
   id ``<case>`` and modality ``<modality>``: ``OASIS_0001_0000.nii.gz`` -> ``0001``, ``0000``. The

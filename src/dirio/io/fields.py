@@ -40,7 +40,9 @@ def load_field(path: PathLike, ndim: int = 3) -> np.ndarray:
 def load_field_and_affine(path: PathLike, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Read a Learn2Reg displacement field and the affine of the grid it is defined on.
 
-    Accepts NIfTI arrays ``(*S, ndim)`` and the NIfTI vector layout ``(*S, 1, ndim)``.
+    Accepts NIfTI arrays ``(*S, ndim)`` (the Learn2Reg layout); the NIfTI vector layout ``(*S, 1,
+    ndim)`` is refused: with a vector intent it is an ITK field in mm (``dirio convert`` reads it),
+    without one it is ambiguous.
 
     Args:
         path: ``.nii`` / ``.nii.gz`` file.
@@ -67,7 +69,13 @@ def load_field_and_affine(path: PathLike, ndim: int = 3) -> tuple[np.ndarray, np
             f"in voxels; convert it first: dirio convert {path} -o disp.nii.gz"
         )
     if data.ndim == ndim + 2 and data.shape[ndim] == 1:
-        data = data[..., 0, :]
+        # The NIfTI vector layout without a vector intent: values in voxels or in mm? A Learn2Reg field
+        # is (*S, ndim); guessing would be silently wrong either way.
+        raise DirioError(
+            f"{path}: has shape {tuple(data.shape)}, the NIfTI vector layout, without a vector intent: a Learn2Reg "
+            f"field is {'(D, H, W, 3)' if ndim == 3 else '(H, W, 2)'} in voxels, an ITK field (D, H, W, 1, 3) with "
+            f"intent 1007 in LPS mm; write the field in one of these layouts"
+        )
     if data.ndim != ndim + 1 or data.shape[-1] != ndim:
         expected = "(D, H, W, 3)" if ndim == 3 else "(H, W, 2)"
         raise DirioError(f"{path}: has shape {tuple(data.shape)}; expected a displacement field {expected}")

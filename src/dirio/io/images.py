@@ -295,6 +295,16 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
             raise DirioError(f"{path}: contains {bad} NaN/Inf voxels")
 
 
+def _check_float32_range(data: np.ndarray, path: Path) -> None:
+    """Refuse intensities that become Inf as float32 (e.g. an integer image whose NIfTI ``scl_slope``
+    scales it beyond 3.4e38): finite in the file's scaling, unusable after the cast."""
+    if data.size and np.issubdtype(data.dtype, np.floating) and data.dtype.itemsize > 4:
+        largest = float(np.abs(data).max())
+        if largest > float(np.finfo(np.float32).max):
+            raise DirioError(f"{path}: intensities up to {largest:.3g} after the file's scaling (NIfTI scl_slope / "
+                             f"scl_inter) overflow float32; fix the header's scaling")
+
+
 def _as_label_map(data: np.ndarray, path: Path) -> np.ndarray:
     """Check a label map (integer values >= 0) and return it with an integer dtype.
 
@@ -361,6 +371,7 @@ def load_image(path: PathLike, *, labels: bool = False, ndim: int = 3) -> Image:
     else:
         if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
             raise DirioError(f"{path}: has voxel type {data.dtype}; expected numeric intensities")
+        _check_float32_range(data, path)
         data = data.astype(np.float32, copy=False)
     return Image(data=np.ascontiguousarray(data), affine=affine, path=str(path))
 
@@ -460,18 +471,34 @@ def _write_itk(path: Path, array: np.ndarray, affine: np.ndarray, overwrite: boo
 # --- grids ---------------------------------------------------------------------------------------
 
 
+def voxel_centre_distance_mm(shape: Sequence[int], affine_a: np.ndarray, affine_b: np.ndarray) -> float:
+    """How far apart (mm) two affines put the same voxel of a grid of ``shape``: the largest
+    ``|A_a v - A_b v|`` over the grid's corner voxels ``v`` (2D: the four corners of the ``(H, W)``
+    grid, third index 0), which bounds it over the whole grid (the difference is affine in ``v``)."""
+    ndim = len(shape)
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(ndim, -1).T
+    homogeneous = np.zeros((len(corners), 4))
+    homogeneous[:, :ndim] = corners
+    homogeneous[:, 3] = 1.0
+    difference = homogeneous @ (np.asarray(affine_a, dtype=np.float64) - np.asarray(affine_b, dtype=np.float64)).T
+    return float(np.linalg.norm(difference[:, :3], axis=1).max())
+
+
 def check_same_grid(fixed: Image, moving: Image, what: str = "moving") -> None:
     """Require ``moving`` to lie on the fixed image's grid (same shape, affines within 1e-4 mm).
 
     Raises:
-        DirioError: naming both files and saying how to resample.
+        DirioError: naming both files and saying how to resample; a differing affine is reported
+            as the largest distance between the two images' voxel centres
+            (:func:`voxel_centre_distance_mm`).
     """
     same_shape = fixed.shape == moving.shape
     if same_shape:
         difference = float(np.abs(fixed.affine - moving.affine).max())
         if difference <= GRID_TOLERANCE_MM:
             return
-        detail = f"affines differ by up to {difference:.4g} mm"
+        distance = voxel_centre_distance_mm(fixed.shape, fixed.affine, moving.affine)
+        detail = f"the same voxel's centre differs by up to {distance:.4g} mm"
     else:
         detail = f"shape {moving.shape} vs {fixed.shape}"
     raise DirioError(

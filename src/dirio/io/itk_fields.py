@@ -22,6 +22,9 @@ ITK geometry cannot store shear, so a grid whose affine has shear is refused.
 from __future__ import annotations
 
 import os
+import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -46,11 +49,67 @@ def is_itk_field_name(path: PathLike) -> bool:
     return _suffix(Path(path)) in ITK_FIELD_SUFFIXES
 
 
-def _itk_geometry(affine: np.ndarray, path: Path):
+def itk_geometry(affine: np.ndarray, path: PathLike):
+    """``(spacing, origin, direction)`` of a grid in ITK's terms.
+
+    Raises:
+        DirioError: naming ``path`` (the file whose grid it is) when the affine has shear.
+    """
     try:
         return ras_affine_to_itk(affine, 3)
     except ValueError as exc:
         raise DirioError(f"{path}: {exc}; an ITK displacement field needs a grid without shear") from None
+
+
+#: The signature of an HDF5 file, at offset 0, 512, 1024, 2048... (the HDF5 superblock).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5(path: Path) -> bool:
+    """Whether ``path`` starts an HDF5 superblock at offset 0 or a power of two from 512."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset + len(HDF5_SIGNATURE) <= size:
+            handle.seek(offset)
+            if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def itk_reason(error: Exception) -> str:
+    """An ITK / SimpleITK exception as one short line: the description, without the C++ source paths,
+    line numbers and object addresses ITK puts around it."""
+    text = " ".join(str(error).split())
+    if "Description:" in text:
+        text = text.split("Description:", 1)[1]
+    elif "ITK ERROR:" in text:
+        text = text.split("ITK ERROR:", 1)[1]
+    text = re.sub(r"\S*/\S*:\d+:?", "", text)  # /build/.../file.cxx:123:
+    text = re.sub(r"\(?0x[0-9a-fA-F]+\)?:?", "", text)  # object addresses
+    text = re.sub(r"\b\w+ ERROR:\s*", "", text)
+    text = re.sub(r"\s*Tried to create one of the following:.*", "", text)  # ITK's list of reader classes
+    return " ".join(text.split()).strip(" :") or "unreadable"
+
+
+@contextmanager
+def _c_stderr_silenced():
+    """Silence what C libraries write to file descriptor 2 (the HDF5 library's diagnostic stack of a
+    file it cannot open) for the duration; the error still arrives as the exception."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (an embedding host)
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def save_itk_field(path: PathLike, disp: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> None:
@@ -70,7 +129,7 @@ def save_itk_field(path: PathLike, disp: np.ndarray, affine: np.ndarray, *, over
     if disp.ndim != 4 or disp.shape[-1] != 3:
         raise DirioError(f"{path}: ITK displacement fields are written for 3D fields (D, H, W, 3), got {disp.shape}")
     affine = np.asarray(affine, dtype=np.float64)
-    spacing, origin, direction = _itk_geometry(affine, path)
+    spacing, origin, direction = itk_geometry(affine, path)
     lps = voxel_to_itk_displacement(disp, affine)
     suffix = _suffix(path)
     if suffix in (".nii.gz", ".nii"):
@@ -128,10 +187,13 @@ def load_itk_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
         if intent == NIFTI_INTENT_DISPVECT:
             lps[..., :2] *= -1.0
     elif suffix in (".mha", ".h5"):
+        if suffix == ".h5" and not is_hdf5(path):
+            raise DirioError(f"{path}: not an HDF5 file; an ITK transform file (.h5) is HDF5, as ITK and ANTs write it")
         sitk = _import_simpleitk(path, "reading")
         try:
             if suffix == ".h5":
-                transform = sitk.ReadTransform(str(path))
+                with _c_stderr_silenced():
+                    transform = sitk.ReadTransform(str(path))
                 if transform.GetName() == "CompositeTransform":
                     transform = sitk.CompositeTransform(transform)
                     if transform.GetNumberOfTransforms() != 1:
@@ -144,7 +206,7 @@ def load_itk_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
             else:
                 image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise DirioError(f"{path}: cannot read as an ITK displacement field ({' '.join(str(exc).split())})") from None
+            raise DirioError(f"{path}: cannot read as an ITK displacement field ({itk_reason(exc)})") from None
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
             raise DirioError(f"{path}: expected a 3D field of 3-vectors, got {image.GetDimension()}D with "
                              f"{image.GetNumberOfComponentsPerPixel()} components")

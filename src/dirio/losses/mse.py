@@ -55,7 +55,8 @@ class _SquaredError(torch.autograd.Function):
 
 
 def squared_error(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``masked_mean((warped - fixed)^2, mask)``: ``F.mse_loss`` without a mask (already fused and
+    """``masked_mean((warped - fixed)^2, mask)`` of ``(B, C, *S)`` images with an optional ``(B or 1, 1, *S)``
+    mask, a scalar in intensity units squared: ``F.mse_loss`` without a mask (already fused and
     accurate), the blocked :class:`_SquaredError` with one (3x faster than the autograd chain)."""
     fixed = fixed.to(warped.dtype)
     if mask is None:

@@ -40,20 +40,52 @@ class Evaluation:
 
     Args:
         ctx: the level (or batch) context.
-        field: ``(B, ndim, *ctx.shape)`` displacement in voxels of the level grid.
-        transform: the transform (for :attr:`regularized`).
+        field: ``(B, ndim, *ctx.shape)`` displacement in voxels of the level grid; ``None``: computed
+            as ``transform.field(ctx)`` on first use (a symmetric transform's similarity needs only
+            its half maps, :attr:`middle`).
+        transform: the transform (for :attr:`regularized` and :attr:`middle`).
     Derived values are computed on first use and shared by all terms of the iteration.
     """
 
-    def __init__(self, ctx: LevelContext, field: torch.Tensor, transform: Transform):
+    def __init__(self, ctx: LevelContext, field: torch.Tensor | None, transform: Transform):
         self.ctx = ctx
-        self.field = field
+        self._field = field
         self.transform = transform
+        self._middle: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._middle_done = False
         self._coords: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._mask_done = False
         self._regularized: RegularizedField | None = None
         self._regularized_done = False
+
+    @property
+    def field(self) -> torch.Tensor:
+        """``(B, ndim, *S)`` forward displacement (fixed -> moving) in voxels of the level grid."""
+        if self._field is None:
+            self._field = self.transform.field(self.ctx)
+        return self._field
+
+    @property
+    def middle(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(d_f, d_m)``: the half maps of a symmetric transform (``transform.middle(ctx)``, e.g.
+        :class:`dirio.transforms.symmetric.SymmetricTransform`), pull displacements from a middle
+        space on the level grid into the fixed and the moving image; ``None`` for other transforms."""
+        if not self._middle_done:
+            middle = getattr(self.transform, "middle", None)
+            self._middle = None if middle is None else middle(self.ctx)
+            self._middle_done = True
+        return self._middle
+
+    def warped_pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two ``(B, C, *S)`` images (or features) the similarity compares: ``fixed`` and ``moving``
+        pulled by the field (``moving(x + u(x))``), or, for a symmetric transform, both pulled into the
+        middle space (``fixed(x + d_f(x))``, ``moving(x + d_m(x))``; linear, border padding)."""
+        if self.middle is None:
+            return fixed, sample(moving, self.coords)
+        identity = self.ctx.identity
+        fixed_half, moving_half = self.middle
+        return sample(fixed, identity + fixed_half), sample(moving, identity + moving_half)
 
     @property
     def coords(self) -> torch.Tensor:
@@ -64,7 +96,13 @@ class Evaluation:
 
     @property
     def mask(self) -> torch.Tensor | None:
-        """The fixed mask times the moving mask pulled into fixed space (either may be absent)."""
+        """The fixed mask times the moving mask pulled into fixed space (either may be absent); for a
+        symmetric transform, both masks pulled into the middle space (:attr:`middle`)."""
+        if not self._mask_done and self.middle is not None:
+            masks = [sample(m, self.ctx.identity + half, mode="linear", padding="zeros")
+                     for m, half in zip((self.ctx.fixed_mask, self.ctx.moving_mask), self.middle) if m is not None]
+            self._mask = masks[0] * masks[1] if len(masks) == 2 else (masks[0] if masks else None)
+            self._mask_done = True
         if not self._mask_done:
             mask = self.ctx.fixed_mask
             if self.ctx.moving_mask is not None:
@@ -75,8 +113,11 @@ class Evaluation:
 
     @property
     def regularized(self) -> RegularizedField | None:
+        """What the regularizers act on: ``transform.regularized(ctx, field)``; a symmetric transform
+        regularizes its halves and gets ``None`` for the field (its forward map is not computed for it)."""
         if not self._regularized_done:
-            self._regularized = self.transform.regularized(self.ctx, self.field)
+            field = self._field if self.middle is not None else self.field
+            self._regularized = self.transform.regularized(self.ctx, field)
             self._regularized_done = True
         return self._regularized
 
@@ -125,7 +166,27 @@ def ordered(terms: Sequence[Term]) -> list[Term]:
 # --- the term functions --------------------------------------------------------------------------
 
 
-FEATURE_RESOLUTIONS = ("level", "full")
+FEATURE_RESOLUTIONS = ("level", "full", "pooled")
+FEATURE_SAMPLINGS = ("exact", "convexadam")
+
+
+def pool_to_level(features: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Full-grid ``(B, C, *S)`` features averaged over blocks of ``f = round(S / shape)`` voxels per
+    axis (ConvexAdam's ``avg_pool3d(features, grid_sp_adam)``) -> ``(B, C, *shape)``.
+
+    Block ``y`` covers the full-grid voxels ``f y .. f y + f - 1`` (voxels left over at the far
+    end are dropped); when that gives fewer than ``shape`` blocks (an odd size at a factor-2
+    level) the last block is repeated up to ``shape``.
+    """
+    ndim = features.dim() - 2
+    full = features.shape[2:]
+    kernel = [max(round(n / m), 1) for n, m in zip(full, shape)]
+    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    pooled = pool(features, kernel, stride=kernel)
+    missing = [max(m - p, 0) for m, p in zip(shape, pooled.shape[2:])]
+    if any(missing):
+        pooled = F.pad(pooled, [v for m in reversed(missing) for v in (0, m)], mode="replicate")
+    return pooled[(slice(None), slice(None)) + tuple(slice(0, m) for m in shape)]
 
 
 class SimilarityTerm:
@@ -138,20 +199,33 @@ class SimilarityTerm:
     ``features_from`` says which images the features are computed on: ``"level"`` (default) the
     level's own images, so a MIND dilation counts level voxels; ``"full"`` the full-grid images
     (``ctx.full_fixed`` / ``ctx.full_moving``), the features then being resampled onto the level
-    grid with the pyramid's anti-aliasing, as ConvexAdam average-pools its full-resolution MIND
-    features for its half-resolution Adam stage. Falls back to the level images when the context
-    has no full-grid images (a training batch).
+    grid with the pyramid's anti-aliasing; ``"pooled"`` the full-grid features averaged over blocks
+    of the level's factor (:func:`pool_to_level`), as ConvexAdam average-pools its full-resolution
+    MIND features for its half-resolution Adam stage (they sit at the block centres: use it with a
+    transform on the ``align_corners=False`` geometry, ``grid_alignment="centres"``). Falls back to
+    the level images when the context has no full-grid images (a training batch).
+
+    ``sampling`` says how the moving features are read at ``x + u(x)``: ``"exact"`` (linear, edge
+    values beyond the grid), or ``"convexadam"``, the two quirks of ConvexAdam's Adam stage, kept
+    only to reproduce its field: it reads them at ``x + u(x) n / (n - 1)`` (``n`` voxels per axis:
+    an ``align_corners=False`` grid plus a displacement normalised by ``(n - 1) / 2``) and as 0
+    beyond the grid. Not for symmetric transforms.
     """
 
-    def __init__(self, similarity, features_from: str = "level"):
+    def __init__(self, similarity, features_from: str = "level", sampling: str = "exact"):
         if features_from not in FEATURE_RESOLUTIONS:
             raise ValueError(f"features_from must be one of {', '.join(FEATURE_RESOLUTIONS)}, got {features_from!r}")
+        if sampling not in FEATURE_SAMPLINGS:
+            raise ValueError(f"feature sampling must be one of {', '.join(FEATURE_SAMPLINGS)}, got {sampling!r}")
         self.similarity = similarity
         self.features_from = features_from
+        self.sampling = sampling
 
     def _features(self, ctx: LevelContext, full: torch.Tensor | None, level: torch.Tensor) -> torch.Tensor:
-        if self.features_from == "full" and full is not None and tuple(full.shape[2:]) != tuple(ctx.shape):
+        if self.features_from != "level" and full is not None and tuple(full.shape[2:]) != tuple(ctx.shape):
             with torch.no_grad():
+                if self.features_from == "pooled":
+                    return pool_to_level(self.similarity.features(full), ctx.shape)
                 return resize_image(self.similarity.features(full), ctx.shape)
         return self.similarity.features(level)
 
@@ -161,8 +235,14 @@ class SimilarityTerm:
 
     def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
         fixed_features, moving_features = evaluation.ctx.cache[name]
-        warped = sample(moving_features, evaluation.coords)
-        return self.similarity(fixed_features, warped, evaluation.mask)
+        if self.sampling == "convexadam" and evaluation.middle is None:
+            field = evaluation.field
+            ndim = field.shape[1]
+            n = torch.tensor(field.shape[2:], device=field.device, dtype=field.dtype).view((1, ndim) + (1,) * ndim)
+            coords = evaluation.ctx.identity + field * (n / (n - 1).clamp_min(1))
+            return self.similarity(fixed_features, sample(moving_features, coords, padding="zeros"), evaluation.mask)
+        fixed, warped = evaluation.warped_pair(fixed_features, moving_features)
+        return self.similarity(fixed, warped, evaluation.mask)
 
 
 class RegularizerTerm:

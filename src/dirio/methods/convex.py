@@ -9,10 +9,10 @@ of the continuous-optimisation paper), written for dirio's conventions:
    cells at the far border are dropped); its centre is the fine position ``g c + (g - 1) / 2``.
 2. Cost volume: for every cell ``x`` and every integer cell displacement ``d`` in ``[-r, r]^ndim``,
    ``C(x, d) = sum over channels of (F_fixed(x) - F_moving(x + d))^2`` (sum over the 12 MIND
-   channels, as ConvexAdam; moving features replicated beyond the border), then box-smoothed over
-   space (``cost_smoothing`` passes of a 3-cell mean: a patch-wise SSD). A fixed mask weights the
-   cost by the fraction of mask voxels in each cell, so cells outside it are filled in by the
-   regularization.
+   channels, as ConvexAdam), then box-smoothed over space (``cost_smoothing`` passes of a 3-cell
+   mean: a patch-wise SSD). A fixed mask weights the cost by the fraction of mask voxels in each
+   cell, so cells outside it are filled in by the regularization. ``borders`` says what lies beyond
+   the cell grid (see :data:`BORDERS`).
 3. Coupled convex optimisation of ``E(u, v) = sum_x C(x, u(x)) + theta ||u - v||^2 + smoothness(v)``:
    alternately the *exact* pointwise minimum over the discrete ``u`` (non-convex data term, solved
    globally by search) and the smoothing of ``u`` into ``v`` (the convex part, approximated by
@@ -21,7 +21,8 @@ of the continuous-optimisation paper), written for dirio's conventions:
 4. Optional symmetrisation: the backward problem (moving to fixed) is solved the same way and both
    fields are made inverse consistent by the fixed-point iteration
    ``f <- (f - b o (id + f)) / 2``, ``b <- (b - f o (id + b)) / 2`` (``consistency_iterations``
-   times, both updated from the previous pair).
+   times, both updated from the previous pair; with ConvexAdam's borders the other field is read
+   at ``x + f(x) n / (n - 1)`` and is 0 beyond the cell grid, see :data:`BORDERS`).
 5. The cell field is upsampled to the full grid (trilinear, cell-centre geometry) and becomes the
    initial field of the dense stage.
 
@@ -50,9 +51,21 @@ from dirio.core.profiling import peak_memory_mb, reset_peak_memory
 # ConvexAdam's coupling weights (convex_adam_utils.coupled_convex), applied to a cost summed
 # over the 12 MIND channels and to squared displacements in cells.
 DEFAULT_COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-# Tie-break of the first (uncoupled) step: among equal costs (e.g. cells outside a mask, whose
-# cost is 0) the smallest displacement wins. Far below any real cost difference (costs are sums
-# of 12 squared differences of descriptors in [0, 1]).
+# What lies beyond the cell grid.
+# "convexadam" (ConvexAdam's convex_adam_utils, measured to reproduce its cost volume and fields to
+# float precision; benchmarks/convexadam_reference.py): the moving features are 0 beyond the grid
+# (its F.pad); the box filters of the cost and of the field divide by 3 at the border too (its
+# avg_pool3d(padding=1), count_include_pad); in the symmetrisation the other field is 0 beyond the
+# grid and is read at x + f(x) n / (n - 1), n cells per axis (its grid_sample on an
+# align_corners=False grid of a field normalised by (n - 1) / 2).
+# "replicate": moving features repeated beyond the border, averages over the cells inside, the
+# other field read at x + f(x) with its border values repeated (dirio's own geometry).
+BORDERS = ("convexadam", "replicate")
+# Tie-break of the first (uncoupled) step with dirio's own borders: among equal costs (e.g. cells
+# outside a mask, whose cost is 0) the smallest displacement wins. Far below any real cost
+# difference (costs are sums of 12 squared differences of descriptors in [0, 1]). With ConvexAdam's
+# borders there is none: as its torch.argmin, the first displacement of the table wins (-r in every
+# component: featureless regions, e.g. the background of a brain, start at the far corner).
 _TIE_BREAK = 1e-6
 
 
@@ -69,6 +82,8 @@ class ConvexConfig:
         field_smoothing: passes of a 3-cell box filter turning ``u`` into ``v`` (ConvexAdam: 1).
         symmetric: also solve moving -> fixed and make the pair inverse consistent (ConvexAdam ``ic=True``).
         consistency_iterations: fixed-point iterations of the symmetrisation (ConvexAdam: 15).
+        borders: ``"convexadam"`` (its conventions at the border of the cell grid) or
+            ``"replicate"`` (see :data:`BORDERS`).
         mind_radius, mind_dilation: MIND-SSC patch radius and neighbourhood spacing in voxels of
             the image the features are computed on (ConvexAdam ``mind_r = 1``, ``mind_d = 2`` at full
             resolution).
@@ -89,6 +104,7 @@ class ConvexConfig:
     field_smoothing: int = 1
     symmetric: bool = True
     consistency_iterations: int = 15
+    borders: str = "convexadam"
     mind_radius: int = 1
     mind_dilation: int = 2
     feature_factor: int = 1
@@ -111,6 +127,8 @@ class ConvexConfig:
                 f"convex feature factor must be an integer >= 1 dividing the grid spacing {self.grid_spacing}, "
                 f"got {self.feature_factor!r}"
             )
+        if self.borders not in BORDERS:
+            raise ValueError(f"convex borders must be one of {', '.join(BORDERS)}, got {self.borders!r}")
         if not self.memory_mb >= 0 or not self.slab_mb > 0:
             raise ValueError("convex memory_mb must be >= 0 and slab_mb > 0")
 
@@ -189,8 +207,8 @@ def displacement_table(radius: int, ndim: int, device=None) -> torch.Tensor:
 
 
 def cost_slab(fixed_cells: torch.Tensor, moving_padded: torch.Tensor, radius: int, start: int, stop: int,
-              smoothing: int, weight: torch.Tensor | None = None, moving_norms: torch.Tensor | None = None
-              ) -> torch.Tensor:
+              smoothing: int, weight: torch.Tensor | None = None, moving_norms: torch.Tensor | None = None,
+              border: str = "inside") -> torch.Tensor:
     """SSD cost of cells ``start <= x_0 < stop`` (first axis) for every displacement.
 
     Args:
@@ -203,6 +221,8 @@ def cost_slab(fixed_cells: torch.Tensor, moving_padded: torch.Tensor, radius: in
         weight: optional ``(1, 1, *Cs)`` per-cell weight of the cost (fixed-mask fraction).
         moving_norms: optional ``(*(Cs + 2 radius))`` squared norms of ``moving_padded`` over channels
             (computed when absent).
+        border: the box filter's border (:func:`dirio.core.filters.box_smooth`): ``"inside"`` or
+            ``"zeros"`` (the cost is 0 beyond the grid at every pass).
     Returns:
         ``(K, stop - start, *Cs[1:])`` float32 cost, ``K = (2r + 1)^ndim`` in
         :func:`displacement_table` order.
@@ -235,7 +255,9 @@ def cost_slab(fixed_cells: torch.Tensor, moving_padded: torch.Tensor, radius: in
     cost.clamp_min_(0)
     if weight is not None:
         cost = cost * weight[0, :, lo:hi]
-    cost = box_smooth(cost.unsqueeze(0), smoothing)[0]
+    # (with zeros, the halo's far rows are wrong where the slab's edge is not the grid's; the errors
+    # move one row per pass and never reach the slab's own rows)
+    cost = box_smooth(cost.unsqueeze(0), smoothing, border)[0]
     return cost[:, start - lo : start - lo + (stop - start)]
 
 
@@ -247,18 +269,23 @@ class CostVolume:
         radius: search radius in cells.
         smoothing: box-filter passes over space.
         weight: optional ``(1, 1, *Cs)`` cost weight.
+        borders: :data:`BORDERS` (``"replicate"`` here by default; :class:`ConvexConfig` chooses).
         memory_mb: cache the whole volume when it is at most this size.
         slab_mb: target size of one slab.
     """
 
     def __init__(self, fixed_cells, moving_cells, radius: int, smoothing: int, weight=None,
-                 memory_mb: float = 1024.0, slab_mb: float = 256.0):
+                 memory_mb: float = 1024.0, slab_mb: float = 256.0, borders: str = "replicate"):
         ndim = fixed_cells.dim() - 2
         self.radius = radius
         self.smoothing = smoothing
         self.weight = weight
         self.fixed = fixed_cells
-        self.moving_padded = F.pad(moving_cells, [radius] * (2 * ndim), mode="replicate")
+        self.border = "zeros" if borders == "convexadam" else "inside"
+        if borders == "convexadam":
+            self.moving_padded = F.pad(moving_cells, [radius] * (2 * ndim))
+        else:
+            self.moving_padded = F.pad(moving_cells, [radius] * (2 * ndim), mode="replicate")
         self.moving_norms = self.moving_padded[0].square().sum(0)
         self.shape = tuple(fixed_cells.shape[2:])
         self.displacements = (2 * radius + 1) ** ndim
@@ -283,7 +310,7 @@ class CostVolume:
 
     def _compute(self, start: int, stop: int) -> torch.Tensor:
         cost = cost_slab(self.fixed, self.moving_padded, self.radius, start, stop, self.smoothing, self.weight,
-                         self.moving_norms)
+                         self.moving_norms, self.border)
         # Cell-major (cells, K): the coupled minimum is then a contiguous reduction per cell,
         # about 3x faster than reducing over the leading axis of (K, cells).
         return cost.reshape(self.displacements, -1).t().contiguous()
@@ -298,16 +325,17 @@ class CostVolume:
 # --- coupled convex optimisation -----------------------------------------------------------------
 
 
-def coupled_argmin(volume: CostVolume, table: torch.Tensor, target: torch.Tensor | None, coupling: float
-                   ) -> torch.Tensor:
+def coupled_argmin(volume: CostVolume, table: torch.Tensor, target: torch.Tensor | None, coupling: float,
+                   tie_break: float = _TIE_BREAK) -> torch.Tensor:
     """Per cell, the displacement minimising ``C(x, d) + coupling * ||d - target(x)||^2``.
 
     Args:
         volume: the cost volume.
         table: ``(K, ndim)`` displacements (cells).
         target: ``(1, ndim, *Cs)`` current smooth field ``v`` (cells), or ``None`` for the first
-            step (pure cost plus a negligible pull towards 0 to break ties).
+            step (pure cost plus ``tie_break * |d|^2``, a negligible pull towards 0 to break ties).
         coupling: ``theta``.
+        tie_break: see above (0: the first displacement of ``table`` wins ties).
     Returns:
         ``(1, ndim, *Cs)`` float32 field of discrete displacements (cells).
     """
@@ -317,7 +345,7 @@ def coupled_argmin(volume: CostVolume, table: torch.Tensor, target: torch.Tensor
     for start, stop in volume.ranges():
         cost = volume.slab(start, stop)  # (n, K)
         if target is None:
-            coupled = cost + _TIE_BREAK * norms
+            coupled = cost + tie_break * norms if tie_break else cost
         else:
             # ||d - v||^2 = |d|^2 - 2 d.v + |v|^2; the last term does not change the minimiser.
             # One matrix product adds -2 theta d.v to cost + theta |d|^2.
@@ -328,16 +356,18 @@ def coupled_argmin(volume: CostVolume, table: torch.Tensor, target: torch.Tensor
     return out
 
 
-def coupled_convex(volume: CostVolume, table: torch.Tensor, coupling: Sequence[float], smoothing: int
-                   ) -> torch.Tensor:
+def coupled_convex(volume: CostVolume, table: torch.Tensor, coupling: Sequence[float], smoothing: int,
+                   border: str = "inside") -> torch.Tensor:
     """Coupled convex optimisation over a cost volume -> ``(1, ndim, *Cs)`` smooth field in cells.
 
     Starts from the smoothed pointwise minimum, then for each ``theta`` in ``coupling``: discrete
-    minimum of cost + ``theta ||d - v||^2`` per cell, smoothed into the new ``v``.
+    minimum of cost + ``theta ||d - v||^2`` per cell, smoothed into the new ``v`` (box filter with
+    ``border`` ``"inside"`` or ``"zeros"``, :func:`dirio.core.filters.box_smooth`).
     """
-    smooth = box_smooth(coupled_argmin(volume, table, None, 0.0), smoothing)
+    tie_break = _TIE_BREAK if border == "inside" else 0.0
+    smooth = box_smooth(coupled_argmin(volume, table, None, 0.0, tie_break), smoothing, border)
     for theta in coupling:
-        smooth = box_smooth(coupled_argmin(volume, table, smooth, float(theta)), smoothing)
+        smooth = box_smooth(coupled_argmin(volume, table, smooth, float(theta)), smoothing, border)
     return smooth
 
 
@@ -346,14 +376,25 @@ def consistency_error(forward: torch.Tensor, backward: torch.Tensor) -> float:
     return float((forward + warp(backward, forward)).norm(dim=1).mean())
 
 
-def symmetrise(forward: torch.Tensor, backward: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetrise(forward: torch.Tensor, backward: torch.Tensor, iterations: int, borders: str = "replicate"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Make two opposite pull fields inverse consistent by the averaging fixed-point iteration.
 
     Each iteration sets ``f <- (f - b o (id + f)) / 2`` and ``b <- (b - f o (id + b)) / 2`` from
-    the previous pair; a pair of exact inverses is a fixed point.
+    the previous pair; a pair of exact inverses is a fixed point. With ``borders="replicate"`` the
+    other field is read at ``x + f(x)`` with its border values beyond the grid; with
+    ``"convexadam"`` at ``x + f(x) n / (n - 1)`` (``n`` cells per axis) and 0 beyond the grid
+    (bilinear weights of outside cells dropped), as ConvexAdam's ``inverse_consistency``.
     """
+    ndim = forward.shape[1]
+    if borders == "convexadam":
+        n = torch.tensor(forward.shape[2:], dtype=forward.dtype, device=forward.device).view((1, ndim) + (1,) * ndim)
+        stretch, padding = n / (n - 1).clamp_min(1), "zeros"
+    else:
+        stretch, padding = 1.0, "border"
     for _ in range(iterations):
-        forward, backward = 0.5 * (forward - warp(backward, forward)), 0.5 * (backward - warp(forward, backward))
+        forward, backward = (0.5 * (forward - warp(backward, forward * stretch, padding=padding)),
+                             0.5 * (backward - warp(forward, backward * stretch, padding=padding)))
     return forward, backward
 
 
@@ -397,8 +438,9 @@ def convex_initialisation(
         table = displacement_table(config.radius, ndim, device=device)
 
         def solve(a, b, weight):
-            volume = CostVolume(a, b, config.radius, config.cost_smoothing, weight, config.memory_mb, config.slab_mb)
-            return coupled_convex(volume, table, config.coupling, config.field_smoothing), volume
+            volume = CostVolume(a, b, config.radius, config.cost_smoothing, weight, config.memory_mb, config.slab_mb,
+                                config.borders)
+            return coupled_convex(volume, table, config.coupling, config.field_smoothing, volume.border), volume
 
         forward, volume = solve(fixed_cells, moving_cells, weights[0])
         backward = None
@@ -406,7 +448,7 @@ def convex_initialisation(
         if config.symmetric:
             backward, _ = solve(moving_cells, fixed_cells, weights[1])
             before = consistency_error(forward, backward)
-            forward, backward = symmetrise(forward, backward, config.consistency_iterations)
+            forward, backward = symmetrise(forward, backward, config.consistency_iterations, config.borders)
             errors = (before, consistency_error(forward, backward))
         full = cells_to_full(forward, shape, g)
     return ConvexResult(

@@ -11,8 +11,11 @@ Three stages of the pipeline (:mod:`dirio.methods.stages`) use a pretrained regi
 * ``nio``: neural instance optimisation (``papers/neural-instance-optimization.txt``): LapIRN level
   by level, coarse to fine; pyramid level ``k`` runs the network's levels ``1..k`` (their fields
   summed as LapIRN does) and optimises their weights. Defaults from the paper: [100, 60, 30]
-  iterations, Adam at 1e-4, LNCC with a 7-voxel window, ``(1 - lambda) LNCC + lambda diffusion``
-  with lambda = 0.4.
+  iterations, Adam at 1e-4, and the loss ``(1 - lambda) LNCC + lambda diffusion`` with lambda = 0.4,
+  i.e. ``0.6 LNCC + 0.4 diffusion``: LNCC with a 7-voxel box window (dirio's ``-mean(cc^2)``, in
+  [-1, 0]), diffusion ``sum_a sum_c mean((d u_c / d x_a)^2)`` in voxels of the loss grid
+  (:class:`dirio.losses.regularizers.Diffusion`). The two stay separate terms with weights
+  ``1 - lambda`` and ``lambda`` (:meth:`NetworkConfig.terms`); IO uses the same loss.
 
 ``network+dense`` is the ``network`` stage followed by the dense stage initialised with its field.
 All of them are the one engine: a :class:`~dirio.transforms.network.NetworkTransform` (or its
@@ -26,6 +29,7 @@ are cached per process (:func:`load_model`), so ``dirio run`` reads the checkpoi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
+from dirio.core.field_checks import field_problem
 from dirio.core.fields import warp
 from dirio.core.profiling import peak_memory_mb, reset_peak_memory
 from dirio.errors import DirioError
@@ -60,12 +65,41 @@ METHODS = {
 #: Regularizers a network stage can use: the field regularizers and GradICON's inverse consistency.
 NETWORK_REGULARIZERS = ("diffusion", "bending", "l1", "tv", "gradicon")
 
+#: Levels of the network neural instance optimisation runs level by level (LapIRN's three).
+NIO_LEVELS = 3
+
+
+def _listed(values: Sequence) -> str:
+    """``(1, 2)`` -> ``"1,2"``: values as the command line and the files write them."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+#: lambda of NIO's loss ``(1 - lambda) LNCC + lambda diffusion`` (the NIO paper, "Implementation":
+#: "lambda is set to 0.4 for both the training and inference phases").
+NIO_LAMBDA = 0.4
+
 #: Per-mode defaults of the options left at ``None`` (sources in the module docstring).
 MODE_DEFAULTS = {
     "network-io": {"iterations": (50,), "resolution": (1.0,), "lr": 2e-5, "optimizer": "amsgrad",
                    "weight_decay": 1e-3},
     "nio": {"iterations": (100, 60, 30), "resolution": (1.0, 1.0, 1.0), "lr": 1e-4, "optimizer": "adam",
             "weight_decay": 0.0},
+}
+
+#: Named budgets (``network_budget``): the per-mode defaults of the options left at ``None``.
+#: ``paper``: the papers' schedules (:data:`MODE_DEFAULTS`). ``cpu``: what a 2-core CPU affords in
+#: about 3 minutes per full-resolution brain (160 x 192 x 224), from the accuracy-against-time
+#: curves of ``benchmarks/network_claims.py`` (benchmarks/RESULTS.md, Issue 21): a step that runs
+#: LapIRN's full-resolution level costs about 2 minutes there, a level-1-only step a few seconds, so
+#: NIO optimises the coarsest level only (25 steps, the loss on the half-resolution grid), then the
+#: full-resolution pass; an IO step always runs the whole network at full resolution, so IO keeps
+#: a single step. What this keeps of the full schedule's gain is in docs/how-to/networks.md.
+NETWORK_BUDGETS = {
+    "paper": MODE_DEFAULTS,
+    "cpu": {
+        "network-io": {**MODE_DEFAULTS["network-io"], "iterations": (1,)},
+        "nio": {**MODE_DEFAULTS["nio"], "iterations": (25, 0, 0), "levels": (1,), "resolution": (2.0, 2.0, 1.0)},
+    },
 }
 
 
@@ -82,7 +116,7 @@ class NetworkConfig:
         network_axes: :class:`~dirio.transforms.network.AxisMap` from the image grid to the
             network's training axis order (``identity``, ``voxelmorph-grid`` or e.g. ``0,-2,1``).
         network_iterations: optimisation steps per level (IO: one level, NIO: one per LapIRN level);
-            ``None``: the mode's default (:data:`MODE_DEFAULTS`).
+            ``None``: the budget's default for the mode (:data:`NETWORK_BUDGETS`).
         network_levels: network levels whose weights are optimised (LapIRN: 1..3); ``None``: all.
             With NIO, ``(1, 2)`` optimises at 1/4 and 1/2 resolution only and leaves the
             full-resolution level at its pretrained weights.
@@ -91,10 +125,13 @@ class NetworkConfig:
         network_lr, network_optimizer, network_weight_decay: the optimiser (``None``: mode default).
         network_similarity, network_similarity_options: the similarity (LNCC, window 7: NIO's).
         network_regularizer: one of :data:`NETWORK_REGULARIZERS` (``gradicon``: inverse consistency).
-        network_lambda: the loss is ``(1 - lambda) similarity + lambda regularizer`` (NIO's form).
+        network_lambda: the loss is ``(1 - lambda) similarity + lambda regularizer`` (NIO's form;
+            default :data:`NIO_LAMBDA`: ``0.6 LNCC + 0.4 diffusion``).
         network_checkpointing: gradient checkpointing (networks with ``gradient_checkpointing``).
         network_mixed_precision: bfloat16 autocast of the network on CUDA (ignored on the CPU).
         network_normalise: min-max normalise each image to [0, 1] before the network (LapIRN's input).
+        network_budget: which defaults fill the options left at ``None`` (iterations, levels,
+            resolution, optimiser): ``paper`` (the papers' schedules) or ``cpu`` (:data:`NETWORK_BUDGETS`).
     """
 
     model: str | None = None
@@ -109,18 +146,23 @@ class NetworkConfig:
     network_similarity: str = "lncc"
     network_similarity_options: dict = field(default_factory=lambda: {"window": 7})
     network_regularizer: str = "diffusion"
-    network_lambda: float = 0.4
+    network_lambda: float = NIO_LAMBDA
     network_checkpointing: bool = False
     network_mixed_precision: bool = False
     network_normalise: bool = True
+    network_budget: str = "paper"
 
     def option(self, mode: str, name: str) -> Any:
-        """The effective value of ``network_<name>`` for ``mode`` (the mode's default when ``None``)."""
+        """The effective value of ``network_<name>`` for ``mode`` (the budget's default when ``None``)."""
         value = getattr(self, f"network_{name}")
-        return MODE_DEFAULTS.get(mode, {}).get(name) if value is None else value
+        defaults = NETWORK_BUDGETS.get(self.network_budget, MODE_DEFAULTS)
+        return defaults.get(mode, {}).get(name) if value is None else value
 
     def terms(self) -> list[Term]:
-        """``(1 - lambda) similarity`` and ``lambda regularizer`` as separately kept terms."""
+        """``(1 - lambda) similarity`` and ``lambda regularizer`` as separately kept terms, in that order.
+
+        With the defaults: ``lncc`` (window 7) weighted 0.6 and ``diffusion`` weighted 0.4, NIO's loss.
+        """
         lam = float(self.network_lambda)
         similarity = make_similarity(self.network_similarity, **self.network_similarity_options)
         if self.network_regularizer == "gradicon":
@@ -131,28 +173,47 @@ class NetworkConfig:
                 Term(self.network_regularizer, Role.REGULARIZER, function, lam)]
 
     def validate(self, mode: str | None = None) -> None:
-        """Raise ``ValueError`` with a one-line reason for settings a network stage would fail on."""
+        """Raise ``ValueError`` with a one-line reason for settings a network stage would fail on
+        (each option named as `key`, which the command line writes as its flag)."""
         AxisMap.parse(self.network_axes)
+        if self.network_budget not in NETWORK_BUDGETS:
+            raise ValueError(f"unknown `network_budget` {self.network_budget!r}; choose one of "
+                             f"{', '.join(NETWORK_BUDGETS)}")
         if not 0.0 <= float(self.network_lambda) < 1.0:
-            raise ValueError(f"network_lambda must be in [0, 1), got {self.network_lambda}")
+            raise ValueError(f"`network_lambda` must be in [0, 1), got {self.network_lambda}")
+        if self.network_iterations is not None and any(int(n) < 0 for n in self.network_iterations):
+            raise ValueError(f"`network_iterations` must be >= 0, got {_listed(self.network_iterations)}")
+        if self.network_resolution is not None and not all(
+                0 < float(f) < math.inf for f in self.network_resolution):
+            raise ValueError(f"`network_resolution` must be positive shrink factors, got "
+                             f"{_listed(self.network_resolution)}")
+        if self.network_lr is not None and not 0 < float(self.network_lr) < math.inf:
+            raise ValueError(f"`network_lr` must be positive and finite, got {self.network_lr:g}")
+        if self.network_weight_decay is not None and not 0 <= float(self.network_weight_decay) < math.inf:
+            raise ValueError(f"`network_weight_decay` must be >= 0 and finite, got {self.network_weight_decay:g}")
+        if mode == "nio" and self.network_levels is not None and any(
+                int(k) > NIO_LEVELS for k in self.network_levels):
+            raise ValueError(f"`network_levels` of nio are LapIRN levels 1 to {NIO_LEVELS}, got "
+                             f"{_listed(self.network_levels)}")
         if self.network_regularizer not in NETWORK_REGULARIZERS:
             raise ValueError(f"unknown network regularizer {self.network_regularizer!r}; "
                              f"choose one of {', '.join(NETWORK_REGULARIZERS)}")
         if self.network_optimizer is not None and self.network_optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown network optimizer {self.network_optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.network_levels is not None and (not self.network_levels or any(int(k) < 1 for k in self.network_levels)):
-            raise ValueError(f"network_levels are network levels 1, 2, ... (1 = coarsest), got {self.network_levels}")
+            raise ValueError(f"`network_levels` are network levels 1, 2, ... (1 = coarsest), got "
+                             f"{_listed(self.network_levels)}")
         self.terms()
         if mode in MODE_DEFAULTS:
+            if mode == "nio" and len(self.option(mode, "iterations")) != NIO_LEVELS:
+                raise ValueError(f"`network_iterations` of nio: one count per LapIRN level ({NIO_LEVELS}), got "
+                                 f"{_listed(self.option(mode, 'iterations'))}")
             self.pyramid(mode).validate()
             self.optimizer(mode).validate()
-            if mode == "nio" and len(self.option(mode, "iterations")) != 3:
-                raise ValueError(f"nio takes one iteration count per LapIRN level (3), got "
-                                 f"{tuple(self.option(mode, 'iterations'))}")
 
     def pyramid(self, mode: str) -> PyramidConfig:
         iterations = tuple(int(n) for n in self.option(mode, "iterations"))
-        resolution = self.network_resolution
+        resolution = self.option(mode, "resolution")
         if resolution is None:
             resolution = (1.0,) * len(iterations)
         elif len(resolution) == 1:
@@ -237,6 +298,48 @@ def load_model(config: NetworkConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
+def model_name(config: NetworkConfig) -> str:
+    """The network of ``config`` as messages name it: the checkpoint file, or the packaged model."""
+    return str(config.model) if config.model is not None else "the packaged LapIRN brain model"
+
+
+def check_model_fits(model: torch.nn.Module, options: NetworkStage, ndim: int) -> None:
+    """Refuse a network that cannot run the stage on ``ndim``-D images, before any work.
+
+    Checks the network's dimensionality (its ``ndim`` attribute, when it has one) against the
+    images', that ``nio`` and ``network_levels`` have a multi-level network, and that the levels named
+    exist.
+
+    Raises:
+        DirioError: one line naming the network and the option or the mismatch.
+    """
+    name = model_name(options.config)
+    network_ndim = getattr(model, "ndim", None)
+    if network_ndim is not None and int(network_ndim) != int(ndim):
+        raise DirioError(f"{name} is a {network_ndim}D network but the images are {ndim}D: give a {ndim}D network "
+                         f"(`model`) or {network_ndim}D images (`ndim`)")
+    levels = options.config.option(options.mode, "levels")
+    multi_level = hasattr(model, "level_parameters")
+    if options.mode == "nio" and not multi_level:
+        raise DirioError(f"nio optimises a multi-level network level by level (LapIRN); {name} "
+                         f"({type(model).__name__}) has no levels: use --method network-io")
+    if options.mode in ("network-io", "nio") and levels is not None:
+        if not multi_level:
+            raise DirioError(f"`network_levels` needs a multi-level network (LapIRN); {name} "
+                             f"({type(model).__name__}) has none")
+        count = int(getattr(model, "num_levels", NIO_LEVELS))
+        if any(int(k) > count for k in levels):
+            raise DirioError(f"`network_levels` {_listed(levels)}: {name} has levels 1 to {count}")
+
+
+def check_network_stage(options: NetworkStage, ndim: int, device: torch.device) -> torch.nn.Module:
+    """Load the network of a stage (cached, :func:`load_model`) and check it fits ``ndim``-D images
+    (:func:`check_model_fits`): the preflight of a registration, before any work on the pair."""
+    model = load_model(options.config, device)
+    check_model_fits(model, options, ndim)
+    return model
+
+
 def clear_model_cache() -> None:
     """Forget every cached network (the next pair reloads its checkpoint)."""
     _MODEL_CACHE.clear()
@@ -255,7 +358,8 @@ def make_transform(model: torch.nn.Module, options: NetworkStage) -> NetworkTran
             raise DirioError(f"nio optimises a multi-level network level by level (LapIRN); "
                              f"{type(model).__name__} has no level_parameters(k): use --method network-io")
         levels = tuple(range(1, int(getattr(model, "num_levels", 3)) + 1))
-        optimised = tuple(config.network_levels) if config.network_levels is not None else levels
+        chosen = config.option(options.mode, "levels")
+        optimised = tuple(chosen) if chosen is not None else levels
         return LevelwiseNetworkTransform(model, schedule=levels, optimised=optimised, **common)
     return NetworkTransform(model, **common)
 
@@ -295,6 +399,7 @@ def register_network(fixed: torch.Tensor, moving: torch.Tensor, options: Network
     options.validate()
     if model is None:
         model = load_model(options.config, fixed.device)
+    check_model_fits(model, options, fixed.dim() - 2)
     config = options.config
     transform = make_transform(model, options)
     flags = [p.requires_grad for p in model.parameters()]
@@ -313,7 +418,7 @@ def register_network(fixed: torch.Tensor, moving: torch.Tensor, options: Network
             if options.mode == "network":
                 return _direct(transform, *(network_inputs or (fixed, moving)))
             if options.mode == "network-io":
-                _freeze_for_io(model, config.network_levels)
+                _freeze_for_io(model, config.option(options.mode, "levels"))
             model.eval()  # LapIRN and the U-Net have no batch statistics; keep any dropout off
             return run_pyramid(
                 transform, config.terms(), fixed, moving, config.pyramid(options.mode), options.optimizer_config(),
@@ -342,6 +447,19 @@ def _direct(transform: NetworkTransform, fixed: torch.Tensor, moving: torch.Tens
                          peak_memory_mb=peak_memory_mb(fixed.device), seconds=seconds)
 
 
+def _unusable_field(options: NetworkStage, problem: str) -> str:
+    """The message of a stage whose field is not finite or exploded (:mod:`dirio.core.field_checks`),
+    naming the cause: the network's weights (inference) or the learning rate (the weights tuned)."""
+    name = model_name(options.config)
+    if options.mode == "network":
+        return (f"the network of {name} predicted an unusable field: {problem}; its weights are probably damaged "
+                f"(or it was not trained on images like these); no field was written")
+    config = options.config
+    return (f"the {options.mode} field is unusable after tuning the weights of {name}: {problem}; the optimisation "
+            f"diverged: lower `network_lr` ({config.option(options.mode, 'optimizer')}, "
+            f"{float(config.option(options.mode, 'lr')):g}); no field was written")
+
+
 def network_stage(state, options: NetworkStage) -> None:
     """A network stage of the pipeline (on the affinely pre-aligned pair when an affine stage ran).
 
@@ -362,6 +480,9 @@ def network_stage(state, options: NetworkStage) -> None:
     result = register_network(fixed, moving, options, network_inputs=inputs, fixed_mask=state.fixed_mask,
                               moving_mask=moving_mask, spacing=state.spacing, seed=state.seed,
                               progress=state.progress)
+    problem = field_problem(result.displacement)
+    if problem is not None:
+        raise DirioError(_unusable_field(options, problem))
     residual = result.displacement
     if state.matrix is not None:
         result.displacement = compose_affine_field(state.matrix.to(fixed.device), residual)

@@ -25,8 +25,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from dirio.core.field_checks import field_problem
 from dirio.core.fields import field_to_numpy, warp
 from dirio.core.registry import Registry
+from dirio.errors import DirioError
 from dirio.losses.terms import Term
 from dirio.methods.affine import AffineConfig, register_affine
 from dirio.methods.convex import ConvexConfig, convex_initialisation
@@ -130,6 +132,11 @@ def dense_stage(state: PairState, options: DenseStage) -> None:
         fixed_mask=state.fixed_mask, moving_mask=state.moving_mask, spacing=state.spacing, seed=state.seed,
         progress=state.progress,
     )
+    problem = field_problem(result.displacement)
+    if problem is not None:
+        o = options.optimizer
+        raise DirioError(f"the dense stage's field is unusable: {problem}; the optimisation diverged: lower "
+                         f"`lr` ({o.optimizer}, {o.lr:g}); no field was written")
     state.records.append({"stage": "dense", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb})
     state.result = result
     state.results.append(("dense", result))

@@ -23,6 +23,7 @@ from dirio.core.profiling import peak_memory_mb, reset_peak_memory
 from dirio.losses.terms import Term
 from dirio.optim.combine import make_combine_rule
 from dirio.optim.optimizers import OPTIMIZER_REGISTRY, make_optimizer
+from dirio.optim.progress import Progress, report
 from dirio.optim.schedules import make_schedule
 from dirio.optim.step import LossLog, Step
 from dirio.optim.stopping import make_stopping_rule
@@ -197,7 +198,8 @@ def run_pyramid(
         fixed_mask, moving_mask: optional ``(B, 1, *S)`` masks in [0, 1] restricting the similarity.
         spacing: voxel size of the full grid in mm (for the contexts; terms may use it).
         seed: seeds the run's generator (every random choice of a rule goes through it).
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr. The observer of :mod:`dirio.optim.progress`, when one
+            is set, gets a report after every iteration (and may stop the run by raising).
         extra: entries of every level context's ``extra`` (e.g. the full-resolution images a
             network sees at every level, :func:`dirio.transforms.network.network_extra`).
     Returns:
@@ -250,6 +252,8 @@ def run_pyramid(
                 log.add(meta, losses, diagnostics)
                 bar.update(1)
                 ran = iteration + 1
+                report(Progress(description, level_index, len(pyramid.levels), ran, iterations,
+                                sum(pyramid.iterations[:level_index]) + ran, sum(pyramid.iterations)))
                 if not read:
                     continue
                 rows = log.flush()
@@ -276,7 +280,8 @@ def run_pyramid(
         bar.close()
     final = LevelContext(level=len(pyramid.levels) - 1, shape=tuple(fixed.shape[2:]), full_shape=tuple(fixed.shape[2:]),
                          fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                         spacing=None if spacing is None else tuple(float(h) for h in spacing))
+                         spacing=None if spacing is None else tuple(float(h) for h in spacing),
+                         extra=dict(extra or {}))  # e.g. the network's own inputs: the final field sees them too
     with torch.no_grad():
         disp = transform.field(final).detach()
     return PyramidResult(

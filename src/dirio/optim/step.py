@@ -62,7 +62,7 @@ class Step:
         """
         if spatial is None:
             spatial = parameter_flags(params, transform.spatial_parameters())
-        evaluation = Evaluation(ctx, transform.field(ctx), transform)
+        evaluation = Evaluation(ctx, None, transform)  # the field is computed when a term first reads it
         losses = evaluate_terms(self.terms, evaluation)
         diagnostics = self.rule.backward(losses, self.weights, self.roles, params, spatial=spatial,
                                          reduce=self.reduce)

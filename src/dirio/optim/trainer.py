@@ -437,7 +437,13 @@ def _progress(enabled: bool, total: int, epoch: int, epochs: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=epoch_label(epoch, epochs), leave=False, dynamic_ncols=True)
+
+
+def epoch_label(epoch: int, epochs: int) -> str:
+    """``"epoch 3 of 0-9"``: epochs are counted from 0 everywhere (terminal, ``epochs.csv``,
+    ``history.csv``, ``train.json``'s ``best_epoch``, checkpoints)."""
+    return f"epoch {int(epoch)} of 0-{int(epochs) - 1}"
 
 
 def resume_state(checkpoint: Mapping[str, Any]) -> dict:

@@ -88,3 +88,32 @@ def endpoint_error(disp: np.ndarray, true_disp: np.ndarray, mask: np.ndarray | N
     if mask is not None:
         error = error[np.asarray(mask, dtype=bool)]
     return float(error.mean())
+
+
+def textured_pair(shape: Sequence[int] = (36, 36, 36), shift: float = 4.0, amplitude: float = 3.0,
+                  seed: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A small 3D pair of smoothed-noise texture in [0, 255] (uint8) with a known smooth motion.
+
+    ``fixed`` is Gaussian-smoothed (sigma 1.5 voxels) normal noise scaled to [0, 1];
+    ``moving(x) = fixed(x - u(x))`` (trilinear, edge values beyond the border) with
+    ``u_a(x) = amplitude * sin(2 pi x_{a+1} / shape[0]) + shift * [a == 0]`` (voxels), so the pull
+    field registering ``moving`` to ``fixed`` is about ``-u``: a few cells of ConvexAdam's discrete
+    step and a smooth residual for its Adam stage. Both are quantised to uint8. Used by
+    ``tests/test_convexadam_agreement.py`` and ``benchmarks/convexadam_reference.py``.
+
+    Returns:
+        ``fixed``, ``moving`` ``(*shape)`` uint8 and ``u`` ``(*shape, 3)`` float32 voxels.
+    """
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(seed)
+    image = gaussian_filter(rng.normal(size=tuple(shape)), 1.5)
+    image = (image - image.min()) / (image.max() - image.min())
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    u = [amplitude * np.sin(2 * np.pi * grid[(a + 1) % 3] / shape[0]) + (shift if a == 0 else 0.0) for a in range(3)]
+    moving = map_coordinates(image, [g - d for g, d in zip(grid, u)], order=1, mode="nearest")
+
+    def quantise(a):
+        return np.clip(np.rint(255 * a), 0, 255).astype(np.uint8)
+
+    return quantise(image), quantise(moving), np.stack(u, axis=-1).astype(np.float32)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dirio.core.fields import identity_grid
+from dirio.core.fields import compose, identity_grid
 from dirio.core.context import LevelContext, RegularizedField
 from dirio.transforms.base import TransformModule
 
@@ -264,3 +264,13 @@ class AffineThenDense(TransformModule):
 
     def regularized(self, ctx: LevelContext, field: torch.Tensor | None = None) -> RegularizedField | None:
         return self.dense.regularized(ctx, field)
+
+    def inverse_field(self, ctx: LevelContext) -> torch.Tensor | None:
+        """Exact when the residual's inverse is: the map ``x -> A(x + u(x))`` inverts to
+        ``y -> z + w(z)`` with ``z = A^-1 y`` and ``w`` the residual's inverse, i.e. the displacement
+        ``compose(w, a_inv)``; ``None`` when the residual has no exact inverse."""
+        residual_inverse = self.dense.inverse_field(ctx)
+        if residual_inverse is None:
+            return None
+        inverse_matrix = torch.linalg.inv(self.matrix)
+        return compose(residual_inverse, affine_displacement(inverse_matrix, ctx.shape, self.full_shape))

@@ -16,6 +16,8 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import torch
 
 from dirio.core.context import LevelContext, RegularizedField
+from dirio.core.inverse import (DEFAULT_ITERATIONS, DEFAULT_TOLERANCE_VOXELS, InverseField, invert_displacement,
+                                inverse_residual)
 
 
 @runtime_checkable
@@ -40,6 +42,14 @@ class Transform(Protocol):
     * ``save_state()`` / ``restore_state(state)``: a detached copy of every parameter and buffer,
       and its exact restoration (parameter shapes included), e.g. to restore pretrained weights
       after per-pair fine-tuning.
+    * ``inverse_field(ctx)`` (optional; :class:`TransformModule` returns ``None``): the inverse of
+      ``field(ctx)`` when the transform knows it exactly, as a ``(B, ndim, *ctx.shape)``
+      displacement ``v`` in voxels of the level grid, on the field's device, such that
+      ``x = y + v(y)`` for ``y = x + u(x)`` (it maps moving-grid points back to the fixed grid).
+      A stationary velocity field returns the flow of the negated velocity; a transform built of
+      two halves (symmetric registration) composes them the other way round. ``None`` means "not
+      known exactly": callers then invert ``field(ctx)`` numerically (:func:`invert_transform`).
+      Called without gradients, after optimisation.
     """
 
     def parameters(self) -> Iterable[torch.Tensor]: ...
@@ -60,31 +70,45 @@ class Transform(Protocol):
 
     def restore_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
+    def inverse_field(self, ctx: LevelContext) -> torch.Tensor | None: ...
+
 
 class TransformModule(torch.nn.Module):
     """Defaults shared by dirio's transforms: one optimiser group at the level rate, no spatial
     parameters, nothing to do between levels or steps, no regularized field, state as detached copies."""
 
     def parameter_groups(self) -> list[dict]:
+        """One group of the trainable parameters at the level rate (``lr_divisor`` 1)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_divisor": 1.0}]
 
     def spatial_parameters(self) -> list[torch.Tensor]:
+        """No parameter is a spatial field."""
         return []
 
     def start_level(self, ctx: LevelContext) -> bool:
+        """Nothing to do at a new level; the parameters are kept (``False``)."""
         return False
 
     def after_step(self, ctx: LevelContext) -> None:
+        """Nothing to do after an optimiser step."""
         return None
 
     def regularized(self, ctx: LevelContext, field: torch.Tensor) -> RegularizedField | None:
+        """No smoothness regularizer applies (``None``)."""
+        return None
+
+    def inverse_field(self, ctx: LevelContext) -> torch.Tensor | None:
+        """No exact inverse known: :func:`invert_transform` inverts the field numerically."""
         return None
 
     def save_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of every parameter and buffer, by ``state_dict`` name."""
         return {name: value.detach().clone() for name, value in self.state_dict(keep_vars=True).items()}
 
     @torch.no_grad()
     def restore_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back a :meth:`save_state` copy exactly (values and shapes); ``ValueError`` when its names
+        do not match the transform's."""
         current = self.state_dict(keep_vars=True)
         missing = sorted(set(current) - set(state))
         unexpected = sorted(set(state) - set(current))
@@ -111,3 +135,29 @@ def restored(transform: Transform):
         yield transform
     finally:
         transform.restore_state(state)
+
+
+@torch.no_grad()
+def invert_transform(transform: Transform, ctx: LevelContext, field: torch.Tensor | None = None, *,
+                     iterations: int = DEFAULT_ITERATIONS,
+                     tolerance: float = DEFAULT_TOLERANCE_VOXELS) -> InverseField:
+    """The inverse of ``transform``'s field on ``ctx``'s grid: its exact ``inverse_field`` when it
+    has one, else the iterative inverse of the field (:func:`dirio.core.inverse.invert_displacement`).
+
+    Args:
+        transform: an optimised transform.
+        ctx: the grid (usually the full-resolution context of the pair).
+        field: ``transform.field(ctx)`` when already computed (``(B, ndim, *ctx.shape)``, voxels).
+        iterations, tolerance: of the iteration.
+    Returns:
+        An :class:`~dirio.core.inverse.InverseField` whose residual is measured against ``field``
+        in both cases.
+    """
+    if field is None:
+        field = transform.field(ctx)
+    hook = getattr(transform, "inverse_field", None)
+    exact = hook(ctx) if hook is not None else None
+    if exact is not None:
+        exact = exact.detach()
+        return InverseField(exact, inverse_residual(field, exact), 0, "exact")
+    return invert_displacement(field.detach(), iterations=iterations, tolerance=tolerance)

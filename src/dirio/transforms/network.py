@@ -43,7 +43,7 @@ NETWORK_MOVING = "network_moving"
 
 #: Named axis maps. ``voxelmorph-grid``: brains on the 160 x 192 x 224 VoxelMorph / neurite-OASIS
 #: grid (voxel axes left, inferior, anterior) -> LapIRN's OASIS training order (160 x 224 x 192 after
-#: the map); chosen by direct-inference Dice (benchmarks/network_io.py, README "Networks").
+#: the map); chosen by direct-inference Dice (benchmarks/network_io.py, docs/how-to/networks.md).
 AXIS_NAMES = {"identity": "0,1,2", "voxelmorph-grid": "0,2,-1"}
 
 

@@ -7,10 +7,12 @@ from dirio.transforms.affine import AffineThenDense, AffineTransform
 from dirio.transforms.base import Transform
 from dirio.transforms.dense import DenseDisplacement, StationaryVelocity
 from dirio.transforms.network import NetworkTransform
+from dirio.transforms.symmetric import SymmetricTransform
 
 TRANSFORMS: Registry[Transform] = Registry("transform")
 TRANSFORMS.register("displacement", DenseDisplacement)
 TRANSFORMS.register("velocity", StationaryVelocity)
+TRANSFORMS.register("symmetric", SymmetricTransform)
 TRANSFORMS.register("affine", AffineTransform)
 TRANSFORMS.register("affine-then-dense", AffineThenDense)
 TRANSFORMS.register("network", NetworkTransform)

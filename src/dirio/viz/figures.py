@@ -47,6 +47,7 @@ PathLike = str | os.PathLike
 PANEL_INCHES = 2.3
 CURVE_PANEL_HEIGHT_INCHES = 2.2
 COLORBAR_ROW_INCHES = 0.18
+NOTE_LINE_INCHES = 0.25  # height of each line of notes under the title
 MAX_CURVE_PANELS_PER_ROW = 6
 # Curves with fewer logged points than this are drawn with point markers too.
 FEW_POINTS = 30
@@ -229,6 +230,7 @@ def registration_figure(
     overwrite: bool = False,
     jacobian: np.ndarray | None = None,
     labels: tuple[np.ndarray, np.ndarray] | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write a one-page PNG summary of a registration result.
 
@@ -251,6 +253,7 @@ def registration_figure(
             on the shown slices only (fast) and the counts are per slice.
         labels: ``(fixed_labels, warped_labels)`` integer maps of shape ``S``; the boundaries
             of their non-zero labels are drawn on the fixed and the warped panels.
+        notes: lines printed under the title (e.g. the inverse consistency of ``dirio register --inverse``).
     Returns:
         ``Path(path)``.
     Raises:
@@ -305,7 +308,9 @@ def registration_figure(
         curve_rows = math.ceil(len(history_series(history)[0]) / MAX_CURVE_PANELS_PER_ROW) or 1
         heights.append(CURVE_PANEL_HEIGHT_INCHES * curve_rows)
     columns = 6
-    fig = new_figure(PANEL_INCHES * columns + 1.0, sum(heights) + 1.2 + (0.4 if title else 0.0))
+    notes = [str(line) for line in notes]
+    fig = new_figure(PANEL_INCHES * columns + 1.0,
+                     sum(heights) + 1.2 + (0.4 if title else 0.0) + NOTE_LINE_INCHES * len(notes))
     grid = fig.add_gridspec(len(heights), columns, height_ratios=heights)
 
     column_axes: list[list] = [[] for _ in range(columns)]
@@ -361,8 +366,8 @@ def registration_figure(
 
     if history is not None:
         _draw_curves(fig, grid[bar_row + 1, :], history)
-    if title:
-        fig.suptitle(title, fontsize=12)
+    if title or notes:
+        fig.suptitle("\n".join(([title] if title else []) + notes), fontsize=12)
     return save_figure(fig, path, overwrite)
 
 

@@ -56,6 +56,9 @@ class ICONNetwork(nn.Module):
         architecture: registry name (``unigradicon``...).
     """
 
+    #: spatial dimensions of the images it takes (3D only)
+    ndim = 3
+
     def __init__(self, regis_net: nn.Module, input_shape: Sequence[int], architecture: str = "unigradicon"):
         super().__init__()
         self.regis_net = regis_net

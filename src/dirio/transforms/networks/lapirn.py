@@ -263,6 +263,8 @@ class LapIRN(nn.Module):
 
     num_levels = NUM_LEVELS
     size_multiple = SIZE_MULTIPLE
+    #: spatial dimensions of the images it takes (3D only)
+    ndim = 3
 
     def __init__(
         self,
@@ -272,8 +274,13 @@ class LapIRN(nn.Module):
         integration_steps: int = INTEGRATION_STEPS,
     ):
         super().__init__()
-        if start_channel < 1:
-            raise ValueError(f"start_channel must be >= 1, got {start_channel}")
+        if not isinstance(start_channel, int) or isinstance(start_channel, bool) or start_channel < 1:
+            raise ValueError(f"start_channel must be an integer >= 1, got {start_channel!r}")
+        if not (isinstance(range_flow, (int, float)) and not isinstance(range_flow, bool)
+                and 0 < range_flow < float("inf")):
+            raise ValueError(f"range_flow must be a positive number, got {range_flow!r}")
+        if not isinstance(integration_steps, int) or isinstance(integration_steps, bool) or integration_steps < 0:
+            raise ValueError(f"integration_steps must be an integer >= 0, got {integration_steps!r}")
         self.diffeomorphic = bool(diffeomorphic)
         self.start_channel = int(start_channel)
         self.range_flow = float(range_flow)

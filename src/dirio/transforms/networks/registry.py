@@ -58,8 +58,8 @@ def upstream_lapirn_checkpoint(state_dict: Mapping[str, Any], architecture: str 
         return None
     if architecture not in ("lapirn-disp", "lapirn-diff"):
         raise DirioError(
-            f"{path}: an upstream LapIRN state_dict; say which field it predicts with "
-            f"architecture='lapirn-disp' or 'lapirn-diff' (got {architecture!r})"
+            f"{path}: an upstream LapIRN state_dict; say which field its network predicts with "
+            f"`network_architecture` lapirn-disp or lapirn-diff (got {architecture!r})"
         )
     renamed, settings = from_upstream_state_dict(state_dict)
     return {
@@ -102,13 +102,31 @@ def build_network(
     name = content["architecture"]
     if name not in NETWORKS:
         raise DirioError(f"{source}: unknown network architecture {name!r}; known: {', '.join(NETWORKS.names())}")
-    try:
-        module = NETWORKS.create(name, **content["settings"])
-    except (TypeError, ValueError) as exc:
-        raise DirioError(f"{source}: cannot build {name} from its settings: {exc}") from None
     what = f"{name} ({', '.join(f'{k}={v}' for k, v in content['settings'].items())})"
+    # First on the meta device (shapes without memory): settings that do not fit the weights, e.g. a
+    # damaged file claiming a million channels, are refused before anything is allocated.
+    shapes = _create(name, content["settings"], source, device="meta")
+    load_state_dict_checked(shapes, content["state_dict"], source, what, load=False)
+    module = _create(name, content["settings"], source)
     load_state_dict_checked(module, content["state_dict"], source, what)
     return module.to(device).eval()
+
+
+def _create(name: str, settings: Mapping[str, Any], source: str, device: str | None = None) -> nn.Module:
+    """The architecture ``name`` built from a checkpoint's settings (on ``device`` when given).
+
+    Raises:
+        DirioError: naming ``source`` for settings the architecture refuses (torch's refusals included,
+            e.g. a negative channel count).
+    """
+    try:
+        if device is None:
+            return NETWORKS.create(name, **settings)
+        with torch.device(device):
+            return NETWORKS.create(name, **settings)
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DirioError(f"{source}: cannot build {name} from its settings: {reason}") from None
 
 
 def default_brain_model(device: str | torch.device = "cpu") -> LapIRN:

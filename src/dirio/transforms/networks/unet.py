@@ -36,6 +36,19 @@ def _conv(ndim: int):
     return nn.Conv3d if ndim == 3 else nn.Conv2d
 
 
+def _channels(name: str, value) -> tuple[int, ...]:
+    """Channel counts as a tuple of positive integers (one integer is a list of one).
+
+    Raises:
+        ValueError: naming ``name`` for anything else (a checkpoint's settings are user input).
+    """
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in items):
+        raise ValueError(f"{name} must be positive integers (channel counts), got {value!r}")
+    return tuple(items)
+
+
 class ConvBlock(nn.Module):
     """``LeakyReLU(0.2)(conv 3^ndim, padding 1)``: ``(B, in, *S) -> (B, out, *S)``."""
 
@@ -55,7 +68,8 @@ class UNet(nn.Module):
         ndim: spatial dimensions, 2 or 3.
         encoder_channels: channels of each encoder level; its length is the depth.
         decoder_channels: channels of each decoder level, coarsest first; same length as the encoder.
-        final_channels: channels of the full-resolution blocks before the head.
+        final_channels: channels of the full-resolution blocks before the head. (Each channel list:
+            positive integers; one integer stands for a list of one.)
         field: ``"displacement"`` or ``"velocity"`` (integrated by scaling and squaring).
         integration_steps: squarings for ``field="velocity"``.
         init_std: standard deviation of the head's initial weights.
@@ -81,6 +95,12 @@ class UNet(nn.Module):
             raise ValueError(f"ndim must be 2 or 3, got {ndim}")
         if field not in _FIELDS:
             raise ValueError(f"field must be one of {_FIELDS}, got {field!r}")
+        encoder_channels, decoder_channels, final_channels = (
+            _channels(name, value) for name, value in (("encoder_channels", encoder_channels),
+                                                      ("decoder_channels", decoder_channels),
+                                                      ("final_channels", final_channels)))
+        if not isinstance(integration_steps, int) or isinstance(integration_steps, bool) or integration_steps < 0:
+            raise ValueError(f"integration_steps must be an integer >= 0, got {integration_steps!r}")
         if not encoder_channels:
             raise ValueError("encoder_channels must name at least one level")
         if len(decoder_channels) != len(encoder_channels):

@@ -1,0 +1,295 @@
+"""The network papers' claims, measured with their own schedules (at half or full resolution).
+
+Claims tested (``../shared/papers``):
+
+* NIO (neural instance optimisation): optimising LapIRN's weights level by level, [100, 60, 30]
+  Adam steps at 1e-4 on ``(1 - lambda) LNCC + lambda diffusion`` (lambda 0.4), beats direct
+  inference, most of all under distribution shifts (contrast changes, another data set).
+* IO / IO-GP (gradient-projection instance optimisation): tuning every weight for 50-100 steps
+  helps; projecting conflicting gradients (``--combine pcgrad``) helps more than the sum.
+
+Modes (``--modes``; each a set of :func:`dirio.api.register` overrides):
+
+* ``direct`` (one forward pass), ``dense`` and ``network+dense`` (the ``brain-mri`` preset);
+* ``io-sum`` / ``io-pcgrad``: ``--method network-io`` for ``--io-steps`` steps at ``--io-lr``,
+  with the sum or the projection of the two gradients;
+* ``nio``: ``--method nio`` with the paper's schedule (every default);
+* ``nio-cpu``: the ``--network-budget cpu`` setting (:data:`dirio.methods.network.NETWORK_BUDGETS`).
+
+Probes: the optimising modes are also scored part way (``--probes``, e.g. IO after 10, 25 and 50
+of 100 steps; NIO at the end of each level), which is exactly what a run stopped there returns
+(constant learning rate; NIO's final field always runs every level). The probe's scoring time is
+left out of its ``seconds`` and ``cpu_seconds``. This gives the accuracy-against-time curves from
+one run, and IO-50 from the IO-100 run.
+
+Pairs (fixed <- moving; ``benchmarks/network_io.py`` builds the first three):
+
+* ``oasisA``: the voxelmorph scan <- OASIS subject A on its grid (13 classes; out of LapIRN's
+  training domain: another data set's preprocessing and axis order, ``--network-axes voxelmorph-grid``);
+* ``oasisA-gamma0.5``, ``oasisA-gamma2``, ``oasisA-inverted``: the same with the moving contrast changed;
+* ``oasisA-reverse``: OASIS subject A <- the voxelmorph scan (the other direction of ``oasisA``);
+* ``synthetic``: the voxelmorph scan warped by a smooth random field <- the scan (30 labels);
+* ``lapirnAB``: LapIRN's own OASIS demo subjects, B <- A (in domain; 2 coarse labels that are
+  shifted against their images, so Dice is weak there: ``benchmarks/oasis_pair.py``).
+
+``--scale half`` halves every axis (2x2x2 mean of the images, majority of the labels):
+160x192x224 -> 80x96x112, where a LapIRN step costs about an eighth of a full-resolution one.
+
+Every finished run (and probe) is appended at once as one JSON line to ``OUT/results.jsonl``, so
+partial results survive a stopped run; ``--summary FILE`` prints the Markdown table.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/network_claims.py --scale half \\
+        --plan oasisA:direct,oasisA:nio,oasisA:io-pcgrad --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import _common as C
+import network_io as NIO_PAIRS
+from dirio.api import register
+from dirio.core.context import LevelContext
+from dirio.core.fields import field_to_numpy
+from dirio.methods import network as network_methods
+from dirio.transforms.network import NETWORK_FIXED, NETWORK_MOVING
+
+NAME = "network_claims"
+LAPIRN_DATA = C.DATA / "lapirn-oasis-brain"
+
+MODES = {
+    "direct": {"method": "network"},
+    "dense": {"method": "dense", "preset": "brain-mri"},
+    "network+dense": {"method": "network+dense", "preset": "brain-mri"},
+    "io-sum": {"method": "network-io", "combine": "sum"},
+    "io-pcgrad": {"method": "network-io", "combine": "pcgrad"},
+    "nio": {"method": "nio"},
+    "nio-cpu": {"method": "nio", "network_budget": "cpu"},
+    "nio-budget": {"method": "nio"},  # --budget-iterations / --budget-levels / --budget-resolution
+}
+#: Default probes: IO after these many steps; NIO at these (level, steps) points.
+IO_PROBES = (1, 10, 25, 50)
+NIO_PROBES = ((0, 25), (0, 50), (0, 100), (1, 20), (1, 60), (2, 10))
+
+
+def downsample_image(image: np.ndarray) -> np.ndarray:
+    """Half resolution: the mean of each 2x2x2 block (odd sizes lose their last slice)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    return F.avg_pool3d(tensor, 2)[0, 0].numpy()
+
+
+def downsample_labels(labels: np.ndarray, label_ids) -> np.ndarray:
+    """Half resolution: the most frequent label of each 2x2x2 block (0 = background included)."""
+    ids = [0, *[int(i) for i in label_ids]]
+    votes = torch.stack([F.avg_pool3d(torch.from_numpy((labels == i).astype(np.float32))[None, None], 2)[0, 0]
+                         for i in ids])
+    return np.asarray(ids, dtype=np.int16)[votes.argmax(0).numpy()]
+
+
+def lapirn_pair():
+    """LapIRN's demo subjects: fixed B <- moving A (160x192x144), labels 1, 2."""
+    import nibabel as nib
+
+    def load(name, labels=False):
+        data = np.asarray(nib.load(C.require(LAPIRN_DATA / name, NAME)).dataobj)
+        return data.astype(np.int16) if labels else data.astype(np.float32)
+
+    return (load("image_B_160x192x144.nii.gz"), load("image_A_160x192x144.nii.gz"),
+            load("image_B_160x192x144_seg.nii.gz", True), load("image_A_160x192x144_seg.nii.gz", True), [1, 2])
+
+
+def load_pairs(names, scale: str) -> dict:
+    """``name -> (fixed, moving, fixed labels, moving labels, label ids, network axes)``."""
+    out = {}
+    wanted = sorted({"oasisA" if n == "oasisA-reverse" else n for n in names if n != "lapirnAB"})
+    for name, pair in NIO_PAIRS.pairs(wanted).items():
+        out[name] = (*pair, NIO_PAIRS.AXES)
+    if "oasisA-reverse" in names:  # OASIS A fixed <- the voxelmorph scan moving
+        fixed, moving, fixed_seg, moving_seg, ids, axes = out["oasisA"]
+        out["oasisA-reverse"] = (moving, fixed, moving_seg, fixed_seg, ids, axes)
+    out = {name: pair for name, pair in out.items() if name in names}
+    if "lapirnAB" in names:
+        out["lapirnAB"] = (*lapirn_pair(), "identity")
+    if scale == "half":
+        out = {name: (downsample_image(f), downsample_image(m), downsample_labels(fs, ids),
+                      downsample_labels(ms, ids), ids, axes)
+               for name, (f, m, fs, ms, ids, axes) in out.items()}
+    return out
+
+
+class Probe:
+    """Scores the network's full-grid field at given (level, step) points of a run, off the clock.
+
+    Installed by wrapping :func:`dirio.methods.network.make_transform`: the transform's
+    ``after_step`` counts steps per pyramid level and, at a probe point, computes the field a run
+    stopped there would return (the last level's network levels, on the network's own inputs).
+    """
+
+    def __init__(self, points, on_probe):
+        self.points = set(points)
+        self.on_probe = on_probe
+        self.paused_wall = 0.0
+        self.paused_cpu = 0.0
+        self.steps: dict[int, int] = {}
+        self._original = network_methods.make_transform
+
+    def __enter__(self):
+        def make(model, options):
+            transform = self._original(model, options)
+            after_step = transform.after_step
+
+            def counted(ctx):
+                after_step(ctx)
+                self.steps[ctx.level] = self.steps.get(ctx.level, 0) + 1
+                if (ctx.level, self.steps[ctx.level]) in self.points:
+                    self._probe(transform, ctx)
+
+            transform.after_step = counted
+            return transform
+
+        network_methods.make_transform = make
+        return self
+
+    def __exit__(self, *exc):
+        network_methods.make_transform = self._original
+
+    def _probe(self, transform, ctx):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fixed, moving = ctx.extra[NETWORK_FIXED], ctx.extra[NETWORK_MOVING]
+        final = LevelContext(level=99, shape=tuple(fixed.shape[2:]), full_shape=tuple(fixed.shape[2:]),
+                             fixed=fixed, moving=moving, extra=ctx.extra)
+        with torch.no_grad():
+            disp = field_to_numpy(transform.field(final))
+        steps = dict(self.steps)
+        self.on_probe(disp, steps, self.paused_wall, self.paused_cpu)
+        self.paused_wall += time.perf_counter() - wall
+        self.paused_cpu += time.process_time() - cpu
+
+
+def run_one(pair_name, pair, mode, args, write) -> None:
+    fixed, moving, fixed_seg, moving_seg, label_ids, axes = pair
+    overrides = dict(MODES[mode])
+    preset = overrides.pop("preset", None)
+    if overrides["method"] != "dense":
+        overrides["network_axes"] = axes
+    if mode.startswith("io-"):
+        overrides["network_iterations"] = (args.io_steps,)
+        overrides["network_lr"] = args.io_lr
+    if mode == "nio-budget":
+        overrides.update(network_iterations=args.budget_iterations, network_levels=args.budget_levels,
+                         network_resolution=args.budget_resolution)
+    if args.network_lambda is not None and overrides["method"] in ("nio", "network-io"):
+        overrides["network_lambda"] = args.network_lambda
+    before = NIO_PAIRS.score(np.zeros(fixed.shape + (3,), np.float32), fixed_seg, moving_seg, label_ids)["dice"]
+    base = {"pair": pair_name, "scale": args.scale, "mode": mode, "shape": list(fixed.shape), "axes": axes,
+            "dice_before": before, "overrides": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in overrides.items()},
+            "threads": torch.get_num_threads()}
+    io = mode.startswith("io-")
+    points = ([(0, n) for n in args.io_probes if n < args.io_steps] if io
+              else list(NIO_PROBES) if mode == "nio"
+              else [(0, n) for n in args.io_probes if n < args.budget_iterations[0]] if mode == "nio-budget" else [])
+    rss = C.reset_peak_rss()
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+
+    def on_probe(disp, steps, paused_wall, paused_cpu):
+        row = {**base, "probe": True, "steps": [steps.get(k, 0) for k in range(max(steps) + 1)],
+               **NIO_PAIRS.score(disp, fixed_seg, moving_seg, label_ids),
+               "seconds": time.perf_counter() - start_wall - paused_wall,
+               "cpu_seconds": time.process_time() - start_cpu - paused_cpu,
+               "peak_memory_mb": C.process_peak_rss_mb()}
+        write(row)
+
+    with Probe(points, on_probe) as probe:
+        result = register(fixed, moving, preset=preset, device=args.device, progress=False, **overrides)
+    steps = [level["iterations_run"] for level in result.levels] if result.history else [0]
+    write({**base, "probe": False, "steps": steps, **NIO_PAIRS.score(result.disp, fixed_seg, moving_seg, label_ids),
+           "seconds": time.perf_counter() - start_wall - probe.paused_wall,
+           "cpu_seconds": time.process_time() - start_cpu - probe.paused_cpu,
+           "optimisation_seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
+           "rss_at_start_mb": rss, "device": result.device})
+
+
+def parse_plan(text: str) -> list[tuple[str, str]]:
+    plan = []
+    for item in text.split(","):
+        pair, _, mode = item.strip().partition(":")
+        if mode not in MODES:
+            raise SystemExit(f"{NAME}: unknown mode {mode!r} in --plan; choose from {', '.join(MODES)}")
+        plan.append((pair, mode))
+    return plan
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+
+    def write(row):
+        print(json.dumps(row), flush=True)
+        with results.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    plan = parse_plan(args.plan)
+    pairs = load_pairs(sorted({p for p, _ in plan}), args.scale)
+    for pair_name, mode in plan:
+        print(f"[{NAME}] {args.scale} {pair_name} {mode} ...", file=sys.stderr, flush=True)
+        try:
+            run_one(pair_name, pairs[pair_name], mode, args, write)
+        except Exception as error:  # one failed run must not lose the others
+            write({"pair": pair_name, "scale": args.scale, "mode": mode, "error": f"{type(error).__name__}: {error}"})
+
+
+def summary(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    header = ["scale", "pair", "mode", "steps", "Dice (before)", "NDV %", "SDlogJ", "% det<=0", "wall s", "CPU s",
+              "peak MB"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["scale"], r["pair"], r["mode"], "error", r["error"], *[""] * 6])
+            continue
+        steps = ",".join(str(s) for s in r["steps"]) + (" (probe)" if r["probe"] else "")
+        body.append([r["scale"], r["pair"], r["mode"], steps, f"{r['dice']:.3f} ({r['dice_before']:.3f})",
+                     f"{r['ndv_percent']:.3f}", f"{r['sdlogj']:.3f}", f"{r['det_nonpositive_percent']:.3f}",
+                     f"{r['seconds']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_memory_mb']:.0f}"])
+    return C.markdown_table(header, body)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog=f"benchmarks/{NAME}.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default="oasisA:direct,oasisA-inverted:direct,oasisA:nio,oasisA-inverted:nio,"
+                        "oasisA:io-pcgrad,oasisA-inverted:io-pcgrad",
+                        help="comma-separated PAIR:MODE runs, in order (pairs: oasisA, oasisA-gamma0.5, "
+                        f"oasisA-gamma2, oasisA-inverted, synthetic, lapirnAB; modes: {', '.join(MODES)})")
+    parser.add_argument("--scale", choices=("half", "full"), default="half")
+    parser.add_argument("--io-steps", type=int, default=100)
+    parser.add_argument("--io-probes", type=C.int_list, default=IO_PROBES, help="IO steps scored part way")
+    parser.add_argument("--io-lr", type=float, default=2e-5, help="--network-lr of the IO modes")
+    parser.add_argument("--network-lambda", type=float, help="override lambda of the optimising modes")
+    parser.add_argument("--budget-iterations", type=C.int_list, default=(100, 0, 0), help="nio-budget: steps per level")
+    parser.add_argument("--budget-levels", type=C.int_list, default=(1,), help="nio-budget: optimised LapIRN levels")
+    parser.add_argument("--budget-resolution", type=C.int_list, default=(2, 2, 1),
+                        help="nio-budget: loss grid shrink factor per level")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(C.OUT_ROOT / NAME))
+    parser.add_argument("--summary", metavar="RESULTS_JSONL", help="print the table of a results file and exit")
+    args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(Path(args.summary)))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

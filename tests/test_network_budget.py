@@ -1,0 +1,100 @@
+"""``--network-budget``: ``paper`` keeps the papers' schedules, ``cpu`` swaps in the CPU defaults of the
+network options left unset (NIO on LapIRN's coarsest level only, loss at half resolution; IO one step),
+explicit options still win, and the setting reaches the settings from the command line and config files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dirio.api import register
+from dirio.config.schema import FILE_KEYS, settings_from_values
+from dirio.config.settings import make_settings
+from dirio.errors import DirioError
+from dirio.io.checkpoints import save_checkpoint
+from dirio.methods.network import MODE_DEFAULTS, NETWORK_BUDGETS, clear_model_cache
+from dirio.transforms.networks import LapIRN
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def stage(**values):
+    settings = make_settings(**values)
+    return settings.stage_options(settings.method)
+
+
+def test_the_paper_budget_is_the_default_and_keeps_the_papers_schedules():
+    nio = stage(method="nio")
+    assert nio.config.network_budget == "paper" and NETWORK_BUDGETS["paper"] is MODE_DEFAULTS
+    assert nio.config.pyramid("nio").iterations == (100, 60, 30)
+    assert nio.config.pyramid("nio").levels == (1.0, 1.0, 1.0)
+    assert nio.config.option("nio", "levels") is None  # every LapIRN level is optimised
+    assert nio.optimizer_config().lr == pytest.approx(1e-4) and nio.optimizer_config().optimizer == "adam"
+    io = stage(method="network-io")
+    assert io.config.pyramid("network-io").iterations == (50,)
+    assert io.optimizer_config().lr == pytest.approx(2e-5) and io.optimizer_config().optimizer == "amsgrad"
+
+
+def test_the_cpu_budget_optimises_the_coarsest_level_on_a_half_resolution_loss_grid():
+    nio = stage(method="nio", network_budget="cpu")
+    assert nio.config.pyramid("nio").iterations == (25, 0, 0)
+    assert nio.config.pyramid("nio").levels == (2.0, 2.0, 1.0)
+    assert nio.config.option("nio", "levels") == (1,)
+    assert nio.optimizer_config().lr == pytest.approx(1e-4)  # the paper's optimiser and loss are kept
+    assert [t.weight for t in nio.config.terms()] == [pytest.approx(0.6), pytest.approx(0.4)]
+    io = stage(method="network-io", network_budget="cpu")
+    assert io.config.pyramid("network-io").iterations == (1,)
+
+
+def test_options_given_explicitly_override_the_budget():
+    nio = stage(method="nio", network_budget="cpu", network_iterations=(10, 5, 0), network_levels=(1, 2),
+                network_resolution=(4.0,), network_lr=3e-4)
+    assert nio.config.pyramid("nio").iterations == (10, 5, 0)
+    assert nio.config.pyramid("nio").levels == (4.0, 4.0, 4.0)
+    assert nio.config.option("nio", "levels") == (1, 2)
+    assert nio.optimizer_config().lr == pytest.approx(3e-4)
+
+
+def test_the_budget_comes_from_the_command_line_and_config_files_and_bad_names_are_refused():
+    assert "network_budget" in FILE_KEYS
+    settings = settings_from_values({"method": "nio", "network_budget": "cpu"})
+    assert settings.network.network_budget == "cpu"
+    assert settings.stage_options("nio").config.pyramid("nio").iterations == (25, 0, 0)
+    with pytest.raises(DirioError, match="network_budget"):
+        settings_from_values({"method": "nio", "network_budget": "gpu"})
+    with pytest.raises(ValueError, match="unknown `network_budget` 'fast'"):
+        make_settings(method="nio", network_budget="fast").validate()
+
+
+def test_nio_with_the_cpu_budget_steps_only_the_coarsest_level_and_leaves_the_others_pretrained(tmp_path,
+                                                                                               monkeypatch):
+    torch.manual_seed(0)
+    model = LapIRN(start_channel=2)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model)
+    clear_model_cache()
+    stepped = []  # (parameter of level k, changed by the step) for every optimiser step
+    from dirio.optim import step as step_module
+
+    original = step_module.Step.__call__
+
+    def recording(self, transform, ctx, optimizer, params, *args, **kwargs):
+        before = {k: [p.detach().clone() for p in transform.network.level_parameters(k)] for k in (1, 2, 3)}
+        out = original(self, transform, ctx, optimizer, params, *args, **kwargs)
+        stepped.append({k: any(not torch.equal(a, b) for a, b in zip(before[k], transform.network.level_parameters(k)))
+                        for k in (1, 2, 3)})
+        return out
+
+    monkeypatch.setattr(step_module.Step, "__call__", recording)
+    grid = np.stack(np.meshgrid(*[np.arange(16, dtype=np.float32)] * 3, indexing="ij"))
+    fixed = np.exp(-(((grid - 8.0) / 4.0) ** 2).sum(0)).astype(np.float32)
+    moving = np.exp(-(((grid - 9.5) / 4.0) ** 2).sum(0)).astype(np.float32)
+    try:
+        result = register(fixed, moving, method="nio", network_budget="cpu", model=str(path), device="cpu",
+                          progress=False)
+    finally:
+        clear_model_cache()
+    assert len(result.history) == 25 and {row["level"] for row in result.history} == {0}
+    assert len(stepped) == 25
+    assert all(changed[1] and not changed[2] and not changed[3] for changed in stepped)
