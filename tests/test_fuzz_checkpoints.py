@@ -31,7 +31,7 @@ import torch
 from dirio.errors import DirioError
 from dirio.io.checkpoints import save_checkpoint
 from dirio.transforms.networks import LapIRN, UNet, build_network
-from dirio.transforms.networks import lapirn as lapirn_module
+from tiny_networks import upstream_lapirn_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,14 +49,6 @@ class _Payload:
         return os.mkdir, (self.marker,)
 
 
-def _upstream(state_dict) -> dict:
-    prefixes = {index: prefix for prefix, index in lapirn_module._UPSTREAM_LEVEL_PREFIXES}
-    names = {new: old for old, new in lapirn_module._UPSTREAM_LAYER_NAMES.items()}
-    out = {}
-    for key, value in state_dict.items():
-        _, index, layer, rest = key.split(".", 3)
-        out[f"{prefixes[int(index)]}{names[layer]}.{rest}"] = value.clone()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +56,7 @@ def originals(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz-checkpoints")
     torch.manual_seed(0)
     save_checkpoint(folder / "unet.pt", UNet(**TINY_UNET))
-    torch.save(_upstream(LapIRN(start_channel=1).state_dict()), folder / "LapIRN_disp.pth")
+    torch.save(upstream_lapirn_layout(LapIRN(start_channel=1).state_dict()), folder / "LapIRN_disp.pth")
     return {"unet.pt": ((folder / "unet.pt").read_bytes(), None),
             "LapIRN_disp.pth": ((folder / "LapIRN_disp.pth").read_bytes(), "lapirn-disp")}
 

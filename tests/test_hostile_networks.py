@@ -31,11 +31,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter, shift
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_error_line, run_cli
 from dirio.io.checkpoints import save_checkpoint
 from dirio.methods import network as network_methods
 from dirio.transforms.networks import LapIRN, UNet
-from dirio.transforms.networks import lapirn as lapirn_module
+from tiny_networks import upstream_lapirn_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,13 +78,7 @@ def data(tmp_path_factory):
     )
 
 
-def _one_error_line(result, *fragments: str) -> str:
-    assert result.rc == 2, (result.rc, result.err)
-    lines = result.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dirio: error: "), result.err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+_one_error_line = assert_one_error_line
 
 
 def _register(data, out, *options, fixed=None, moving=None):
@@ -105,15 +99,6 @@ def _scaled_lapirn(data, path: Path, factor: float) -> Path:
     return path
 
 
-def _upstream_layout(state_dict) -> dict:
-    """dirio's LapIRN keys back to upstream's nested layout (the table of :mod:`lapirn`)."""
-    prefixes = {index: prefix for prefix, index in lapirn_module._UPSTREAM_LEVEL_PREFIXES}
-    names = {new: old for old, new in lapirn_module._UPSTREAM_LAYER_NAMES.items()}
-    out = {}
-    for key, value in state_dict.items():
-        _, index, layer, rest = key.split(".", 3)
-        out[f"{prefixes[int(index)]}{names[layer]}.{rest}"] = value.clone()
-    return out
 
 
 # --- 3. what a usable field is (one definition) -----------------------------------------------
@@ -147,7 +132,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_at_load(data, tmp_path):
 
 
 def test_an_upstream_lapirn_file_with_nan_weights_is_refused_at_load(data, tmp_path):
-    state = _upstream_layout(data.lapirn.state_dict())
+    state = upstream_lapirn_layout(data.lapirn.state_dict())
     state["output_lvl1.0.weight"][0] = float("inf")
     path = tmp_path / "LapIRN_disp_broken.pth"
     torch.save(state, path)

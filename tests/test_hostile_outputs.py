@@ -20,14 +20,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter, shift
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_error_line, run_cli, save_nifti, write_smooth_pair
 
 SHAPE = (12, 14, 16)
 AFFINE = np.diag([1.5, 1.2, 2.0, 1.0])
@@ -37,34 +36,15 @@ LINUX_PSEUDO = Path("/proc/self").exists() and Path("/sys/kernel").exists()
 
 
 def _save(path: Path, array, affine=AFFINE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
-    return path
+    return save_nifti(path, array, affine)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("outputs")
-    volume = gaussian_filter(np.random.default_rng(0).standard_normal(SHAPE), 2.0)
-    volume = ((volume - volume.min()) / np.ptp(volume) * 100).astype(np.float32)
-    labels = (volume > np.percentile(volume, 60)).astype(np.uint8)
-    return SimpleNamespace(
-        dir=folder,
-        fixed=_save(folder / "f.nii.gz", volume),
-        moving=_save(folder / "m.nii.gz", shift(volume, (0.6, -0.4, 0.3), order=1, mode="nearest")),
-        fixed_labels=_save(folder / "fs.nii.gz", labels),
-        moving_labels=_save(folder / "ms.nii.gz", labels),
-        field=_save(folder / "disp.nii.gz", np.zeros(SHAPE + (3,), np.float32)),
-    )
+    return write_smooth_pair(tmp_path_factory.mktemp("outputs"), SHAPE, AFFINE, names=("f", "m", "fs", "ms"))
 
 
-def _assert_user_error(result, *fragments: str) -> str:
-    assert result.rc == 2, (result.rc, result.err)
-    lines = result.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dirio: error: "), result.err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+_assert_user_error = assert_one_error_line
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -42,3 +42,17 @@ def blob_pair(batch: int = 1, size: int = 24, shift: float = 1.5, seed: int = 0,
         moved = centre - torch.tensor([offset, 0.0])
         fixed.append(torch.exp(-((grid - moved[:, None, None]) ** 2).sum(0) / width))
     return torch.stack(fixed)[:, None], torch.stack(moving)[:, None]
+
+
+def upstream_lapirn_layout(state_dict) -> dict:
+    """dirio's LapIRN state dict back to the upstream code's nested key layout (the key tables of
+    :mod:`dirio.transforms.networks.lapirn`), as an upstream ``.pth`` file holds it."""
+    from dirio.transforms.networks import lapirn as lapirn_module
+
+    prefixes = {index: prefix for prefix, index in lapirn_module._UPSTREAM_LEVEL_PREFIXES}
+    names = {new: old for old, new in lapirn_module._UPSTREAM_LAYER_NAMES.items()}
+    out = {}
+    for key, value in state_dict.items():
+        _, index, layer, rest = key.split(".", 3)
+        out[f"{prefixes[int(index)]}{names[layer]}.{rest}"] = value.clone()
+    return out

@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -388,6 +389,19 @@ def check_outputs(out_dir: Path, paths: dict[str, Path], overwrite: bool) -> Non
         check_replaceable(out_dir, [path.name for path in paths.values()])
 
 
+@contextmanager
+def locked_outputs(out_dir: Path, paths: dict[str, Path], overwrite: bool):
+    """Hold the output folder's lock (:class:`dirio.io.atomic.OutputLock`) while a set is written:
+    leftovers of a killed run are removed and the checks of :func:`check_outputs` repeated, now that
+    no other dirio process writes there."""
+    with OutputLock(out_dir):
+        remove_temporaries(out_dir)
+        check_writable(paths.values(), overwrite)
+        if overwrite:
+            check_replaceable(out_dir, [path.name for path in paths.values()])
+        yield
+
+
 def score_registration(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None = None,
                        tre_order: int = 3) -> tuple[dict, dict, np.ndarray | None]:
     """The metrics ``dirio register`` writes: ``(before, after, warped_labels)``.
@@ -420,11 +434,7 @@ def write_registration(inputs: Inputs, result: RegistrationResult, out_dir: str 
                                figure=figure, itk_field=itk_field, inverse=result.inverse_disp is not None,
                                ndim=inputs.fixed.ndim)
     check_outputs(out_dir, paths, overwrite)
-    with OutputLock(out_dir):
-        remove_temporaries(out_dir)
-        check_writable(paths.values(), overwrite)  # again, now that no other dirio process writes here
-        if overwrite:
-            check_replaceable(out_dir, [path.name for path in paths.values()])
+    with locked_outputs(out_dir, paths, overwrite):
         return write_outputs(inputs, result, out_dir, paths, start, StepTimes(), settings=result.settings,
                              fixed=fixed, moving=moving, label_ids=label_ids, overwrite=overwrite, figure=figure,
                              tre_order=tre_order, scores=scores)
@@ -477,11 +487,7 @@ def register_files(
     check_outputs(out_dir, paths, overwrite)
     check_settings(settings)
     check_label_ids_have_maps(label_ids, fixed_labels, moving_labels)
-    with OutputLock(out_dir):
-        remove_temporaries(out_dir)
-        check_writable(paths.values(), overwrite)  # again, now that no other dirio process writes here
-        if overwrite:
-            check_replaceable(out_dir, [path.name for path in paths.values()])
+    with locked_outputs(out_dir, paths, overwrite):
         return _register_locked(fixed, moving, out_dir, paths, start, settings=settings,
                                 fixed_labels=fixed_labels, moving_labels=moving_labels, fixed_mask=fixed_mask,
                                 moving_mask=moving_mask, fixed_keypoints=fixed_keypoints,
