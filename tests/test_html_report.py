@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from chromium_cdp import BROWSER_NAMES, find_chromium
 from dirio.viz import html_report
 from dirio.errors import DirioError
 
@@ -337,20 +337,7 @@ def test_report_is_rebuilt_in_place_without_temporary_files(built, tmp_path):
 
 # --- the page in headless Chromium -------------------------------------------------------------
 
-BROWSER_NAMES = (
-    "chromium-headless-shell", "chrome-headless-shell", "chromium", "chromium-browser", "google-chrome",
-    "google-chrome-stable",
-)  # fmt: skip
-
-
-def _find_chromium() -> str | None:
-    configured = os.environ.get("DIRIO_CHROMIUM")
-    if configured:
-        return configured if shutil.which(configured) else None
-    return next((found for name in BROWSER_NAMES if (found := shutil.which(name))), None)
-
-
-CHROMIUM = _find_chromium()
+CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None,
     reason="no headless Chromium on PATH (looked for DIRIO_CHROMIUM, " + ", ".join(BROWSER_NAMES) + "); "

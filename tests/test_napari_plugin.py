@@ -30,6 +30,7 @@ from cli_helpers import run_cli
 from dirio.apps.napari.layers import image_from_layer, image_layer, layer_affine
 from dirio.apps.napari.reader import get_reader
 from dirio.apps.napari.widget import RegisterWidget
+from dirio.testing.synthetic import oblique_affine
 from dirio.io.fields import load_field, save_field
 from dirio.io.images import Image, load_image, save_image
 
@@ -85,12 +86,7 @@ _END_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').pr
 
 SHAPE = (20, 18, 16)
 # Voxel sizes 1.5 / 1 / 2 mm, rotated 20 degrees about z, origin away from 0: an oblique grid.
-_ANGLE = math.radians(20.0)
-ROTATION = np.array([[math.cos(_ANGLE), -math.sin(_ANGLE), 0.0], [math.sin(_ANGLE), math.cos(_ANGLE), 0.0],
-                     [0.0, 0.0, 1.0]])
-AFFINE = np.eye(4)
-AFFINE[:3, :3] = ROTATION @ np.diag([1.5, 1.0, 2.0])
-AFFINE[:3, 3] = (-12.0, 7.5, 3.0)
+AFFINE = oblique_affine(20.0, (1.5, 1.0, 2.0), (-12.0, 7.5, 3.0))
 
 
 def _blobs(shift: float) -> tuple[np.ndarray, np.ndarray]:

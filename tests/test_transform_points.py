@@ -10,7 +10,6 @@ ones must give the same numbers.
 from __future__ import annotations
 
 import json
-import math
 
 import nibabel as nib
 import numpy as np
@@ -23,19 +22,14 @@ from dirio.core.fields import warp
 from dirio.core.points import displace_points, invert_points, sample_displacement
 from dirio.errors import DirioError
 from dirio.io.points import PointSet, from_voxels, load_points, ras_lps, save_points, to_voxels
-from dirio.testing.synthetic import smooth_random_field
+from dirio.testing.synthetic import oblique_affine, smooth_random_field
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPE = (22, 26, 20)
 # voxel -> RAS: a 10 degree rotation, anisotropic spacing (1.5, 1.2, 2.0) mm and an offset
-_ANGLE = math.radians(10.0)
-_ROTATION = np.array([[math.cos(_ANGLE), -math.sin(_ANGLE), 0.0], [math.sin(_ANGLE), math.cos(_ANGLE), 0.0],
-                      [0.0, 0.0, 1.0]])
-AFFINE = np.eye(4)
-AFFINE[:3, :3] = _ROTATION @ np.diag([1.5, 1.2, 2.0])
-AFFINE[:3, 3] = (-20.0, 10.0, 5.0)
 SPACING = (1.5, 1.2, 2.0)
+AFFINE = oblique_affine(10.0, SPACING, (-20.0, 10.0, 5.0))
 
 
 def _field(seed: int = 1, max_displacement: float = 2.5) -> np.ndarray:

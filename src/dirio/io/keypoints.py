@@ -118,7 +118,7 @@ def _check_inside(points: np.ndarray, shape: Sequence[int], path: Path, lines: S
         )
 
 
-def _format_coordinate(value: float) -> str:
+def format_coordinate(value: float) -> str:
     """Integers without a decimal point (NLST style), other values with full float precision."""
     value = float(value)
     return str(int(value)) if value.is_integer() else repr(value)
@@ -133,6 +133,6 @@ def save_keypoints(path: PathLike, points: np.ndarray, overwrite: bool = False) 
     points = _to_numpy(points)
     if points.ndim != 2 or points.shape[1] not in (2, 3):
         raise ValueError(f"points must have shape (N, 2) or (N, 3), got {points.shape}")
-    lines = [",".join(_format_coordinate(v) for v in point) for point in points]
+    lines = [",".join(format_coordinate(v) for v in point) for point in points]
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -38,7 +38,7 @@ import numpy as np
 from dirio.errors import DirioError
 from dirio.io.atomic import atomic_output
 from dirio.io.images import PathLike, _check_exists, _one_line
-from dirio.io.keypoints import load_keypoints
+from dirio.io.keypoints import format_coordinate, load_keypoints, save_keypoints
 
 SPACES = ("voxel", "ras", "lps")
 WORLD_SPACES = ("ras", "lps")
@@ -245,12 +245,6 @@ def _load_markups_json(path: Path) -> PointSet:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def _number(value: float) -> str:
-    """Integers without a decimal point, other values with full float precision (lossless)."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
 def save_points(path: PathLike, points: PointSet, *, overwrite: bool = False) -> None:
     """Write a point set atomically in the format of ``path``'s name.
 
@@ -265,12 +259,12 @@ def save_points(path: PathLike, points: PointSet, *, overwrite: bool = False) ->
     kind = point_format(path)
     array = np.asarray(points.points, dtype=np.float64)
     if kind == "csv":
-        text = "".join(",".join(_number(v) for v in row) + "\n" for row in array)
-    else:
-        if points.space not in WORLD_SPACES:
-            raise DirioError(f"{path}: Slicer markups hold world coordinates; choose ras or lps as the output space")
-        labels = points.labels or [f"P-{i + 1}" for i in range(len(array))]
-        text = _fcsv_text(array, points.space, labels) if kind == "fcsv" else _markups_json_text(array, points.space, labels)
+        save_keypoints(path, array, overwrite=overwrite)
+        return
+    if points.space not in WORLD_SPACES:
+        raise DirioError(f"{path}: Slicer markups hold world coordinates; choose ras or lps as the output space")
+    labels = points.labels or [f"P-{i + 1}" for i in range(len(array))]
+    text = _fcsv_text(array, points.space, labels) if kind == "fcsv" else _markups_json_text(array, points.space, labels)
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
@@ -282,7 +276,7 @@ def _fcsv_text(array: np.ndarray, space: str, labels: Sequence[str]) -> str:
     buffer.write(f"# columns = {FCSV_COLUMNS}\n")
     writer = csv.writer(buffer, lineterminator="\n")
     for index, (point, label) in enumerate(zip(array, labels)):
-        writer.writerow([f"vtkMRMLMarkupsFiducialNode_{index}", *(_number(v) for v in point),
+        writer.writerow([f"vtkMRMLMarkupsFiducialNode_{index}", *(format_coordinate(v) for v in point),
                          0, 0, 0, 1, 1, 1, 0, label, "", ""])
     return buffer.getvalue()
 

@@ -117,3 +117,14 @@ def textured_pair(shape: Sequence[int] = (36, 36, 36), shift: float = 4.0, ampli
         return np.clip(np.rint(255 * a), 0, 255).astype(np.uint8)
 
     return quantise(image), quantise(moving), np.stack(u, axis=-1).astype(np.float32)
+
+
+def oblique_affine(angle_degrees: float, spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """A 4x4 voxel -> world (mm) affine of an oblique, anisotropic grid: voxel sizes ``spacing``
+    (3 values, mm), rotated by ``angle_degrees`` about the world z axis, voxel 0 at ``origin`` (mm)."""
+    angle = np.radians(angle_degrees)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([float(h) for h in spacing])
+    affine[:3, 3] = [float(o) for o in origin]
+    return affine
