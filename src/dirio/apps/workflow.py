@@ -287,11 +287,10 @@ def check_inverse_grid(fixed: Image, moving: Image) -> None:
         DirioError: naming the moving image and the difference.
     """
     try:
-        check_same_grid(fixed, moving)
+        check_same_grid(fixed, moving, hint=None)
     except DirioError as error:
         raise DirioError(f"`inverse` needs the moving image on the fixed grid (the inverse field is written on the "
-                         f"moving grid, which is then the same): {error}".replace(
-                             "; pass `resample` to resample it onto the fixed grid", "")) from None
+                         f"moving grid, which is then the same): {error}") from None
 
 
 def write_inverse_outputs(paths: dict[str, Path], result: RegistrationResult, affine: np.ndarray,

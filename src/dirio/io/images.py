@@ -484,12 +484,19 @@ def voxel_centre_distance_mm(shape: Sequence[int], affine_a: np.ndarray, affine_
     return float(np.linalg.norm(difference[:, :3], axis=1).max())
 
 
-def check_same_grid(fixed: Image, moving: Image, what: str = "moving") -> None:
+#: What :func:`check_same_grid` tells a command-line user to do about two grids.
+RESAMPLE_HINT = "pass `resample` to resample it onto the fixed grid"
+
+
+def check_same_grid(fixed: Image, moving: Image, what: str = "moving", hint: str | None = RESAMPLE_HINT) -> None:
     """Require ``moving`` to lie on the fixed image's grid (same shape, affines within 1e-4 mm).
 
+    Args:
+        fixed, moving: the two images; ``what`` names ``moving``'s role in the message.
+        hint: what the message says to do about it (``None``: nothing).
     Raises:
-        DirioError: naming both files and saying how to resample; a differing affine is reported
-            as the largest distance between the two images' voxel centres
+        DirioError: naming both files and, with ``hint``, saying what to do; a differing affine is
+            reported as the largest distance between the two images' voxel centres
             (:func:`voxel_centre_distance_mm`).
     """
     same_shape = fixed.shape == moving.shape
@@ -503,7 +510,7 @@ def check_same_grid(fixed: Image, moving: Image, what: str = "moving") -> None:
         detail = f"shape {moving.shape} vs {fixed.shape}"
     raise DirioError(
         f"{what} image {moving.name!r} is on a different grid from the fixed image {fixed.name!r} "
-        f"({detail}); pass `resample` to resample it onto the fixed grid"
+        f"({detail})" + (f"; {hint}" if hint else "")
     )
 
 

@@ -77,13 +77,8 @@ def inputs_from_layers(fixed, moving, *, fixed_labels=None, moving_labels=None, 
 
 def _on_grid(image: Image, fixed: Image, what: str) -> Image:
     """``image`` when it lies on the fixed grid; else the grid check's message, worded for the viewer."""
-    try:
-        check_same_grid(fixed, image, what=what)
-    except DirioError as error:
-        raise DirioError(str(error).replace(
-            "; pass `resample` to resample it onto the fixed grid",
-            "; dirio registers images on one grid: resample it onto the fixed grid first "
-            "(dirio register --resample does)")) from None
+    check_same_grid(fixed, image, what=what, hint="dirio registers images on one grid: resample it onto the fixed "
+                                                  "grid first (dirio register --resample does)")
     return image
 
 
