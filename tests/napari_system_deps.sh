@@ -1,14 +1,15 @@
 #!/bin/sh
 # The Debian/Ubuntu packages the napari plugin's tests (tests/test_napari_plugin.py) need on a fresh
-# machine: napari's canvas needs OpenGL, which Qt's offscreen platform takes from an X display, so
-# the tests start Xvfb and render with Mesa's software driver (llvmpipe).
+# machine: Qt's libraries, and for the one test with a real napari window, OpenGL, which Qt's
+# offscreen platform takes from an X display: that test starts Xvfb, with Mesa's software driver
+# (llvmpipe).
 #
 # Found by loading every shared library of a napari viewer with image and label layers under
 # QT_QPA_PLATFORM=offscreen and an Xvfb display (/proc/self/maps) and checking that each one's
 # package lies in the dependency closure of this list (apt-cache depends --recurse --no-recommends).
 #
 # Installs the missing ones when run as root with apt-get; otherwise says what is missing. Never
-# fails: without them the napari tests are skipped, with the reason.
+# fails: without Xvfb the window test is skipped, with the reason.
 PACKAGES="xvfb libgl1 libglx-mesa0 libgl1-mesa-dri libopengl0 libegl1 libfontconfig1 libglib2.0-0 libx11-xcb1 libxkbcommon0 libdbus-1-3"
 
 missing=""

@@ -1,9 +1,16 @@
 """The napari plugin (dirio.apps.napari): widget, reader, sample data, saving, world coordinates.
 
-Run with napari's own fixtures (``make_napari_viewer``, pytest-qt's ``qtbot``) under Qt's offscreen
-platform. napari's canvas needs an OpenGL context, which Qt's offscreen platform takes from an X
-display: without ``DISPLAY`` the module starts its own ``Xvfb`` (Debian packages in
-``tests/napari_system_deps.sh``) and stops it at the end.
+The widget, reader and sample tests run on napari's viewer model (``napari.components.ViewerModel``:
+the layer list, ``open``, ``open_sample`` and the plugins, without a canvas), under Qt's offscreen
+platform with pytest-qt's ``qtbot``, and build the widget through the plugin's manifest. They draw
+nothing, so they need no OpenGL: on a CI machine, napari's canvas queried OpenGL with no current
+context at random moments (``'NoneType' object has no attribute 'decode'``), failing tests that
+adding a layer to a real window made depend on it.
+
+One test docks the widget in a real napari window (napari's ``make_napari_viewer``), with no layers.
+That canvas needs an OpenGL context, which Qt's offscreen platform takes from an X display: without
+``DISPLAY`` the test starts its own ``Xvfb`` (Debian packages in ``tests/napari_system_deps.sh``),
+stopped at the end of the session, and is skipped with the reason when Xvfb is missing.
 
 The plugin adds no registration logic: its field must equal ``dirio register``'s bit for bit, and
 its metrics the CLI's ``metrics.json``, for the same settings on the CPU.
@@ -38,10 +45,12 @@ WAIT_MS = 120_000  # an upper bound for a worker on the shared 2-core machine, n
 _STARTED_HERE = False  # whether gl_display started the Xvfb that DISPLAY names
 
 
-@pytest.fixture(scope="session", autouse=True)
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+@pytest.fixture(scope="session")
 def gl_display():
     """An X display for OpenGL (an Xvfb started here when none is set), Qt on its offscreen platform."""
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     global _STARTED_HERE
     if os.environ.get("DISPLAY"):
         yield os.environ["DISPLAY"]
@@ -69,11 +78,35 @@ def gl_display():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _display_for_this_module_only(gl_display):
+def _display_for_this_module_only():
     """Later test modules see no DISPLAY when this module set it (Qt keeps its connection to the display)."""
     yield
     if _STARTED_HERE:
         os.environ.pop("DISPLAY", None)
+
+
+@pytest.fixture
+def viewer(qtbot):
+    """napari's viewer model with the installed plugins discovered: layers, readers and sample data
+    as in a window, without a canvas."""
+    import npe2
+    from napari.components import ViewerModel
+
+    npe2.PluginManager.instance().discover()
+    model = ViewerModel()
+    yield model
+    model.layers.clear()
+
+
+def _register_widget_class():
+    """The dock widget the plugin's manifest contributes as "Register" (what napari's Plugins menu opens)."""
+    import npe2
+
+    manager = npe2.PluginManager.instance()
+    manager.discover()
+    (contribution,) = [widget for widget in manager.iter_widgets()
+                       if widget.plugin_name == "dirio" and widget.display_name == "Register"]
+    return contribution.get_callable()
 
 
 # Runs the command of its arguments with SIGTERM as its parent-death signal (PR_SET_PDEATHSIG = 1,
@@ -130,9 +163,10 @@ def _open(viewer, path):
     return [getattr(viewer, f"add_{kind}")(data, **options) for data, options, kind in reader(str(path))]
 
 
-def _widget(viewer, fixed, moving, fixed_labels=None, moving_labels=None, levels="2,1", iterations="6,3"):
-    _, widget = viewer.window.add_plugin_dock_widget("dirio", "Register")  # through the manifest
+def _widget(qtbot, viewer, fixed, moving, fixed_labels=None, moving_labels=None, levels="2,1", iterations="6,3"):
+    widget = _register_widget_class()(viewer)  # through the manifest
     assert isinstance(widget, RegisterWidget)
+    qtbot.addWidget(widget.native)  # closed and deleted at the end of the test
     widget.fixed.value, widget.moving.value = fixed, moving
     widget.fixed_labels.value, widget.moving_labels.value = fixed_labels, moving_labels
     widget.levels.value, widget.iterations.value, widget.device.value = levels, iterations, "cpu"
@@ -157,10 +191,9 @@ def _same(a, b) -> bool:
 # --- world coordinates ------------------------------------------------------------------------
 
 
-def test_layer_keeps_the_image_affine_and_follows_a_moved_layer(make_napari_viewer):
+def test_layer_keeps_the_image_affine_and_follows_a_moved_layer(viewer):
     """An image layer maps voxel (i, j, k) to the affine's world point (oblique and anisotropic), gives
     the exact 4x4 affine back, and a layer moved in the viewer is taken where it now is."""
-    viewer = make_napari_viewer()
     fixed, _ = _blobs(0.0)
     data, options, _ = image_layer(Image(fixed, AFFINE), "fixed")
     layer = viewer.add_image(data, **options)
@@ -178,15 +211,14 @@ def test_layer_keeps_the_image_affine_and_follows_a_moved_layer(make_napari_view
 # --- the widget -------------------------------------------------------------------------------
 
 
-def test_widget_field_and_metrics_equal_dirio_register_then_save(make_napari_viewer, qtbot, pair_files, tmp_path):
+def test_widget_field_and_metrics_equal_dirio_register_then_save(viewer, qtbot, pair_files, tmp_path):
     """On the same files and settings, the widget's field is the CLI's bit for bit and its metrics are
     the CLI's; the result layers appear; Save writes the CLI's set of files (same field), refuses to
     overwrite without the box ticked, and the reader opens the folder it wrote."""
     cli = _cli_register(pair_files, tmp_path / "cli")
-    viewer = make_napari_viewer()
     fixed, moving, fixed_labels, moving_labels = (
         _open(viewer, pair_files[key])[0] for key in ("fixed", "moving", "fixed_labels", "moving_labels"))
-    widget = _widget(viewer, fixed, moving, fixed_labels, moving_labels)
+    widget = _widget(qtbot, viewer, fixed, moving, fixed_labels, moving_labels)
     widget.register()
     _wait(qtbot, widget)
     assert widget.outcome is not None, widget.status.value
@@ -228,15 +260,14 @@ def test_widget_field_and_metrics_equal_dirio_register_then_save(make_napari_vie
     assert jacobian.data.shape == tuple(n - 4 for n in SHAPE)
 
 
-def test_network_method_with_the_packaged_model_equals_dirio_register(make_napari_viewer, qtbot, pair_files, tmp_path):
+def test_network_method_with_the_packaged_model_equals_dirio_register(viewer, qtbot, pair_files, tmp_path):
     """method network (the packaged LapIRN brain model, one forward pass) from the widget gives the
     CLI's field bit for bit."""
     result = run_cli(["register", pair_files["fixed"], pair_files["moving"], "-o", tmp_path / "cli", "--method", "network",
                       "--device", "cpu", "--quiet", "--no-figure"])
     assert result.rc == 0, result.err
-    viewer = make_napari_viewer()
     fixed, moving = (_open(viewer, pair_files[key])[0] for key in ("fixed", "moving"))
-    widget = _widget(viewer, fixed, moving, levels="", iterations="")
+    widget = _widget(qtbot, viewer, fixed, moving, levels="", iterations="")
     widget.method.value = "network"
     widget.register()
     _wait(qtbot, widget)
@@ -245,12 +276,11 @@ def test_network_method_with_the_packaged_model_equals_dirio_register(make_napar
     assert widget.outcome.result.stages[0]["stage"] == "network"
 
 
-def test_cancel_stops_the_run_and_changes_nothing(make_napari_viewer, qtbot, pair_files):
+def test_cancel_stops_the_run_and_changes_nothing(viewer, qtbot, pair_files):
     """Cancel during a long run: the worker ends without a result, no layer is added, the viewer keeps
     its layers, and a later run works."""
-    viewer = make_napari_viewer()
     fixed, moving = (_open(viewer, pair_files[key])[0] for key in ("fixed", "moving"))
-    widget = _widget(viewer, fixed, moving, iterations="100000,100000")
+    widget = _widget(qtbot, viewer, fixed, moving, iterations="100000,100000")
     before = [layer.name for layer in viewer.layers]
     widget.register()
     qtbot.waitUntil(lambda: widget.progress.value >= 3, timeout=WAIT_MS)
@@ -265,13 +295,12 @@ def test_cancel_stops_the_run_and_changes_nothing(make_napari_viewer, qtbot, pai
     assert widget.outcome is not None and widget.status.value == "done"
 
 
-def test_images_on_different_grids_give_a_message_not_a_traceback(make_napari_viewer, qtbot, pair_files):
+def test_images_on_different_grids_give_a_message_not_a_traceback(viewer, qtbot, pair_files):
     """A moving layer on another grid is refused before any work with one line naming both layers."""
-    viewer = make_napari_viewer()
     fixed = _open(viewer, pair_files["fixed"])[0]
     moving, _ = _blobs(1.0)
     other = viewer.add_image(moving[:, :, :12], name="cropped", affine=AFFINE)
-    widget = _widget(viewer, fixed, other)
+    widget = _widget(qtbot, viewer, fixed, other)
     widget.register()
     assert widget.worker is None
     message = widget.status.value
@@ -283,10 +312,9 @@ def test_images_on_different_grids_give_a_message_not_a_traceback(make_napari_vi
 # --- the reader -------------------------------------------------------------------------------
 
 
-def test_reader_opens_a_displacement_file_as_field_layers(make_napari_viewer, tmp_path):
+def test_reader_opens_a_displacement_file_as_field_layers(viewer, tmp_path):
     """A Learn2Reg field: x -> x + u(x) with u = (0.5 i, 0, 0) has det = 1.5 everywhere (no folds), and
     u = (-2 i, 0, 0) has det = -1 (every voxel folds); vectors carry u; layers sit on the field's grid."""
-    viewer = make_napari_viewer()
     i = np.arange(SHAPE[0], dtype=np.float32)[:, None, None] * np.ones(SHAPE, dtype=np.float32)
     for name, scale, det, folds in (("stretch", 0.5, 1.5, 0), ("fold", -2.0, -1.0, 1)):
         disp = np.zeros((*SHAPE, 3), dtype=np.float32)
@@ -306,9 +334,8 @@ def test_reader_opens_a_displacement_file_as_field_layers(make_napari_viewer, tm
     assert get_reader(str(tmp_path)) is None  # a folder without metrics.json
 
 
-def test_reader_opens_an_image_file_in_world_coordinates(make_napari_viewer, pair_files):
+def test_reader_opens_an_image_file_in_world_coordinates(viewer, pair_files):
     """An image file becomes an image layer and a label file a labels layer, both placed by the affine."""
-    viewer = make_napari_viewer()
     viewer.open(str(pair_files["fixed"]), plugin="dirio")
     viewer.open(str(pair_files["fixed_labels"]), plugin="dirio")
     image, labels = viewer.layers["fixed"], viewer.layers["fixed_labels"]
@@ -322,11 +349,10 @@ def test_reader_opens_an_image_file_in_world_coordinates(make_napari_viewer, pai
 # --- the sample pair ---------------------------------------------------------------------------
 
 
-def test_sample_pair_registers_as_dirio_register(make_napari_viewer, qtbot, tmp_path):
+def test_sample_pair_registers_as_dirio_register(viewer, qtbot, tmp_path):
     """File > Open Sample gives the demo pair; registered from the widget (brain-mri, a few iterations)
     it gives dirio register's field bit for bit and its Dice."""
     pytest.importorskip("nilearn", reason="the sample pair is the MNI152 template of nilearn (the demo extra)")
-    viewer = make_napari_viewer()
     viewer.open_sample("dirio", "demo-pair")
     names = [layer.name for layer in viewer.layers]
     assert names == ["fixed", "moving", "fixed tissue", "moving tissue"]
@@ -342,7 +368,7 @@ def test_sample_pair_registers_as_dirio_register(make_napari_viewer, qtbot, tmp_
                       "--no-figure"])
     assert result.rc == 0, result.err
     cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
-    widget = _widget(viewer, viewer.layers["fixed"], viewer.layers["moving"], viewer.layers["fixed tissue"],
+    widget = _widget(qtbot, viewer, viewer.layers["fixed"], viewer.layers["moving"], viewer.layers["fixed tissue"],
                      viewer.layers["moving tissue"], levels="4,2", iterations="3,2")
     widget.preset.value = "brain-mri"
     widget.register()
@@ -351,6 +377,20 @@ def test_sample_pair_registers_as_dirio_register(make_napari_viewer, qtbot, tmp_
     assert np.array_equal(widget.outcome.result.disp, load_field(tmp_path / "cli" / "disp_fixed_moving.nii.gz"))
     assert widget.outcome.after["dice_mean"] == cli["after"]["dice_mean"]
     assert widget.outcome.after["dice_mean"] > widget.outcome.before["dice_mean"]
+
+
+# --- a real napari window ------------------------------------------------------------------------
+
+
+def test_widget_docks_in_a_napari_window_and_lists_its_layers(gl_display, make_napari_viewer):
+    """Plugins > dirio > Register in a real napari window (Qt widgets and the canvas) docks the widget
+    the manifest names, with the window's layers as its choices. No layer is drawn: see the module's
+    docstring."""
+    window_viewer = make_napari_viewer()
+    dock, widget = window_viewer.window.add_plugin_dock_widget("dirio", "Register")
+    assert isinstance(widget, RegisterWidget) and dock.isVisibleTo(window_viewer.window._qt_window)
+    assert list(widget.fixed.choices) == [] and widget.status.value == "choose the layers and press Register"
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
 
 
 # --- the settings ------------------------------------------------------------------------------
