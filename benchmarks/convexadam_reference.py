@@ -16,13 +16,20 @@ fill need; fields are cropped back. Two fields of each method are compared: afte
 step (the reference with ``lambda_weight = 0``, which skips its Adam stage; dirio's convex stage)
 and the final one. Reported: mean, median and 95th percentile of ``|u_dirio - u_ref|`` (voxels)
 inside the lung / brain, the mean motion ``|u_ref|`` there, and the wall and CPU seconds of each
-call (back to back, same load).
+call (back to back, same load); for the final fields also where the difference sits (by depth below
+the mask's boundary, by quartile of the fixed image's gradient, its mean per axis).
+
+``--self-check`` also runs the reference on the same pair with both images multiplied by
+``1 + 1e-5``: MIND-SSC, and so every step of the method, is invariant to that scaling in exact
+arithmetic, so the two reference fields differ only by float rounding amplified by the method. Their
+difference (``reference_self``) is the floor below which no reimplementation can be expected to agree
+with the reference without reproducing its every float operation in order.
 
 The same script writes the test fixture (``--fixture``): the reference's fields (defaults, no masks) on
 the 36^3 synthetic pair of ``dirio.testing.synthetic.textured_pair``, subsampled, in
 ``tests/data/convexadam_reference_36.npz`` (see tests/test_convexadam_agreement.py).
 
-    python benchmarks/convexadam_reference.py --peer-python /tmp/caenv/bin/python [--cases lung,brain]
+    python benchmarks/convexadam_reference.py --peer-python /tmp/caenv/bin/python [--cases lung,brain] [--self-check]
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ def brain_case() -> dict:
 
 
 CASES = {"lung": lung_case, "brain": brain_case}
+# The self-check's scaling of both images (see the module docstring).
+SELF_CHECK_SCALE = 1.0 + 1e-5
 
 
 def padded(case: dict) -> dict:
@@ -136,6 +145,26 @@ def difference(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> dict:
             "max": float(d.max())}
 
 
+def where_it_differs(a: np.ndarray, b: np.ndarray, mask: np.ndarray, image: np.ndarray) -> dict:
+    """Where ``|a - b|`` sits inside ``mask``: by depth (voxels from the mask's boundary), by quartile
+    of the image's gradient magnitude (Gaussian sigma 1 voxel), and the mean of ``a - b`` per axis."""
+    from scipy import ndimage
+
+    d = np.linalg.norm(a - b, axis=-1)
+    depth = ndimage.distance_transform_edt(mask)
+    gradient = np.linalg.norm(np.stack(np.gradient(ndimage.gaussian_filter(image.astype(np.float64), 1.0))), axis=0)
+    out = {"by_depth": {}, "by_gradient_quartile": [], "mean_difference_per_axis": (a - b)[mask].mean(0).tolist(),
+           "mean_length": [float(np.linalg.norm(a, axis=-1)[mask].mean()), float(np.linalg.norm(b, axis=-1)[mask].mean())]}
+    for low, high in ((0, 3), (3, 6), (6, 12), (12, np.inf)):
+        inside = mask & (depth > low) & (depth <= high)
+        out["by_depth"][f"{low}-{high}"] = float(d[inside].mean()) if inside.any() else None
+    edges = [-np.inf, *np.quantile(gradient[mask], [0.25, 0.5, 0.75]), np.inf]
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = mask & (gradient > low) & (gradient <= high)
+        out["by_gradient_quartile"].append(float(d[inside].mean()) if inside.any() else None)
+    return out
+
+
 def crop(field: np.ndarray, shape) -> np.ndarray:
     return np.ascontiguousarray(field[tuple(slice(0, n) for n in shape)])
 
@@ -170,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=C.OUT_ROOT / NAME / "cache")
     parser.add_argument("--out", type=Path, default=C.OUT_ROOT / NAME)
     parser.add_argument("--fixture", action="store_true", help=f"write the test fixture {FIXTURE.name} and stop")
+    parser.add_argument("--self-check", action="store_true",
+                        help=f"also run the reference on both images scaled by {SELF_CHECK_SCALE} (its float-rounding floor)")
+    parser.add_argument("--no-dirio", dest="dirio", action="store_false", help="only the reference runs")
     args = parser.parse_args(argv)
     if not args.peer_python or not Path(args.peer_python).exists():
         sys.exit(f"{NAME}: the reference needs its interpreter (--peer-python or DIRIO_PEER_PYTHON)")
@@ -183,24 +215,36 @@ def main(argv=None) -> int:
         case = padded(CASES[label]())
         ref = {}
         timing_ref = {}
-        for stage, params in (("convex", {**PEER_PARAMS, "lambda_weight": 0.0}), ("final", PEER_PARAMS)):
+        scaled = {**case, "fixed": case["fixed"] * np.float32(SELF_CHECK_SCALE),
+                  "moving": case["moving"] * np.float32(SELF_CHECK_SCALE)}
+        runs = [("convex", case, {**PEER_PARAMS, "lambda_weight": 0.0}), ("final", case, PEER_PARAMS)]
+        if args.self_check:
+            runs += [("convex_scaled", scaled, {**PEER_PARAMS, "lambda_weight": 0.0}), ("final_scaled", scaled, PEER_PARAMS)]
+        for stage, inputs, params in runs:
             path = args.cache / f"{label}_{stage}.npz"
             if path.exists():
                 with np.load(path) as stored:
                     ref[stage] = stored["disp"]
                     timing_ref[stage] = json.loads(str(stored["timing"]))
                 continue
-            ref[stage], timing_ref[stage] = run_reference(args.peer_python, case, params, threads)
+            ref[stage], timing_ref[stage] = run_reference(args.peer_python, inputs, params, threads)
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(path, disp=ref[stage], timing=json.dumps(timing_ref[stage]))
-        mine, timing = run_dirio(case, args.preset, overrides)
         mask = case["score_mask"]
         record = {"case": label, "shape": list(case["shape"]), "padded": list(case["fixed"].shape),
-                  "reference_timing": timing_ref, "dirio_timing": timing,
+                  "reference_timing": timing_ref,
                   "motion_ref_mean": float(np.linalg.norm(crop(ref["final"], case["shape"]), axis=-1)[mask].mean())}
-        for stage in ("convex", "final"):
-            if stage in mine:
-                record[stage] = difference(crop(mine[stage], case["shape"]), crop(ref[stage], case["shape"]), mask)
+        if args.self_check:
+            record["reference_self"] = {stage: difference(crop(ref[f"{stage}_scaled"], case["shape"]),
+                                                          crop(ref[stage], case["shape"]), mask)
+                                        for stage in ("convex", "final")}
+        if args.dirio:
+            mine, record["dirio_timing"] = run_dirio(case, args.preset, overrides)
+            for stage in ("convex", "final"):
+                if stage in mine:
+                    record[stage] = difference(crop(mine[stage], case["shape"]), crop(ref[stage], case["shape"]), mask)
+            record["final_where"] = where_it_differs(crop(mine["final"], case["shape"]), crop(ref["final"], case["shape"]),
+                                                     mask, crop(case["fixed"], case["shape"]))
         records.append(record)
         print(json.dumps(record), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
