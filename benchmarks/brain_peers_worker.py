@@ -116,7 +116,8 @@ def run_fireants(fixed_path: str, moving_path: str) -> tuple[np.ndarray, np.ndar
     from fireants.io import BatchedImages, Image
     from fireants.registration.greedy import GreedyRegistration
 
-    fixed, moving = BatchedImages([Image.load_file(fixed_path)]), BatchedImages([Image.load_file(moving_path)])
+    fixed = BatchedImages([Image.load_file(fixed_path, device="cpu")])  # its default device is CUDA
+    moving = BatchedImages([Image.load_file(moving_path, device="cpu")])
     options = dict(scales=[4, 2, 1], iterations=[200, 100, 50], loss_type="cc", cc_kernel_size=5,
                    deformation_type="compositive", smooth_grad_sigma=1, optimizer="Adam", optimizer_lr=0.5)
     reg = GreedyRegistration(fixed_images=fixed, moving_images=moving, **options)
