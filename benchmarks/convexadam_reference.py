@@ -215,10 +215,10 @@ def main(argv=None) -> int:
         case = padded(CASES[label]())
         ref = {}
         timing_ref = {}
-        scaled = {**case, "fixed": case["fixed"] * np.float32(SELF_CHECK_SCALE),
-                  "moving": case["moving"] * np.float32(SELF_CHECK_SCALE)}
         runs = [("convex", case, {**PEER_PARAMS, "lambda_weight": 0.0}), ("final", case, PEER_PARAMS)]
         if args.self_check:
+            scaled = {**case, "fixed": case["fixed"] * np.float32(SELF_CHECK_SCALE),
+                      "moving": case["moving"] * np.float32(SELF_CHECK_SCALE)}
             runs += [("convex_scaled", scaled, {**PEER_PARAMS, "lambda_weight": 0.0}), ("final_scaled", scaled, PEER_PARAMS)]
         for stage, inputs, params in runs:
             path = args.cache / f"{label}_{stage}.npz"

@@ -48,4 +48,3 @@ def test_lung_ct_masks_aligns_initialises_and_refines_a_known_breathing_motion()
     assert final < 0.5 * before, (before, convex, final)
     assert final < convex, (convex, final)
     assert fraction_nonpositive_jacobian(np.asarray(result.disp)) == 0.0
-

@@ -102,8 +102,7 @@ def _register_widget_class():
     """The dock widget the plugin's manifest contributes as "Register" (what napari's Plugins menu opens)."""
     import npe2
 
-    manager = npe2.PluginManager.instance()
-    manager.discover()
+    manager = npe2.PluginManager.instance()  # plugins discovered by the ``viewer`` fixture
     (contribution,) = [widget for widget in manager.iter_widgets()
                        if widget.plugin_name == "dirio" and widget.display_name == "Register"]
     return contribution.get_callable()

@@ -58,6 +58,15 @@ def textured(shape, seed):
     return torch.from_numpy(((image - image.min()) / (image.max() - image.min())).astype(np.float32))[None, None]
 
 
+def known_warp(shape, image_seed, sigma, max_displacement, field_seed):
+    """``(fixed, moving, true)``: a :func:`textured` moving image and, as fixed, that image pulled
+    through ``true``, a diffeomorphism (a smooth random velocity integrated in 7 squarings)."""
+    moving = textured(shape, image_seed)
+    true = integrate_velocity(smooth_random_field(shape, sigma=sigma, max_displacement=max_displacement,
+                                                  seed=field_seed), 7)
+    return warp(moving, true), moving, true
+
+
 def register_symmetric(fixed, moving, iterations=(60, 40), weight=0.05, compose_every=0):
     stage = DenseStage(transform=DenseConfig(symmetric=True, smoothing=1, integration_steps=6,
                                              compose_every=compose_every),
@@ -127,9 +136,7 @@ def test_the_similarity_is_computed_between_the_two_half_warped_images():
 
 def test_recovers_a_known_smooth_warp():
     shape = (64, 64)
-    moving = textured(shape, 7)
-    true = integrate_velocity(smooth_random_field(shape, sigma=8.0, max_displacement=4.0, seed=8), 7)
-    fixed = warp(moving, true)
+    fixed, moving, true = known_warp(shape, 7, sigma=8.0, max_displacement=4.0, field_seed=8)
     result = register_symmetric(fixed, moving, weight=0.01)
     inside = (slice(None), slice(None), slice(6, -6), slice(6, -6))
     before = float(true[inside].norm(dim=1).mean())
@@ -159,9 +166,7 @@ def test_registering_b_to_a_gives_the_inverse_of_registering_a_to_b(compose_ever
 
 def test_large_deformation_stays_one_to_one():
     shape = (64, 64)
-    moving = textured(shape, 11)
-    true = integrate_velocity(smooth_random_field(shape, sigma=6.0, max_displacement=6.0, seed=12), 7)
-    fixed = warp(moving, true)
+    fixed, moving, true = known_warp(shape, 11, sigma=6.0, max_displacement=6.0, field_seed=12)
     result = register_symmetric(fixed, moving, weight=0.01)
     with torch.no_grad():
         assert float(jacobian_determinant(result.displacement).min()) > 0
@@ -231,9 +236,7 @@ def test_diffeomorphic_composed_settings():
 
 def test_symmetric_composed_halves_track_their_inverses():
     shape = (40, 40)
-    moving = textured(shape, 14)
-    true = integrate_velocity(smooth_random_field(shape, sigma=7.0, max_displacement=4.0, seed=15), 7)
-    fixed = warp(moving, true)
+    fixed, moving, true = known_warp(shape, 14, sigma=7.0, max_displacement=4.0, field_seed=15)
     result = register_symmetric(fixed, moving, iterations=(30, 20), weight=0.01, compose_every=2)
     model, ctx = result.transform, context(shape)
     with torch.no_grad():
