@@ -32,6 +32,7 @@ from dirio import __version__
 from dirio.apps.cli import main
 from dirio.core.fields import field_from_numpy, jacobian_determinant, warp
 from dirio.evaluation.overlap import warp_labels
+from dirio.losses.by_level import align_to_levels
 from dirio.config.settings import PRESETS, flat_keys
 from dirio.testing.synthetic import smooth_random_field
 
@@ -333,8 +334,11 @@ def test_preset_gives_its_defaults_and_explicit_iterations_override_it(tiny, tmp
     assert result.rc == 0, result.err
     settings = _read_metrics(tmp_path / "out")["settings"]
     section = flat_keys()  # flat preset key -> its section in metrics.json
-    for key in ("similarity", "similarity_options", "normalise", "regularizers", "schedule"):
+    for key in ("similarity", "normalise", "regularizers", "schedule"):
         assert settings[section[key]][key] == PRESETS[preset][key]
+    # a preset's per-level options follow the two levels of QUICK, aligned at the finest level
+    aligned = align_to_levels(PRESETS[preset]["similarity_options"], PRESETS[preset]["levels"], (2, 1))
+    assert settings["terms"]["similarity_options"] == json.loads(json.dumps(aligned))
     if "clip_range" in PRESETS[preset]:
         assert settings["preprocessing"]["clip_range"] == list(PRESETS[preset]["clip_range"])
     assert settings["pyramid"] == {"levels": [2, 1], "iterations": [3, 2]}

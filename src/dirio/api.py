@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dirio.losses.by_level import at_level
 from dirio.config.settings import Settings, apply_overrides, make_settings
 from dirio.core.context import LevelContext
 from dirio.core.fields import field_to_numpy, warp
@@ -241,7 +242,7 @@ def register(
             check_network_stage(options, fixed_array.ndim, device)
     terms = build_terms(settings)
     state = PairState(
-        fixed=fixed_tensor, moving=moving_tensor, terms=terms, similarity=terms[0].function.similarity,
+        fixed=fixed_tensor, moving=moving_tensor, terms=terms, similarity=at_level(terms[0].function.similarity, 0),
         fixed_mask=masks[0], moving_mask=masks[1], spacing=spacing, seed=settings.seed, progress=settings.progress,
         init=init_tensor, stage_fields={} if keep_stages else None, records=records,
     )

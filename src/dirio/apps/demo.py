@@ -24,6 +24,7 @@ from dirio.io.images import save_image
 from dirio.io.fields import save_field
 from dirio.config.presets import PRESETS
 from dirio.config.settings import make_settings
+from dirio.losses.by_level import align_to_levels
 from dirio.testing.synthetic import endpoint_error, warped_pair
 
 TEMPLATE_FILES = {
@@ -113,10 +114,14 @@ def run_demo(out_dir="demo-out", *, overwrite=False, device="auto", quiet=False,
     save_field(files["true_disp"], pair.true_disp, affine, overwrite=overwrite)
 
     # The brain-mri preset's pyramid is meant for 1 mm images; its first two levels have 4 and 2 mm
-    # voxels. Keep those physical resolutions (and their iterations) at the demo's voxel size.
+    # voxels. Keep those physical resolutions (and their iterations and similarity windows) at the
+    # demo's voxel size.
     finest = max(1, int(round(2.0 / resolution)))
-    iterations = tuple(PRESETS["brain-mri"]["iterations"][:2])
-    settings = make_settings("brain-mri", levels=(2 * finest, finest), iterations=iterations, progress=not quiet)
+    preset = PRESETS["brain-mri"]
+    iterations = tuple(preset["iterations"][:2])
+    similarity_options = align_to_levels(preset["similarity_options"], preset["levels"], preset["levels"][:2])
+    settings = make_settings("brain-mri", levels=(2 * finest, finest), iterations=iterations,
+                             similarity_options=similarity_options, progress=not quiet)
     record = register_files(
         files["fixed"], files["moving"], out, settings=settings,
         fixed_labels=files["fixed_labels"], moving_labels=files["moving_labels"],

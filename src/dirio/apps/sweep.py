@@ -127,8 +127,9 @@ def full_resolution_similarity(fixed, moving, disp: np.ndarray, settings, fixed_
     """
     from dirio.api import normalised
     from dirio.core.fields import field_from_numpy, warp
+    from dirio.losses.by_level import at_level
 
-    similarity = settings.terms.similarity_object()
+    similarity = at_level(settings.terms.similarity_object(), len(settings.pyramid.levels) - 1)  # the finest level's
 
     def tensor(array):
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]

@@ -111,6 +111,11 @@ def numbers(value: Any) -> tuple[float, ...]:
 
 
 def _scalar(text: str) -> Any:
+    if "/" in text:  # one value per pyramid level, coarse to fine (`window=5/5/9`); a path stays text
+        parts = [_scalar(part.strip()) for part in text.split("/")]
+        if all(_is_number(part) for part in parts):
+            return tuple(parts)
+        return text
     for cast in (int, float):
         try:
             return cast(text)
@@ -271,7 +276,8 @@ OPTIONS: tuple[Option, ...] = (
     # method
     Option("preset", text, "named defaults (documentation: Concepts, Presets)", METHOD, choices=tuple(PRESETS)),
     Option("similarity", text, None, METHOD, choices=("lncc", "ncc", "mse", "mind", "nmi")),
-    Option("similarity_options", key_values, "e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND)",
+    Option("similarity_options", key_values, "e.g. window=7,kernel=gaussian (LNCC) or radius=1,dilation=2 (MIND); "
+           "a value per pyramid level, coarse to fine, as window=5/5/9",
            METHOD, metavar="K=V,..."),
     Option("features_from", text, "compute the similarity's features (MIND) on each level's images, or on the "
            "full-resolution images and resample them to the level (full) or average them over the level's blocks "

@@ -28,7 +28,7 @@ from typing import Any
 
 from dirio.config.presets import PRESETS
 from dirio.losses.regularizers import make_regularizer
-from dirio.losses.similarity import make_similarity
+from dirio.losses.by_level import align_to_levels, check_level_options, make_level_similarity
 from dirio.losses.terms import RegularizerTerm, Role, SimilarityTerm, Term
 from dirio.methods.affine import AffineConfig
 from dirio.methods.convex import ConvexConfig
@@ -97,7 +97,8 @@ class TermsConfig:
 
     Attributes:
         similarity: name of the similarity term (see :func:`dirio.losses.similarity.make_similarity`).
-        similarity_options: its options (e.g. ``{"window": 5}`` for LNCC).
+        similarity_options: its options (e.g. ``{"window": 5}`` for LNCC); an option may be a tuple of one
+            value per pyramid level, coarse to fine (``{"window": (5, 5, 9)}``, :mod:`dirio.losses.by_level`).
         features_from: ``"level"``: the similarity's features (MIND descriptors) are computed on each
             level's images; ``"full"``: on the full-resolution images, then resampled onto the level
             (ConvexAdam's Adam stage); ``"pooled"``: on the full-resolution images, averaged over the
@@ -116,7 +117,9 @@ class TermsConfig:
     regularizers: dict[str, float] = field(default_factory=lambda: {"diffusion": 0.3})
 
     def similarity_object(self):
-        return make_similarity(self.similarity, **self.similarity_options)
+        """The similarity object; a :class:`dirio.losses.by_level.SimilarityByLevel` when an option gives
+        one value per pyramid level (e.g. ``{"window": (5, 5, 9)}``)."""
+        return make_level_similarity(self.similarity, self.similarity_options)
 
     def build(self) -> list[Term]:
         """One similarity term (weight 1), then each regularizer term with its weight."""
@@ -201,6 +204,7 @@ class Settings:
     def validate(self) -> None:
         """Raise ``ValueError`` with a one-line reason for settings a run would fail on (before any work)."""
         self.preprocessing.validate()
+        check_level_options(self.terms.similarity_options, len(self.pyramid.levels))
         self.terms.build()
         for name in self.stages:
             STAGES.get(name)
@@ -284,7 +288,13 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
         # composition of displacement steps; with an explicit compose_every, diffeomorphic folds exp(u).
         overrides = {**overrides, "compose_every": 0}
     layers.append(overrides)
-    return apply_overrides(Settings(), layers)
+    settings = apply_overrides(Settings(), layers)
+    if preset is not None and overrides.get("similarity_options") is None and "levels" in PRESETS[preset]:
+        # A preset's per-level similarity options follow an override of its levels by shrink factor
+        # (dirio.losses.by_level.align_to_levels); options given explicitly must fit as they are.
+        settings.terms.similarity_options = align_to_levels(
+            settings.terms.similarity_options, PRESETS[preset]["levels"], settings.pyramid.levels)
+    return settings
 
 
 def apply_overrides(base: Settings, layers) -> Settings:

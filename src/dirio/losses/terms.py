@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dirio.core.fields import resize_image, sample
+from dirio.losses.by_level import at_level
 
 if TYPE_CHECKING:  # the contract only, for annotations
     from dirio.transforms.base import Transform
@@ -194,7 +195,9 @@ class SimilarityTerm:
 
     The fixed and moving features (``similarity.features(image)``, e.g. MIND descriptors) are
     computed once per level in :meth:`prepare`; each evaluation warps the moving features with
-    the field and compares them with the fixed ones inside :attr:`Evaluation.mask`.
+    the field and compares them with the fixed ones inside :attr:`Evaluation.mask`. A
+    :class:`~dirio.losses.by_level.SimilarityByLevel` (options with one value per pyramid level) is
+    resolved to the level's own similarity object (:meth:`similarity_at`).
 
     ``features_from`` says which images the features are computed on: ``"level"`` (default) the
     level's own images, so a MIND dilation counts level voxels; ``"full"`` the full-grid images
@@ -221,13 +224,19 @@ class SimilarityTerm:
         self.features_from = features_from
         self.sampling = sampling
 
+    def similarity_at(self, ctx: LevelContext):
+        """The similarity object of the context's pyramid level (one per level when its options vary by
+        level, :class:`dirio.losses.by_level.SimilarityByLevel`)."""
+        return at_level(self.similarity, ctx.level)
+
     def _features(self, ctx: LevelContext, full: torch.Tensor | None, level: torch.Tensor) -> torch.Tensor:
+        similarity = self.similarity_at(ctx)
         if self.features_from != "level" and full is not None and tuple(full.shape[2:]) != tuple(ctx.shape):
             with torch.no_grad():
                 if self.features_from == "pooled":
-                    return pool_to_level(self.similarity.features(full), ctx.shape)
-                return resize_image(self.similarity.features(full), ctx.shape)
-        return self.similarity.features(level)
+                    return pool_to_level(similarity.features(full), ctx.shape)
+                return resize_image(similarity.features(full), ctx.shape)
+        return similarity.features(level)
 
     def prepare(self, ctx: LevelContext, name: str) -> None:
         ctx.cache[name] = (self._features(ctx, ctx.full_fixed, ctx.fixed),
@@ -235,14 +244,15 @@ class SimilarityTerm:
 
     def __call__(self, evaluation: Evaluation, name: str) -> torch.Tensor:
         fixed_features, moving_features = evaluation.ctx.cache[name]
+        similarity = self.similarity_at(evaluation.ctx)
         if self.sampling == "convexadam" and evaluation.middle is None:
             field = evaluation.field
             ndim = field.shape[1]
             n = torch.tensor(field.shape[2:], device=field.device, dtype=field.dtype).view((1, ndim) + (1,) * ndim)
             coords = evaluation.ctx.identity + field * (n / (n - 1).clamp_min(1))
-            return self.similarity(fixed_features, sample(moving_features, coords, padding="zeros"), evaluation.mask)
+            return similarity(fixed_features, sample(moving_features, coords, padding="zeros"), evaluation.mask)
         fixed, warped = evaluation.warped_pair(fixed_features, moving_features)
-        return self.similarity(fixed, warped, evaluation.mask)
+        return similarity(fixed, warped, evaluation.mask)
 
 
 class RegularizerTerm:

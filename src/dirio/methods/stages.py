@@ -53,7 +53,8 @@ class PairState:
     Attributes:
         fixed, moving: ``(1, C, *S)`` normalised images on the same grid.
         fixed_mask, moving_mask: optional ``(1, 1, *S)`` masks.
-        terms: the dense stage's terms; ``similarity`` the similarity object the affine stage uses.
+        terms: the dense stage's terms; ``similarity`` the similarity object the affine stage uses (the
+            dense stage's at its coarsest level when its options vary by level).
         spacing: voxel size in mm (rigid is rigid in mm), or ``None``.
         seed, progress: the run's seed and whether to show progress bars.
         matrix: ``(ndim + 1, ndim + 1)`` float64 voxel matrix found by the affine stage, or ``None``.
