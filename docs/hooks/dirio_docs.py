@@ -173,8 +173,11 @@ def _short(value: object) -> str:
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(_short(item) for item in value)
-    if isinstance(value, dict):
-        return ", ".join(f"{key}={_short(item)}" for key, item in value.items()) or "-"
+    if isinstance(value, dict):  # an option with one value per level as the command line writes it: 5/5/9
+        def option(item: object) -> str:
+            return "/".join(_short(v) for v in item) if isinstance(item, (list, tuple)) else _short(item)
+
+        return ", ".join(f"{key}={option(item)}" for key, item in value.items()) or "-"
     return str(value)
 
 

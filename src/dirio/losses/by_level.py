@@ -57,7 +57,8 @@ def options_at(options: Mapping[str, Any], level: int) -> dict[str, Any]:
     return {key: value[level] if _is_list(value) else value for key, value in options.items()}
 
 
-def align_to_levels(options: Mapping[str, Any], from_levels: Sequence[float], to_levels: Sequence[float]) -> dict[str, Any]:
+def align_to_levels(options: Mapping[str, Any], from_levels: Sequence[float],
+                    to_levels: Sequence[float]) -> dict[str, Any]:
     """Options given one value per level of the pyramid ``from_levels`` (shrink factors, coarse to
     fine), refitted to the pyramid ``to_levels``: each new level takes the value of the old level with
     the nearest shrink factor (on a log scale; the finer one on a tie).
