@@ -336,7 +336,7 @@ def test_preset_gives_its_defaults_and_explicit_iterations_override_it(tiny, tmp
     section = flat_keys()  # flat preset key -> its section in metrics.json
     for key in ("similarity", "normalise", "regularizers", "schedule"):
         assert settings[section[key]][key] == PRESETS[preset][key]
-    # a preset's per-level options follow the two levels of QUICK, aligned at the finest level
+    # a preset's per-level options follow the two levels of QUICK by shrink factor
     aligned = align_to_levels(PRESETS[preset]["similarity_options"], PRESETS[preset]["levels"], (2, 1))
     assert settings["terms"]["similarity_options"] == json.loads(json.dumps(aligned))
     if "clip_range" in PRESETS[preset]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dirio.losses.by_level import at_level
 from dirio.config.settings import Settings, apply_overrides, make_settings
 from dirio.core.context import LevelContext
 from dirio.core.fields import field_to_numpy, warp
@@ -23,6 +22,7 @@ from dirio.core.inverse import invert_displacement, inverse_consistency_summary
 from dirio.errors import DirioError
 from dirio.io.images import Image
 from dirio.core.intensity import normalise_intensity
+from dirio.losses.by_level import at_level
 from dirio.losses.terms import Term
 from dirio.methods.network import NETWORK_STAGES, check_network_stage
 from dirio.core.mask_fill import fill_outside_mask
