@@ -14,7 +14,10 @@ Modes (``--modes``; each a set of :func:`dirio.api.register` overrides):
 * ``io-sum`` / ``io-pcgrad``: ``--method network-io`` for ``--io-steps`` steps at ``--io-lr``,
   with the sum or the projection of the two gradients;
 * ``nio``: ``--method nio`` with the paper's schedule (every default);
-* ``nio-cpu``: the ``--network-budget cpu`` setting (:data:`dirio.methods.network.NETWORK_BUDGETS`).
+* ``nio-cpu``, ``network-io-cpu``: the ``--network-budget cpu`` settings
+  (:data:`dirio.methods.network.NETWORK_BUDGETS`; IO with the sum);
+* ``nio-budget``: NIO with ``--budget-iterations``, ``--budget-levels``, ``--budget-resolution`` and
+  ``--budget-refine`` (candidates for the CPU setting; probes at ``--io-probes`` steps of each level).
 
 Probes: the optimising modes are also scored part way (``--probes``, e.g. IO after 10, 25 and 50
 of 100 steps; NIO at the end of each level), which is exactly what a run stopped there returns
@@ -73,6 +76,7 @@ MODES = {
     "io-pcgrad": {"method": "network-io", "combine": "pcgrad"},
     "nio": {"method": "nio"},
     "nio-cpu": {"method": "nio", "network_budget": "cpu"},
+    "network-io-cpu": {"method": "network-io", "network_budget": "cpu"},
     "nio-budget": {"method": "nio"},  # --budget-iterations / --budget-levels / --budget-resolution
 }
 #: Default probes: IO after these many steps; NIO at these (level, steps) points.
@@ -185,7 +189,7 @@ def run_one(pair_name, pair, mode, args, write) -> None:
         overrides["network_lr"] = args.io_lr
     if mode == "nio-budget":
         overrides.update(network_iterations=args.budget_iterations, network_levels=args.budget_levels,
-                         network_resolution=args.budget_resolution)
+                         network_resolution=args.budget_resolution, network_refine=args.budget_refine)
     if args.network_lambda is not None and overrides["method"] in ("nio", "network-io"):
         overrides["network_lambda"] = args.network_lambda
     before = NIO_PAIRS.score(np.zeros(fixed.shape + (3,), np.float32), fixed_seg, moving_seg, label_ids)["dice"]
@@ -196,7 +200,8 @@ def run_one(pair_name, pair, mode, args, write) -> None:
     io = mode.startswith("io-")
     points = ([(0, n) for n in args.io_probes if n < args.io_steps] if io
               else list(NIO_PROBES) if mode == "nio"
-              else [(0, n) for n in args.io_probes if n < args.budget_iterations[0]] if mode == "nio-budget" else [])
+              else [(level, n) for level in range(len(args.budget_iterations)) for n in args.io_probes
+                    if n < args.budget_iterations[level]] if mode == "nio-budget" else [])
     rss = C.reset_peak_rss()
     start_wall, start_cpu = time.perf_counter(), time.process_time()
 
@@ -278,6 +283,7 @@ def main(argv=None) -> None:
     parser.add_argument("--network-lambda", type=float, help="override lambda of the optimising modes")
     parser.add_argument("--budget-iterations", type=C.int_list, default=(100, 0, 0), help="nio-budget: steps per level")
     parser.add_argument("--budget-levels", type=C.int_list, default=(1,), help="nio-budget: optimised LapIRN levels")
+    parser.add_argument("--budget-refine", type=int, default=0, help="nio-budget: --network-refine steps")
     parser.add_argument("--budget-resolution", type=C.int_list, default=(2, 2, 1),
                         help="nio-budget: loss grid shrink factor per level")
     parser.add_argument("--threads", type=int, default=1)

@@ -43,8 +43,12 @@ def test_the_cpu_budget_optimises_the_coarsest_level_on_a_half_resolution_loss_g
     assert nio.config.option("nio", "levels") == (1,)
     assert nio.optimizer_config().lr == pytest.approx(1e-4)  # the paper's optimiser and loss are kept
     assert [t.weight for t in nio.config.terms()] == [pytest.approx(0.6), pytest.approx(0.4)]
+    assert nio.config.refine("nio").iterations == 10  # then 10 steps refine the field
     io = stage(method="network-io", network_budget="cpu")
     assert io.config.pyramid("network-io").iterations == (1,)
+    assert io.config.refine("network-io").iterations == 10
+    assert stage(method="nio").config.refine("nio").iterations == 0  # the papers' schedules: no refinement
+    assert stage(method="network", network_budget="cpu").config.refine("network").iterations == 0
 
 
 def test_options_given_explicitly_override_the_budget():
@@ -80,6 +84,8 @@ def test_nio_with_the_cpu_budget_steps_only_the_coarsest_level_and_leaves_the_ot
     original = step_module.Step.__call__
 
     def recording(self, transform, ctx, optimizer, params, *args, **kwargs):
+        if not hasattr(transform, "network"):  # the refinement's dense field
+            return original(self, transform, ctx, optimizer, params, *args, **kwargs)
         before = {k: [p.detach().clone() for p in transform.network.level_parameters(k)] for k in (1, 2, 3)}
         out = original(self, transform, ctx, optimizer, params, *args, **kwargs)
         stepped.append({k: any(not torch.equal(a, b) for a, b in zip(before[k], transform.network.level_parameters(k)))
@@ -95,6 +101,9 @@ def test_nio_with_the_cpu_budget_steps_only_the_coarsest_level_and_leaves_the_ot
                           progress=False)
     finally:
         clear_model_cache()
-    assert len(result.history) == 25 and {row["level"] for row in result.history} == {0}
+    nio_rows = [row for row in result.history if row["stage"] == "nio"]
+    assert len(nio_rows) == 25 and {row["level"] for row in nio_rows} == {0}
+    assert [row["stage"] for row in result.history[25:]] == ["refine"] * 10  # then the field is refined
+    assert [s["stage"] for s in result.stages] == ["nio", "refine"]
     assert len(stepped) == 25
     assert all(changed[1] and not changed[2] and not changed[3] for changed in stepped)

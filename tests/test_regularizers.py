@@ -18,11 +18,13 @@ from dirio.losses import regularizers
 from dirio.losses.regularizers import (
     BendingEnergy,
     Diffusion,
+    Folding,
     L1,
     TotalVariation,
     bending_reference,
     diffusion_reference,
     forward_differences,
+    jacobian_determinant,
     l1_reference,
     make_regularizer,
     tv_reference,
@@ -208,3 +210,99 @@ def test_invalid_inputs_and_factory_errors():
     assert make_regularizer("tv", eps=1e-4).eps == 1e-4
     for name in NAMES:
         assert make_regularizer(name).name == name
+
+
+# --- the folding penalty (a hinge on the Jacobian determinant) ------------------------------------
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_folding_is_zero_for_translations_and_smooth_fields(ndim):
+    """A translation and a gentle linear map keep every local volume above the margin: exactly 0."""
+    offsets = torch.arange(1.0, ndim + 1, dtype=torch.float64).view(1, ndim, *([1] * ndim))
+    translation = torch.ones((2, ndim, *SHAPES[ndim]), dtype=torch.float64) * offsets
+    gentle = _linear_field(0.1 * np.eye(ndim), SHAPES[ndim])
+    assert float(Folding()(translation)) == 0.0
+    assert float(Folding()(gentle)) == 0.0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_folding_of_a_linear_fold_is_the_hinge_of_its_determinant(ndim):
+    """u = A x with det(I + A) = -0.5 folds everywhere: the penalty is margin - det = 0.1 + 0.5, and
+    the determinant is det(I + A) at every interior voxel, on any grid spacing."""
+    a = np.zeros((ndim, ndim))
+    a[0, 0] = -1.5  # I + A = diag(-0.5, 1, ...): det -0.5
+    a[0, 1] = 0.7  # a shear does not change the determinant
+    det = -0.5
+    u = _linear_field(a, SHAPES[ndim])
+    torch.testing.assert_close(jacobian_determinant(u), torch.full((1, *(n - 2 for n in SHAPES[ndim])), det,
+                                                                   dtype=torch.float64))
+    for stencil in ("forward", "backward"):
+        torch.testing.assert_close(jacobian_determinant(u, stencil=stencil), jacobian_determinant(u))
+    assert float(Folding(stencils="central")(u)) == pytest.approx(0.1 - det, rel=1e-12)
+    assert float(Folding()(u)) == pytest.approx(3 * (0.1 - det), rel=1e-12)  # three stencils
+    assert float(Folding(margin=0.5, stencils="forward")(u)) == pytest.approx(0.5 - det, rel=1e-12)
+    # the same fine-grid map on a grid of spacing 2 (values in fine voxels): the same determinant
+    coarse = _linear_field(2 * a, SHAPES[ndim])
+    assert float(Folding(stencils="central")(coarse, spacing=2)) == pytest.approx(0.1 - det, rel=1e-12)
+
+
+def test_one_sided_stencils_see_the_odd_even_fold_the_central_one_misses():
+    """u_0 = 0.8 (-1)^x0 folds every other cell (forward differences -1.6 and +1.6: det -0.6 and
+    2.6) while central differences of it are 0 (det 1): only the one-sided hinges are positive."""
+    x0 = torch.arange(8, dtype=torch.float64).view(8, 1, 1)
+    u = torch.zeros((1, 3, 8, 6, 6), dtype=torch.float64)
+    u[0, 0] = 0.8 * (-1.0) ** x0
+    assert float(jacobian_determinant(u).min()) == pytest.approx(1.0)
+    assert float(jacobian_determinant(u, stencil="forward").min()) == pytest.approx(-0.6)
+    assert float(jacobian_determinant(u, stencil="backward").min()) == pytest.approx(-0.6)
+    assert float(Folding(stencils="central")(u)) == 0.0
+    assert float(Folding()(u)) == pytest.approx(2 * 0.5 * (0.1 + 0.6), rel=1e-12)
+
+
+def test_jacobian_determinant_is_the_evaluators_on_the_interior():
+    """Central differences as the Learn2Reg evaluator's Jacobian, which crops one voxel more."""
+    from dirio.evaluation.jacobian import jacobian_determinant_l2r
+
+    disp = torch.randn((1, 3, 8, 9, 10), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ours = jacobian_determinant(disp)[0, 1:-1, 1:-1, 1:-1].numpy()
+    theirs = jacobian_determinant_l2r(disp[0].permute(1, 2, 3, 0).numpy())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_folding_gradient_passes_gradcheck_and_pushes_towards_unfolding():
+    """Finite differences confirm the gradient; a descent step on a folded field raises its determinant."""
+    disp = torch.randn((1, 3, 4, 5, 6), generator=torch.Generator().manual_seed(9), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: Folding()(u, (1.0, 1.5, 2.0)), (disp,))
+    folded = (2.0 * disp).detach().requires_grad_(True)
+    before = Folding()(folded)
+    before.backward()
+    after = Folding()(folded.detach() - 0.05 * folded.grad / folded.grad.abs().max())
+    assert float(before.detach()) > 0.0 and float(after) < float(before.detach())
+
+
+def test_folding_rejects_bad_margins_and_tiny_grids():
+    with pytest.raises(ValueError, match="margin"):
+        Folding(margin=0.0)
+    with pytest.raises(ValueError, match="stencils"):
+        Folding(stencils="sideways")
+    with pytest.raises(ValueError, match="3 voxels"):
+        Folding()(torch.zeros((1, 3, 2, 5, 5)))
+    assert isinstance(make_regularizer("folding", margin=0.2), Folding)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("stencils", ["all", "central", "forward", "backward"])
+def test_folding_sparse_backward_equals_plain_autograd(ndim, stencils):
+    """The backward over the active voxels only gives the plain-autograd value and gradient."""
+    from dirio.losses.folding import folding_reference
+
+    shape = SHAPES[ndim]
+    spacing = (1.0, 2.0, 0.5)[:ndim]
+    disp = (0.8 * torch.randn((2, ndim, *shape), generator=torch.Generator().manual_seed(10),
+                              dtype=torch.float64)).requires_grad_(True)
+    fast = Folding(margin=0.3, stencils=stencils)(disp, spacing)
+    (grad_fast,) = torch.autograd.grad(2.0 * fast, disp)
+    reference = folding_reference(disp, spacing, margin=0.3, stencils=stencils)
+    (grad_reference,) = torch.autograd.grad(2.0 * reference, disp)
+    assert float(reference.detach()) > 0.0
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_fast, grad_reference, rtol=1e-10, atol=1e-14)

@@ -285,7 +285,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("feature_sampling", text, "how the moving features are read at x + u(x): exact, or with ConvexAdam's "
            "two quirks (scaled by n/(n-1), zero beyond the grid), to reproduce its field", METHOD,
            choices=("exact", "convexadam")),
-    Option("regularizer", regularizer_weights, "diffusion, l1, tv or bending, each with an optional weight",
+    Option("regularizer", regularizer_weights, "diffusion, l1, tv, bending or folding (a hinge on det J), each with an optional weight",
            METHOD, metavar="NAME[=W],..."),
     Option("weight", number, "weight of the regularizer(s) given without one", METHOD),
     Option("normalise", text, None, METHOD, choices=("none", "minmax", "percentile", "clip")),
@@ -383,8 +383,11 @@ OPTIONS: tuple[Option, ...] = (
            "(default 0.4: 0.6 LNCC + 0.4 diffusion, the NIO paper's loss)", NETWORK),
     Option("network_budget", text, "defaults of the network options not given: paper (the papers' schedules: "
            "nio 100,60,30 steps on every level, IO 50 steps) or cpu (about 3 minutes per brain on a CPU: "
-           "nio optimises LapIRN's coarsest level only, 25 steps on a half resolution loss grid; IO 1 step)",
-           NETWORK, choices=("paper", "cpu")),
+           "nio optimises LapIRN's coarsest level only, 25 steps on a half resolution loss grid; IO 1 step; "
+           "both then refine the field for 10 steps)", NETWORK, choices=("paper", "cpu")),
+    Option("network_refine", integer, "full-resolution steps that refine the network's field and remove its "
+           "folds (LNCC, diffusion and a folding penalty on the field itself; default 0; 10 with the cpu network "
+           "budget)", NETWORK, metavar="N"),
     Option("network_checkpointing", switch, "gradient checkpointing: less memory, about one more forward pass",
            NETWORK),
     Option("network_mixed_precision", switch, "bfloat16 autocast of the network on CUDA", NETWORK),

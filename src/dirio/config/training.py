@@ -76,7 +76,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("similarity", text, None, OBJECTIVE, choices=("lncc", "ncc", "mind", "mse", "nmi"), default="lncc"),
     Option("similarity_options", key_values, "e.g. window=9 (LNCC) or radius=1,dilation=2 (MIND)", OBJECTIVE,
            metavar="K=V,..."),
-    Option("regularizer", regularizer_weights, "diffusion, l1, tv or bending, each with a weight (default diffusion=1)",
+    Option("regularizer", regularizer_weights, "diffusion, l1, tv, bending or folding, each with a weight (default diffusion=1)",
            OBJECTIVE, metavar="NAME[=W],..."),
     Option("supervision", number, "weight of the soft Dice loss of the label maps (0: none; needs labels)",
            OBJECTIVE, default=0.0, metavar="W"),

@@ -1,4 +1,5 @@
-"""Smoothness regularizers of a displacement field: diffusion, L1, total variation, bending energy.
+"""Regularizers of a displacement field: diffusion, L1, total variation, bending energy (smoothness)
+and the folding penalty (a hinge on the Jacobian determinant).
 
 Contract shared by every regularizer object (the optimisation engine codes against it):
 
@@ -16,7 +17,6 @@ constant derivatives gives the same value on any grid size.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Sequence
 
@@ -24,6 +24,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from dirio.core.registry import Registry
+from dirio.losses.field_regularizer import Regularizer
+from dirio.losses.field_regularizer import check_field as _check_field
+from dirio.losses.field_regularizer import spacing_tuple as _spacing_tuple
+from dirio.losses.folding import Folding, jacobian_determinant
 
 __all__ = [
     "Regularizer",
@@ -31,6 +35,8 @@ __all__ = [
     "L1",
     "TotalVariation",
     "BendingEnergy",
+    "Folding",
+    "jacobian_determinant",
     "REGULARIZERS",
     "make_regularizer",
     "forward_differences",
@@ -39,29 +45,6 @@ __all__ = [
     "tv_reference",
     "bending_reference",
 ]
-
-
-def _spacing_tuple(spacing: float | Sequence[float] | None, ndim: int) -> tuple[float, ...]:
-    """Normalise ``spacing`` to one positive float per axis."""
-    if spacing is None:
-        return (1.0,) * ndim
-    if isinstance(spacing, (int, float)):
-        values = (float(spacing),) * ndim
-    else:
-        values = tuple(float(s) for s in spacing)
-    if len(values) != ndim or any(not s > 0 for s in values):
-        raise ValueError(f"spacing must be {ndim} positive numbers (one per axis), got {spacing!r}")
-    return values
-
-
-def _check_field(disp: torch.Tensor) -> int:
-    """Validate a ``(B, ndim, *S)`` field; return ``ndim``."""
-    ndim = disp.dim() - 2
-    if ndim not in (2, 3) or disp.shape[1] != ndim:
-        raise ValueError(
-            f"expected a displacement field (B, ndim, *S) with ndim = 2 or 3 components, got shape {tuple(disp.shape)}"
-        )
-    return ndim
 
 
 def _difference(x: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
@@ -254,20 +237,6 @@ class _SlabEnergy(torch.autograd.Function):
         return grad * grad_energy, None, None
 
 
-class Regularizer:
-    """Base class of displacement regularizers."""
-
-    name = "regularizer"
-
-    def __call__(self, disp: torch.Tensor, spacing: float | Sequence[float] | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        names = list(inspect.signature(type(self).__init__).parameters)[1:]
-        options = ", ".join(f"{n}={getattr(self, n)!r}" for n in names if hasattr(self, n))
-        return f"{type(self).__name__}({options})"
-
-
 class Diffusion(Regularizer):
     """Diffusion (membrane) energy: ``sum_a sum_c mean((d u_c / d x_a)^2)``.
 
@@ -393,13 +362,13 @@ def bending_reference(disp: torch.Tensor, spacing=None) -> torch.Tensor:
 
 # Each regularizer is registered under its class's ``name``, in the order the messages list them.
 REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
-for _family in (Diffusion, L1, TotalVariation, BendingEnergy):
+for _family in (Diffusion, L1, TotalVariation, BendingEnergy, Folding):
     REGULARIZERS.register(_family.name, _family)
 del _family
 
 
 def make_regularizer(name: str, **options) -> Regularizer:
-    """Build a regularizer by factory name (``diffusion``, ``l1``, ``tv``, ``bending``).
+    """Build a regularizer by factory name (``diffusion``, ``l1``, ``tv``, ``bending``, ``folding``).
 
     Raises:
         ValueError: unknown name (lists the valid names), unknown option (lists the valid options)

@@ -18,6 +18,8 @@ Three stages of the pipeline (:mod:`dirio.methods.stages`) use a pretrained regi
   ``1 - lambda`` and ``lambda`` (:meth:`NetworkConfig.terms`); IO uses the same loss.
 
 ``network+dense`` is the ``network`` stage followed by the dense stage initialised with its field.
+``network_refine`` (the ``cpu`` budget's default for IO and NIO) ends any network stage with a few
+full-resolution steps on its field that remove its folds (:mod:`dirio.methods.refine`).
 All of them are the one engine: a :class:`~dirio.transforms.network.NetworkTransform` (or its
 level-wise variant) optimised by :func:`dirio.optim.pyramid.run_pyramid`.
 
@@ -44,6 +46,7 @@ from dirio.errors import DirioError
 from dirio.losses.regularizers import make_regularizer
 from dirio.losses.similarity import make_similarity
 from dirio.losses.terms import InverseConsistencyTerm, RegularizerTerm, Role, SimilarityTerm, Term
+from dirio.methods.refine import RefineConfig, refine_field
 from dirio.optim.optimizers import OPTIMIZERS
 from dirio.optim.pyramid import OptimizerConfig, PyramidConfig, PyramidResult, run_pyramid
 from dirio.transforms.affine import affine_displacement, compose_affine_field
@@ -93,12 +96,16 @@ MODE_DEFAULTS = {
 #: LapIRN's full-resolution level costs about 2 minutes there, a level-1-only step a few seconds, so
 #: NIO optimises the coarsest level only (25 steps, the loss on the half-resolution grid), then the
 #: full-resolution pass; an IO step always runs the whole network at full resolution, so IO keeps
-#: a single step. What this keeps of the full schedule's gain is in docs/how-to/networks.md.
+#: a single step. Both then refine the field for 10 full-resolution steps (``refine``,
+#: :mod:`dirio.methods.refine`: about 20 s), which removes most of the folds LapIRN's full-resolution
+#: level makes (optimising that level's weights costs about 2 minutes a step there). What this keeps
+#: of the full schedule's gain is in docs/how-to/networks.md.
 NETWORK_BUDGETS = {
     "paper": MODE_DEFAULTS,
     "cpu": {
-        "network-io": {**MODE_DEFAULTS["network-io"], "iterations": (1,)},
-        "nio": {**MODE_DEFAULTS["nio"], "iterations": (25, 0, 0), "levels": (1,), "resolution": (2.0, 2.0, 1.0)},
+        "network-io": {**MODE_DEFAULTS["network-io"], "iterations": (1,), "refine": 10},
+        "nio": {**MODE_DEFAULTS["nio"], "iterations": (25, 0, 0), "levels": (1,), "resolution": (2.0, 2.0, 1.0),
+                "refine": 10},
     },
 }
 
@@ -131,7 +138,11 @@ class NetworkConfig:
         network_mixed_precision: bfloat16 autocast of the network on CUDA (ignored on the CPU).
         network_normalise: min-max normalise each image to [0, 1] before the network (LapIRN's input).
         network_budget: which defaults fill the options left at ``None`` (iterations, levels,
-            resolution, optimiser): ``paper`` (the papers' schedules) or ``cpu`` (:data:`NETWORK_BUDGETS`).
+            resolution, optimiser, refinement): ``paper`` (the papers' schedules) or ``cpu``
+            (:data:`NETWORK_BUDGETS`).
+        network_refine: full-resolution steps that refine the stage's field and remove its folds
+            (:mod:`dirio.methods.refine`); ``None``: the budget's default (``paper``: 0, ``cpu``: 10
+            for ``network-io`` and ``nio``), 0 for direct inference unless given.
     """
 
     model: str | None = None
@@ -151,6 +162,7 @@ class NetworkConfig:
     network_mixed_precision: bool = False
     network_normalise: bool = True
     network_budget: str = "paper"
+    network_refine: int | None = None
 
     def option(self, mode: str, name: str) -> Any:
         """The effective value of ``network_<name>`` for ``mode`` (the budget's default when ``None``)."""
@@ -195,6 +207,8 @@ class NetworkConfig:
                 int(k) > NIO_LEVELS for k in self.network_levels):
             raise ValueError(f"`network_levels` of nio are LapIRN levels 1 to {NIO_LEVELS}, got "
                              f"{_listed(self.network_levels)}")
+        if self.network_refine is not None and int(self.network_refine) < 0:
+            raise ValueError(f"`network_refine` must be >= 0 steps, got {self.network_refine}")
         if self.network_regularizer not in NETWORK_REGULARIZERS:
             raise ValueError(f"unknown network regularizer {self.network_regularizer!r}; "
                              f"choose one of {', '.join(NETWORK_REGULARIZERS)}")
@@ -210,6 +224,10 @@ class NetworkConfig:
                                  f"{_listed(self.option(mode, 'iterations'))}")
             self.pyramid(mode).validate()
             self.optimizer(mode).validate()
+
+    def refine(self, mode: str) -> RefineConfig:
+        """The refinement after stage ``mode`` (``iterations`` 0: none)."""
+        return RefineConfig(iterations=int(self.option(mode, "refine") or 0))
 
     def pyramid(self, mode: str) -> PyramidConfig:
         iterations = tuple(int(n) for n in self.option(mode, "iterations"))
@@ -490,8 +508,6 @@ def network_stage(state, options: NetworkStage) -> None:
     state.records.append({"stage": options.mode, "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
                           "iterations": sum(level["iterations_run"] for level in result.levels),
                           "levels": result.levels})
-    state.init = residual
-    state.result = result
     results = getattr(state, "results", None)
     if results is not None:
         results.append((options.mode, result))
@@ -499,3 +515,34 @@ def network_stage(state, options: NetworkStage) -> None:
         from dirio.core.fields import field_to_numpy
 
         state.stage_fields[options.mode] = field_to_numpy(result.displacement)
+    state.init = residual
+    state.result = result
+    refine = options.config.refine(options.mode)
+    if refine.iterations > 0:
+        _refine_stage_field(state, options.mode, refine)
+
+
+def _refine_stage_field(state, mode: str, refine: RefineConfig) -> None:
+    """Refine the network stage's field in ``state`` (:mod:`dirio.methods.refine`); sets
+    ``state.result``, ``state.init`` (the residual after any affine) and records the run as ``refine``."""
+    refined = refine_field(state.fixed, state.moving, state.init, refine, matrix=state.matrix,
+                           fixed_mask=state.fixed_mask, moving_mask=state.moving_mask, spacing=state.spacing,
+                           seed=state.seed, progress=state.progress)
+    problem = field_problem(refined.displacement)
+    if problem is not None:
+        raise DirioError(f"the refinement of the {mode} field is unusable: {problem}; run without it "
+                         f"(`network_refine` 0); no field was written")
+    refined.history = [{"stage": "refine", **row} for row in refined.history]
+    state.records.append({"stage": "refine", "seconds": refined.seconds, "peak_memory_mb": refined.peak_memory_mb,
+                          "iterations": refine.iterations})
+    results = getattr(state, "results", None)
+    if results is not None:
+        results.append(("refine", refined))
+    # the engine returns the composite field; a dense stage after this one starts from the residual
+    state.init = (refined.displacement if state.matrix is None else
+                  refined.transform.dense.displacement(tuple(state.fixed.shape[2:])).detach())
+    state.result = refined
+    if state.stage_fields is not None:
+        from dirio.core.fields import field_to_numpy
+
+        state.stage_fields["refine"] = field_to_numpy(refined.displacement)
