@@ -35,6 +35,11 @@ def find_chromium() -> str | None:
     return next((found for name in BROWSER_NAMES if (found := shutil.which(name))), None)
 
 
+#: What the browser answers an evaluation that a navigation of the page interrupted.
+NAVIGATION_ERRORS = ("Inspected target navigated or closed", "Cannot find context with specified id",
+                     "Execution context was destroyed")
+
+
 class BrowserError(RuntimeError):
     """A protocol error, or a page that did not answer in time."""
 
@@ -138,10 +143,18 @@ class Browser:
         return result["result"].get("value")
 
     def wait_until(self, expression: str, timeout: float = 15.0):
-        """Evaluate ``expression`` every 50 ms until it is truthy; return its value."""
+        """Evaluate ``expression`` every 50 ms until it is truthy; return its value.
+
+        An evaluation that the page's own navigation interrupts (a click that loads another page)
+        counts as not yet true: the browser answers it with an error, not a value."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except BrowserError as error:
+                if not any(text in str(error) for text in NAVIGATION_ERRORS):
+                    raise
+                value = None
             if value:
                 return value
             time.sleep(0.05)
