@@ -291,9 +291,14 @@ def test_folding_rejects_bad_margins_and_tiny_grids():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("stencils", ["all", "central", "forward", "backward"])
-def test_folding_sparse_backward_equals_plain_autograd(ndim, stencils):
-    """The backward over the active voxels only gives the plain-autograd value and gradient."""
+@pytest.mark.parametrize("slab_elements", [1, 60, 1 << 18])
+def test_folding_sparse_backward_equals_plain_autograd(monkeypatch, ndim, stencils, slab_elements):
+    """The slab-by-slab forward and the backward over the active voxels only give the plain-autograd
+    value and gradient (one-row slabs, a few rows per slab, a single slab)."""
+    from dirio.losses import folding
     from dirio.losses.folding import folding_reference
+
+    monkeypatch.setattr(folding, "_SLAB_ELEMENTS", slab_elements)
 
     shape = SHAPES[ndim]
     spacing = (1.0, 2.0, 0.5)[:ndim]

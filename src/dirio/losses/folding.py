@@ -91,11 +91,24 @@ def jacobian_determinant(disp: torch.Tensor, spacing: float | Sequence[float] | 
     return _determinant(_interior_jacobian(disp, spacing_tuple(spacing, ndim), stencil))
 
 
+#: Elements of one component of a slab of the field (rows of the first spatial axis per slab).
+_SLAB_ELEMENTS = 1 << 18
+
+
+def _slab_rows(disp: torch.Tensor) -> int:
+    """Interior rows of the first spatial axis per slab (all of them off the CPU: one pass)."""
+    if disp.device.type != "cpu":
+        return max(disp.shape[2] - 2, 1)
+    per_row = disp.shape[0] * math.prod(disp.shape[3:])
+    return max(1, _SLAB_ELEMENTS // max(per_row, 1))
+
+
 class _FoldingHinge(torch.autograd.Function):
     """``sum_stencils mean_x relu(margin - det)`` with a backward pass over the active voxels only.
 
-    The forward keeps, per stencil, the interior indices where ``det < margin`` and the Jacobian
-    there; the backward scatters ``-grad / N * cofactor`` onto the two voxels of each difference.
+    The forward (slab by slab along the first spatial axis) keeps, per stencil, the interior
+    indices where ``det < margin`` and the Jacobian there; the backward scatters
+    ``-grad / N * cofactor`` onto the two voxels of each difference.
     """
 
     @staticmethod
@@ -103,15 +116,31 @@ class _FoldingHinge(torch.autograd.Function):
         interior = (disp.shape[0], *(n - 2 for n in disp.shape[2:]))
         count = math.prod(interior)
         total = disp.new_zeros((), dtype=torch.float64)
-        saved = []
+        found = {stencil: [] for stencil in stencils}  # (index, jac at index) per slab
+        rows = _slab_rows(disp)
         with torch.no_grad():
-            for stencil in stencils:
-                jac = _interior_jacobian(disp, steps, stencil)
-                det = _determinant(jac)
-                active = det < margin
-                total += (margin - det[active]).sum(dtype=torch.float64)
-                index = active.nonzero(as_tuple=True)
-                saved.append((stencil, index, [[j[index] for j in row] for row in jac]))
+            # slabs of interior rows along the first spatial axis (with a one-row halo each side),
+            # so that the ~20 temporaries of a determinant stay small and are reused
+            for start in range(0, interior[1], rows):
+                slab = disp.narrow(2, start, min(rows, interior[1] - start) + 2)
+                for stencil in stencils:
+                    jac = _interior_jacobian(slab, steps, stencil)
+                    det = _determinant(jac)
+                    active = det < margin
+                    if not bool(active.any()):
+                        continue
+                    total += (margin - det[active]).sum(dtype=torch.float64)
+                    index = list(active.nonzero(as_tuple=True))
+                    values = [[j[tuple(index)] for j in row] for row in jac]
+                    index[1] = index[1] + start
+                    found[stencil].append((index, values))
+        saved = []
+        for stencil, parts in found.items():
+            if parts:
+                index = tuple(torch.cat([p[0][k] for p in parts]) for k in range(len(parts[0][0])))
+                ndim = len(parts[0][1])
+                values = [[torch.cat([p[1][c][a] for p in parts]) for a in range(ndim)] for c in range(ndim)]
+                saved.append((stencil, index, values))
         ctx.saved = saved
         ctx.steps, ctx.count, ctx.shape = steps, count, disp.shape
         return (total / count).to(disp.dtype)
