@@ -263,6 +263,11 @@ def test_history_series_collects_numeric_terms_and_level_boundaries():
     np.testing.assert_allclose(series["lr"], [0.1, 0.1, 0.05, 0.05, 0.025], rtol=1e-6)
     assert np.isnan(series["dice"][[0, 1, 3, 4]]).all() and series["dice"][2] == 0.7
     assert boundaries == [2, 4]
+    # a multi-stage run (a network stage, then its refinement) changes stage at the same level too
+    staged = [{"stage": "nio", "level": 0, "iteration": 0, "loss": 1.0},
+              {"stage": "nio", "level": 0, "iteration": 1, "loss": 0.9},
+              {"stage": "refine", "level": 0, "iteration": 0, "loss": 0.5}]
+    assert report.history_series(staged)[1] == [2]
 
 
 def test_curves_use_log_axis_only_for_positive_terms():

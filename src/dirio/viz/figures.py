@@ -170,8 +170,9 @@ def history_series(history: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.n
         ``(series, boundaries)``: ``series[name]`` is an array with one value per history entry
         (NaN where that entry has no numeric value for ``name``), for every key except
         ``level`` and ``iteration`` that is numeric somewhere, in order of first appearance;
-        ``boundaries`` are the global indices ``t`` where ``history[t]["level"]`` differs from
-        ``history[t - 1]["level"]`` (the first iteration of a new pyramid level).
+        ``boundaries`` are the global indices ``t`` where ``history[t]``'s ``level`` or ``stage``
+        differs from ``history[t - 1]``'s (the first iteration of a new pyramid level, or of the
+        next stage of a multi-stage run such as ``nio`` then ``refine``).
     """
     names: list[str] = []
     for entry in history:
@@ -182,7 +183,7 @@ def history_series(history: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.n
     for name in names:
         values = [_as_number(entry.get(name)) for entry in history]
         series[name] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    levels = [entry.get("level") for entry in history]
+    levels = [(entry.get("stage"), entry.get("level")) for entry in history]
     boundaries = [t for t in range(1, len(levels)) if levels[t] != levels[t - 1]]
     return series, boundaries
 
@@ -211,7 +212,7 @@ def _draw_curves(fig, spec, history: Sequence[Mapping[str, Any]]) -> None:
         if number // columns == rows - 1 or number + columns >= count:
             label = "iteration (all levels)"
             if boundaries:
-                label += "; dashed: next level"
+                label += "; dashed: next level" + (" or stage" if any("stage" in entry for entry in history) else "")
             ax.set_xlabel(label, fontsize=8)
 
 
