@@ -1,14 +1,9 @@
-"""Regularizers of a displacement field: diffusion, L1, total variation, bending energy (smoothness)
-and the folding penalty (a hinge on the Jacobian determinant).
+"""Smoothness regularizers of a displacement field (diffusion, L1, total variation, bending energy)
+and the registry of every regularizer, the folding penalty (:mod:`dirio.losses.folding`) included.
 
-Contract shared by every regularizer object (the optimisation engine codes against it):
-
-* ``name``: short identifier (the factory name).
-* ``__call__(disp, spacing=None) -> scalar``: ``>= 0``, 0 for a constant (translation) field,
-  lower is smoother. ``disp`` is ``(B, ndim, *S)`` (``ndim`` = 2 or 3) in voxel units of the fine
-  image grid; ``spacing`` is the grid spacing of ``disp`` in fine voxels (one number per axis or a
-  scalar, default 1), so derivatives are ``difference / spacing`` in fine voxels per fine voxel
-  and a weight means the same on every pyramid level.
+Every regularizer follows the contract of :mod:`dirio.losses.field_regularizer`: ``name``, and
+``__call__(disp, spacing=None) -> scalar >= 0``, 0 for a translation, on a ``(B, ndim, *S)`` field in
+fine voxels with the grid spacing in fine voxels, so a weight means the same on every pyramid level.
 
 Derivatives are finite differences; every term is averaged over the voxels where its stencil
 fits (and over the batch), then the terms are summed over axes and components, so a field with
