@@ -300,14 +300,19 @@ def jacobian_matrix(disp: torch.Tensor) -> torch.Tensor:
     return jac + eye
 
 
+def determinant_of_entries(matrix):
+    """Determinant of a 2x2 or 3x3 matrix given entry by entry, ``matrix[row][column]``, each entry an
+    array or tensor of one shape (voxelwise determinants; numpy or torch, the same arithmetic)."""
+    if len(matrix) == 2:
+        return matrix[0][0] * matrix[1][1] - matrix[0][1] * matrix[1][0]
+    (a, b, c), (d, e, f), (g, h, i) = matrix
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
 def determinant(jac: torch.Tensor) -> torch.Tensor:
     """Determinant of ``(B, n, n, *S)`` matrices, returned as ``(B, *S)`` (n = 2 or 3)."""
-    if jac.shape[1] == 2:
-        return jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
-    a, b, c = jac[:, 0, 0], jac[:, 0, 1], jac[:, 0, 2]
-    d, e, f = jac[:, 1, 0], jac[:, 1, 1], jac[:, 1, 2]
-    g, h, i = jac[:, 2, 0], jac[:, 2, 1], jac[:, 2, 2]
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    n = jac.shape[1]
+    return determinant_of_entries([[jac[:, r, c] for c in range(n)] for r in range(n)])
 
 
 def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:

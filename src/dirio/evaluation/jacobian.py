@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
+from dirio.core.fields import determinant_of_entries
 from dirio.evaluation._checks import as_field
 
 # The Learn2Reg SDlogJ adds 3 to the Jacobian determinant and clips it to [1e-9, 1e9] before
@@ -31,14 +32,6 @@ L2R_SDLOGJ_CLIP = (1e-9, 1e9)
 L2R_JACOBIAN_CROP = 2
 # Central difference kernel of the evaluator (``np.array([-0.5, 0, 0.5])``, scipy ``correlate``).
 _CENTRAL_DIFFERENCE = np.array([-0.5, 0.0, 0.5])
-
-
-def _determinant(matrix: list[list[np.ndarray]]) -> np.ndarray:
-    """Determinant of a 2x2 or 3x3 matrix given as nested lists of equally shaped arrays."""
-    if len(matrix) == 2:
-        return matrix[0][0] * matrix[1][1] - matrix[0][1] * matrix[1][0]
-    (a, b, c), (d, e, f), (g, h, i) = matrix
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def jacobian_determinant_l2r(disp: np.ndarray) -> np.ndarray:
@@ -66,7 +59,7 @@ def jacobian_determinant_l2r(disp: np.ndarray) -> np.ndarray:
         ]
         for c in range(ndim)
     ]
-    return _determinant(jacobian)
+    return determinant_of_entries(jacobian)
 
 
 def sdlogj_l2r(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -188,11 +181,11 @@ def _tetrahedral_determinants_inside(phi: np.ndarray) -> Iterator[np.ndarray]:
         for axis, sign in enumerate(signs):
             column = difference(unit(axis, sign))
             columns.append(column if sign > 0 else [-v for v in column])
-        yield _determinant([[columns[k][c] for k in range(ndim)] for c in range(ndim)])
+        yield determinant_of_entries([[columns[k][c] for k in range(ndim)] for c in range(ndim)])
     if ndim == 3:
         for offsets in _central_tetrahedra_offsets():
             columns = [difference(o) for o in offsets]
-            yield _determinant([[columns[k][c] for k in range(3)] for c in range(3)])
+            yield determinant_of_entries([[columns[k][c] for k in range(3)] for c in range(3)])
 
 
 def tetrahedral_jacobian_determinants(disp: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from dirio.core.fields import determinant_of_entries
 from dirio.losses.field_regularizer import Regularizer, check_field, spacing_tuple
 
 __all__ = ["Folding", "jacobian_determinant", "STENCILS"]
@@ -49,15 +50,6 @@ def _interior_jacobian(disp: torch.Tensor, steps: Sequence[float], stencil: str)
     return [[columns[a][:, c] + (1.0 if a == c else 0.0) for a in range(ndim)] for c in range(ndim)]
 
 
-def _determinant(jac) -> torch.Tensor:
-    """``det`` of a ``ndim x ndim`` nested list of equally shaped tensors (2 or 3)."""
-    if len(jac) == 2:
-        return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
-    return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
-            - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
-            + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
-
-
 def _cofactors(jac) -> list[list[torch.Tensor]]:
     """``d det / d jac[c][a]`` (the cofactor matrix) for a nested list of tensors (2 or 3)."""
     if len(jac) == 2:
@@ -88,7 +80,7 @@ def jacobian_determinant(disp: torch.Tensor, spacing: float | Sequence[float] | 
         translation, ``det(I + A)`` for ``u = A x``.
     """
     ndim = _check(disp, stencil)
-    return _determinant(_interior_jacobian(disp, spacing_tuple(spacing, ndim), stencil))
+    return determinant_of_entries(_interior_jacobian(disp, spacing_tuple(spacing, ndim), stencil))
 
 
 #: Elements of one component of a slab of the field (rows of the first spatial axis per slab).
@@ -125,7 +117,7 @@ class _FoldingHinge(torch.autograd.Function):
                 slab = disp.narrow(2, start, min(rows, interior[1] - start) + 2)
                 for stencil in stencils:
                     jac = _interior_jacobian(slab, steps, stencil)
-                    det = _determinant(jac)
+                    det = determinant_of_entries(jac)
                     active = det < margin
                     if not bool(active.any()):
                         continue
