@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 
 from dirio.core.field_checks import field_problem
-from dirio.core.fields import warp
+from dirio.core.fields import field_to_numpy, warp
 from dirio.core.profiling import peak_memory_mb, reset_peak_memory
 from dirio.errors import DirioError
 from dirio.losses.regularizers import make_regularizer
@@ -512,8 +512,6 @@ def network_stage(state, options: NetworkStage) -> None:
     if results is not None:
         results.append((options.mode, result))
     if state.stage_fields is not None:
-        from dirio.core.fields import field_to_numpy
-
         state.stage_fields[options.mode] = field_to_numpy(result.displacement)
     state.init = residual
     state.result = result
@@ -543,6 +541,4 @@ def _refine_stage_field(state, mode: str, refine: RefineConfig) -> None:
                   refined.transform.dense.displacement(tuple(state.fixed.shape[2:])).detach())
     state.result = refined
     if state.stage_fields is not None:
-        from dirio.core.fields import field_to_numpy
-
         state.stage_fields["refine"] = field_to_numpy(refined.displacement)
