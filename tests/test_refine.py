@@ -12,7 +12,7 @@ from dirio.api import register
 from dirio.errors import DirioError
 from dirio.evaluation.jacobian import fraction_nonpositive_jacobian
 from dirio.io.checkpoints import save_checkpoint
-from dirio.losses.regularizers import Folding, jacobian_determinant
+from dirio.losses.regularizers import Folding, stencil_determinant
 from dirio.methods.network import clear_model_cache
 from dirio.methods.refine import RefineConfig, refine_field
 from dirio.transforms.networks import LapIRN
@@ -121,6 +121,6 @@ def test_refinement_unfolds_a_2d_field_too():
     grid = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
     start = torch.zeros((1, 2, 32, 32))
     start[0, 0] = -8.0 * torch.exp(-((grid - 16.0) ** 2).sum(0) / (2 * 3.0**2))
-    folded = float((jacobian_determinant(start) <= 0).float().mean())
+    folded = float((stencil_determinant(start) <= 0).float().mean())
     refined = refine_field(image, image, start, RefineConfig(iterations=60), progress=False).displacement.detach()
-    assert folded > 0.005 and float((jacobian_determinant(refined) <= 0).float().mean()) == 0.0
+    assert folded > 0.005 and float((stencil_determinant(refined) <= 0).float().mean()) == 0.0

@@ -24,7 +24,7 @@ from dirio.losses.regularizers import (
     bending_reference,
     diffusion_reference,
     forward_differences,
-    jacobian_determinant,
+    stencil_determinant,
     l1_reference,
     make_regularizer,
     tv_reference,
@@ -233,10 +233,10 @@ def test_folding_of_a_linear_fold_is_the_hinge_of_its_determinant(ndim):
     a[0, 1] = 0.7  # a shear does not change the determinant
     det = -0.5
     u = _linear_field(a, SHAPES[ndim])
-    torch.testing.assert_close(jacobian_determinant(u), torch.full((1, *(n - 2 for n in SHAPES[ndim])), det,
+    torch.testing.assert_close(stencil_determinant(u), torch.full((1, *(n - 2 for n in SHAPES[ndim])), det,
                                                                    dtype=torch.float64))
     for stencil in ("forward", "backward"):
-        torch.testing.assert_close(jacobian_determinant(u, stencil=stencil), jacobian_determinant(u))
+        torch.testing.assert_close(stencil_determinant(u, stencil=stencil), stencil_determinant(u))
     assert float(Folding(stencils="central")(u)) == pytest.approx(0.1 - det, rel=1e-12)
     assert float(Folding()(u)) == pytest.approx(3 * (0.1 - det), rel=1e-12)  # three stencils
     assert float(Folding(margin=0.5, stencils="forward")(u)) == pytest.approx(0.5 - det, rel=1e-12)
@@ -251,19 +251,19 @@ def test_one_sided_stencils_see_the_odd_even_fold_the_central_one_misses():
     x0 = torch.arange(8, dtype=torch.float64).view(8, 1, 1)
     u = torch.zeros((1, 3, 8, 6, 6), dtype=torch.float64)
     u[0, 0] = 0.8 * (-1.0) ** x0
-    assert float(jacobian_determinant(u).min()) == pytest.approx(1.0)
-    assert float(jacobian_determinant(u, stencil="forward").min()) == pytest.approx(-0.6)
-    assert float(jacobian_determinant(u, stencil="backward").min()) == pytest.approx(-0.6)
+    assert float(stencil_determinant(u).min()) == pytest.approx(1.0)
+    assert float(stencil_determinant(u, stencil="forward").min()) == pytest.approx(-0.6)
+    assert float(stencil_determinant(u, stencil="backward").min()) == pytest.approx(-0.6)
     assert float(Folding(stencils="central")(u)) == 0.0
     assert float(Folding()(u)) == pytest.approx(2 * 0.5 * (0.1 + 0.6), rel=1e-12)
 
 
-def test_jacobian_determinant_is_the_evaluators_on_the_interior():
+def test_stencil_determinant_is_the_evaluators_on_the_interior():
     """Central differences as the Learn2Reg evaluator's Jacobian, which crops one voxel more."""
     from dirio.evaluation.jacobian import jacobian_determinant_l2r
 
     disp = torch.randn((1, 3, 8, 9, 10), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    ours = jacobian_determinant(disp)[0, 1:-1, 1:-1, 1:-1].numpy()
+    ours = stencil_determinant(disp)[0, 1:-1, 1:-1, 1:-1].numpy()
     theirs = jacobian_determinant_l2r(disp[0].permute(1, 2, 3, 0).numpy())
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
 

@@ -311,10 +311,21 @@ def _version() -> str:
     return f"dirio {__version__}"
 
 
+def keep_freed_memory_for(settings) -> None:
+    """Keep freed memory in the process for a dense registration (:mod:`dirio.apps.allocator`); the
+    network methods keep glibc's defaults."""
+    from dirio.apps.allocator import keep_freed_memory
+    from dirio.methods.network import NETWORK_STAGES
+
+    if not set(settings.stages) & set(NETWORK_STAGES):
+        keep_freed_memory()
+
+
 def run_register(args) -> int:
     from dirio.apps.workflow import register_files
 
     settings = settings_from_args(args)
+    keep_freed_memory_for(settings)
     record = register_files(
         args.fixed, args.moving, args.output,
         settings=settings,
@@ -413,8 +424,10 @@ def run_evaluate(args) -> int:
 
 
 def run_demo(args) -> int:
+    from dirio.apps.allocator import keep_freed_memory
     from dirio.apps.demo import run_demo as demo
 
+    keep_freed_memory()  # the demo is a dense registration
     demo(args.output, overwrite=args.overwrite, device=args.device, quiet=args.quiet)
     return 0
 
@@ -428,6 +441,7 @@ def run_sweep(args) -> int:
     settings = settings_from_args(args)
     settings.optimization.combine_options = options
     settings.progress = False  # one line per run instead of a bar per run
+    keep_freed_memory_for(settings)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     record = sweep_files(
         args.fixed, args.moving, args.output, settings=settings, weights=args.weights, rules=args.rules,
@@ -452,6 +466,7 @@ def run_dataset_command(args) -> int:
     run_values = {"label_ids": args.label_ids, "resample": args.resample, "tre_order": args.tre_order,
                   "use_masks": False if args.no_masks else None}
     configuration = run_configuration(args.config, explicit, run_values)
+    keep_freed_memory_for(configuration.settings)
     if args.threads is not None and args.threads < 1:
         raise DirioError(f"--threads must be at least 1, got {args.threads}")
     if args.limit is not None and args.limit < 1:

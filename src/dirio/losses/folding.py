@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from dirio.core.fields import determinant_of_entries
 from dirio.losses.field_regularizer import Regularizer, check_field, spacing_tuple
 
-__all__ = ["Folding", "jacobian_determinant", "STENCILS"]
+__all__ = ["Folding", "stencil_determinant", "STENCILS"]
 
 #: Difference stencils of the Jacobian along each axis ``a`` at an interior voxel ``x``:
 #: ``(u[x + plus e_a] - u[x + minus e_a]) / (divisor h_a)`` as (plus, minus, divisor).
@@ -64,7 +64,7 @@ def _cofactors(jac) -> list[list[torch.Tensor]]:
     return cof
 
 
-def jacobian_determinant(disp: torch.Tensor, spacing: float | Sequence[float] | None = None,
+def stencil_determinant(disp: torch.Tensor, spacing: float | Sequence[float] | None = None,
                          stencil: str = "central") -> torch.Tensor:
     """``det(I + du/dx)`` by finite differences on the interior voxels (differentiable).
 
@@ -166,7 +166,7 @@ class Folding(Regularizer):
     0 wherever the map keeps at least ``margin`` of the local volume (a translation, any smooth
     field), so unlike the smoothness terms it leaves an unfolded field alone and pushes only where
     the map folds (``det <= 0``) or nearly does. ``stencils="all"`` sums the hinge of the central,
-    forward and backward determinants (:func:`jacobian_determinant`): the central one alone is
+    forward and backward determinants (:func:`stencil_determinant`): the central one alone is
     blind to an odd-even oscillation, which an unsmoothed field can then grow. Units: a volume
     ratio; invariant to the grid size for a field with constant derivatives. ``margin`` in (0, 1].
     Used by the refinement of network fields (:mod:`dirio.methods.refine`).
@@ -191,4 +191,4 @@ class Folding(Regularizer):
 def folding_reference(disp: torch.Tensor, spacing=None, margin: float = 0.1, stencils: str = "all") -> torch.Tensor:
     """:class:`Folding` by plain autograd (the specification the sparse backward is tested against)."""
     names = tuple(STENCILS) if stencils == "all" else (stencils,)
-    return sum(torch.relu(margin - jacobian_determinant(disp, spacing, name)).mean() for name in names)
+    return sum(torch.relu(margin - stencil_determinant(disp, spacing, name)).mean() for name in names)

@@ -22,7 +22,7 @@ from dirio.core.registry import Registry
 from dirio.losses.field_regularizer import Regularizer
 from dirio.losses.field_regularizer import check_field as _check_field
 from dirio.losses.field_regularizer import spacing_tuple as _spacing_tuple
-from dirio.losses.folding import Folding, jacobian_determinant
+from dirio.losses.folding import Folding, stencil_determinant
 
 __all__ = [
     "Regularizer",
@@ -31,7 +31,7 @@ __all__ = [
     "TotalVariation",
     "BendingEnergy",
     "Folding",
-    "jacobian_determinant",
+    "stencil_determinant",
     "REGULARIZERS",
     "make_regularizer",
     "forward_differences",

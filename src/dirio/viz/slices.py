@@ -210,7 +210,9 @@ def _jacobian_plane(disp: np.ndarray, view: View, index: int | None) -> np.ndarr
         slab, centre = disp, None
     else:
         low, high = max(index - 1, 0), min(index + 2, disp.shape[view.normal])
-        slab = np.take(disp, np.arange(low, high), axis=view.normal)
+        # A basic slice (a view): np.take copied the whole field's slab through a general gather,
+        # 0.4-0.5 s per plane on a 160 x 192 x 224 field.
+        slab = disp[(slice(None),) * view.normal + (slice(low, high),)]
         centre = index - low
     det = field.jacobian_determinant(field.field_from_numpy(slab))[0].numpy()
     return view_plane(det, view, centre)
