@@ -93,6 +93,25 @@ def test_nifti_round_trip_keeps_label_dtype(tmp_path, dtype):
     assert load_image(path).data.dtype == np.float32
 
 
+def test_nii_gz_is_one_deterministic_gzip_member_of_nibabels_bytes(tmp_path):
+    """dirio's .nii.gz: the bytes nibabel would write uncompressed, deflated as one gzip member with
+    no name or time stamp (the same data gives the same file), read back by gzip, nibabel and dirio."""
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=(9, 10, 11, 3)).astype(np.float32)
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    first, second = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    save_field(first, field, affine)
+    save_field(second, field, affine)
+    assert first.read_bytes() == second.read_bytes()
+    raw = gzip.decompress(first.read_bytes())
+    reference = nib.Nifti1Image.from_bytes(raw)
+    assert raw == reference.to_bytes()
+    np.testing.assert_array_equal(np.asarray(nib.load(first).dataobj), field)
+    np.testing.assert_array_equal(load_field(first), field)
+    header = first.read_bytes()[:10]
+    assert header[:3] == b"\x1f\x8b\x08" and header[3] == 0 and header[4:8] == b"\0\0\0\0"  # no name, no mtime
+
+
 def test_save_image_casts_floats_to_a_requested_integer_type_by_rounding(tmp_path):
     path = tmp_path / "seg.nii"
     save_image(path, np.array([[[0.2, 0.9, 2.6]]]), np.eye(4), dtype=np.uint8)

@@ -322,10 +322,12 @@ def keep_freed_memory_for(settings) -> None:
 
 
 def run_register(args) -> int:
+    from dirio.apps.preload import preload_slow_imports
     from dirio.apps.workflow import register_files
 
     settings = settings_from_args(args)
     keep_freed_memory_for(settings)
+    preload_slow_imports(figure=not args.no_figure)
     record = register_files(
         args.fixed, args.moving, args.output,
         settings=settings,

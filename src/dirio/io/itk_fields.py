@@ -33,7 +33,8 @@ import numpy as np
 from dirio.core.fields import itk_to_voxel_displacement, voxel_to_itk_displacement
 from dirio.errors import DirioError
 from dirio.io.atomic import atomic_output
-from dirio.io.images import NIFTI_XFORM_SCANNER, _import_simpleitk, _read_nifti, _suffix, itk_to_ras_affine, ras_affine_to_itk
+from dirio.io.images import (NIFTI_XFORM_SCANNER, _import_simpleitk, _read_nifti, _suffix, itk_to_ras_affine,
+                              ras_affine_to_itk, save_nifti)
 
 PathLike = str | os.PathLike
 
@@ -140,7 +141,7 @@ def save_itk_field(path: PathLike, disp: np.ndarray, affine: np.ndarray, *, over
         img.header.set_xyzt_units(xyz="mm")
         img.header["descrip"] = DESCRIPTION
         with atomic_output(path, overwrite=overwrite) as tmp:
-            nib.save(img, str(tmp))
+            save_nifti(img, tmp)
         return
     if suffix not in (".mha", ".h5"):
         raise DirioError(f"{path}: ITK displacement fields are written as {', '.join(ITK_FIELD_SUFFIXES)}")
