@@ -531,3 +531,22 @@ def test_evaluate_field_fold_percentages_and_2d():
 def test_evaluate_field_needs_both_label_maps():
     with pytest.raises(ValueError, match="both"):
         evaluate.evaluate_field(zero_field((6, 6, 6)), fixed_labels=np.zeros((6, 6, 6), np.int32))
+
+
+def test_l2r_jacobian_is_scipys_correlation_bit_for_bit():
+    """The evaluator's derivatives are scipy correlations with [-0.5, 0, 0.5] (zero padding), cropped by
+    2; dirio forms them from shifted slices and must give the same float64 values exactly."""
+    from scipy import ndimage
+
+    from dirio.core.fields import determinant_of_entries
+    from dirio.evaluation.jacobian import jacobian_determinant_l2r
+
+    rng = np.random.default_rng(3)
+    for shape in ((9, 10, 11, 3), (12, 13, 2)):
+        disp = rng.normal(scale=0.7, size=shape)
+        ndim = shape[-1]
+        crop = (slice(2, -2),) * ndim
+        entries = [[ndimage.correlate1d(disp[..., c], np.array([-0.5, 0.0, 0.5]), axis=a, mode="constant",
+                                        cval=0.0)[crop] + (1.0 if a == c else 0.0) for a in range(ndim)]
+                   for c in range(ndim)]
+        assert np.array_equal(jacobian_determinant_l2r(disp), determinant_of_entries(entries))

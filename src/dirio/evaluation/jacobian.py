@@ -19,7 +19,6 @@ import math
 from typing import Iterator, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from dirio.core.fields import determinant_of_entries
 from dirio.evaluation._checks import as_field
@@ -30,8 +29,6 @@ L2R_SDLOGJ_OFFSET = 3.0
 L2R_SDLOGJ_CLIP = (1e-9, 1e9)
 # The evaluator's Jacobian is cropped by 2 voxels on every side (``jacobian[:, :, 2:-2, 2:-2, 2:-2]``).
 L2R_JACOBIAN_CROP = 2
-# Central difference kernel of the evaluator (``np.array([-0.5, 0, 0.5])``, scipy ``correlate``).
-_CENTRAL_DIFFERENCE = np.array([-0.5, 0.0, 0.5])
 
 
 def jacobian_determinant_l2r(disp: np.ndarray) -> np.ndarray:
@@ -50,16 +47,29 @@ def jacobian_determinant_l2r(disp: np.ndarray) -> np.ndarray:
     ndim = field.shape[-1]
     if min(field.shape[:-1]) <= 2 * L2R_JACOBIAN_CROP:
         raise ValueError(f"the Jacobian crop needs a grid larger than 4 voxels per axis, got {field.shape[:-1]}")
-    crop = (slice(L2R_JACOBIAN_CROP, -L2R_JACOBIAN_CROP),) * ndim
     jacobian = [
-        [
-            ndimage.correlate1d(field[..., c], _CENTRAL_DIFFERENCE, axis=a, mode="constant", cval=0.0)[crop]
-            + (1.0 if a == c else 0.0)
-            for a in range(ndim)
-        ]
+        [_central_difference_cropped(field[..., c], a) + (1.0 if a == c else 0.0) for a in range(ndim)]
         for c in range(ndim)
     ]
     return determinant_of_entries(jacobian)
+
+
+def _central_difference_cropped(values: np.ndarray, axis: int) -> np.ndarray:
+    """The evaluator's ``correlate(values, [-0.5, 0, 0.5])`` along ``axis``, cropped by
+    :data:`L2R_JACOBIAN_CROP` on every side, from two shifted slices.
+
+    scipy computes an antisymmetric kernel as ``(v[x - 1] - v[x + 1]) * -0.5`` (plus ``v[x] * 0``);
+    the same float64 operations here give the same values bit for bit (tested), without the
+    correlation's padded copy of the whole grid: ~1.5x faster on a 160 x 192 x 224 field. The crop
+    removes every voxel whose difference would have read the zero padding.
+    """
+    crop = L2R_JACOBIAN_CROP
+    centre = [slice(crop, n - crop) for n in values.shape]
+    before, after = list(centre), list(centre)
+    n = values.shape[axis]
+    before[axis] = slice(crop - 1, n - crop - 1)
+    after[axis] = slice(crop + 1, n - crop + 1)
+    return (values[tuple(before)] - values[tuple(after)]) * -0.5
 
 
 def sdlogj_l2r(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
