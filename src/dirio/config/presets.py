@@ -91,7 +91,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # full-resolution iterations help every set (8 / 10 / 12 with the windows above: real 0.817 /
         # 0.818 / 0.820 with 60/24 or 40/16 coarse iterations, known 0.959 / 0.961 / 0.963) and
         # 40/16 coarse iterations cost nothing against 60/24; 10 keeps the whole command at about
-        # 26 s on a 2-core CPU (benchmarks/whole_command.py; the former preset 22.5 s). Two passes of
+        # 26 s on a 2-core CPU (benchmarks/whole_command.py; the former preset 22.5 s; about 22 s since the
+        # command keeps freed memory, RESULTS.md issue 19 fifth session). Two passes of
         # the 3-voxel parameter smoothing. lr 0.5 level voxels per step with a cosine decay per level:
         # lr 1.0 gave rough fields (see RESULTS.md).
         "levels": (4, 2, 1), "iterations": (40, 16, 10), "lr": 0.5, "schedule": "cosine", "smoothing": 2,
