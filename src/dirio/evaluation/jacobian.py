@@ -186,11 +186,14 @@ def _tetrahedral_determinants_inside(phi: np.ndarray) -> Iterator[np.ndarray]:
     def unit(axis: int, step: int) -> tuple[int, ...]:
         return tuple(step if d == axis else 0 for d in range(ndim))
 
+    # The one-sided columns D^+ and D^- of each axis, computed once: each serves 2^(ndim-1) of the
+    # corner determinants (the same values as computing them per determinant, ~2x less work).
+    one_sided = {}
+    for axis in range(ndim):
+        one_sided[axis, 1] = difference(unit(axis, 1))
+        one_sided[axis, -1] = [-v for v in difference(unit(axis, -1))]
     for signs in itertools.product((1, -1), repeat=ndim):
-        columns = []
-        for axis, sign in enumerate(signs):
-            column = difference(unit(axis, sign))
-            columns.append(column if sign > 0 else [-v for v in column])
+        columns = [one_sided[axis, sign] for axis, sign in enumerate(signs)]
         yield determinant_of_entries([[columns[k][c] for k in range(ndim)] for c in range(ndim)])
     if ndim == 3:
         for offsets in _central_tetrahedra_offsets():
