@@ -102,6 +102,7 @@ def main(argv=None) -> int:
 
     from dirio.config.settings import make_settings
     from dirio.core.fields import resize_field, sample
+    from dirio.losses.by_level import at_level
     from dirio.optim.combine import make_combine_rule
     from dirio.optim.optimizers import make_optimizer
     from dirio.optim.pyramid import level_context
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
     similarity_term, diffusion_term = terms[0], terms[1]
     # a mid-optimisation state: the parameters hold half the true warp (coordinates are not the identity)
     transform = stage.transform.build(init=torch.from_numpy(true_field)[None] * 0.5)
-    ctx = level_context(fixed, moving, 0, 1.0)
+    # the preset's full-resolution level: its last (index 2; the LNCC window of that level, 9)
+    ctx = level_context(fixed, moving, len(stage.pyramid.levels) - 1, 1.0)
     transform.start_level(ctx)
     step = Step(terms, make_combine_rule("sum"))
     step.prepare(ctx)
@@ -123,15 +125,18 @@ def main(argv=None) -> int:
     for group in groups:
         group["lr"] = stage.optimizer.lr / group["lr_divisor"]
     optimizer = make_optimizer(stage.optimizer.optimizer, groups, stage.optimizer.lr)
-    params = [transform.param]
+    # The preset's transform composes an optimised increment into its field (dirio.transforms.composed):
+    # the optimised tensor is the increment's.
+    optimised = getattr(transform, "increment", transform)
+    params = [optimised.param]
     fixed_features, moving_features = ctx.cache[similarity_term.name]
-    similarity = similarity_term.function.similarity
+    similarity = at_level(similarity_term.function.similarity, ctx.level)
     regularizer = diffusion_term.function.regularizer
     weight = diffusion_term.weight
     repeats = args.repeats
 
     # Inputs of each part, with the gradients the step would hand it.
-    param = transform.param
+    param = optimised.param
     field = transform.field(ctx).detach()
     coords = (ctx.identity + field).detach()
     warped = sample(moving_features, coords).detach()
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
 
     def smoothing_backward():
         p = param.detach().requires_grad_(True)
-        out = resize_field(smooth_parameters(p, transform.smoothing), ctx.shape)
+        out = resize_field(smooth_parameters(p, optimised.smoothing), ctx.shape)
         torch.autograd.grad(out, p, grad_field)
 
     sm_cpu, sm_wall = timed(smoothing_backward, repeats)
