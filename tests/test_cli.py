@@ -216,6 +216,20 @@ def test_register_writes_warped_labels_with_an_integer_type_and_the_moving_label
     assert set(np.unique(np.asarray(labels.dataobj)).tolist()) <= {0, 1, 2}
 
 
+def test_the_written_warped_labels_are_the_scored_ones(registered, pair):
+    """warped_labels_<moving> is the evaluator's warp of the moving labels by the written field, so
+    Dice recomputed from the two written label maps is metrics.json's."""
+    from dirio.evaluation.overlap import dice_per_label, mean_dice
+
+    disp = np.asarray(nib.load(str(registered.dir / "disp_fixed_moving.nii.gz")).dataobj)
+    written = np.asarray(nib.load(str(registered.dir / "warped_labels_moving.nii.gz")).dataobj)
+    moving = np.asarray(nib.load(str(pair.moving_labels)).dataobj)
+    fixed = np.asarray(nib.load(str(pair.fixed_labels)).dataobj)
+    np.testing.assert_array_equal(written, warp_labels(moving, disp))
+    dice = dice_per_label(fixed, written, [1, 2], moving_labels=moving)
+    assert mean_dice(dice) == pytest.approx(_read_metrics(registered.dir)["after"]["dice_mean"], abs=1e-12)
+
+
 def test_register_improves_dice_and_tre_on_the_known_warp(registered, pair):
     metrics = _read_metrics(registered.dir)
     before, after = metrics["before"], metrics["after"]

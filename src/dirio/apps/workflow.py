@@ -33,6 +33,7 @@ from dirio.io.keypoints import load_keypoints
 from dirio.io.manifest import (INCOMPLETE_MARKER, RUN_MANIFEST, check_replaceable, earlier_outputs,
                                replace_earlier_outputs, sign_record)
 from dirio.evaluation.evaluate import evaluate_field
+from dirio.evaluation.overlap import warp_labels
 from dirio.config.settings import Settings
 
 
@@ -239,9 +240,9 @@ def map_points(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarra
 
 
 def evaluate(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None = None, tre_order: int = 3,
-             regularity: bool = True, hd95: bool = True) -> dict:
+             regularity: bool = True, hd95: bool = True, warped_labels: np.ndarray | None = None) -> dict:
     """dirio's metrics of a field for the pair (Dice/HD95 with labels, TRE with keypoints, regularity);
-    ``regularity`` and ``hd95`` as in :func:`dirio.evaluation.evaluate.evaluate_field`."""
+    ``regularity``, ``hd95`` and ``warped_labels`` as in :func:`dirio.evaluation.evaluate.evaluate_field`."""
     return evaluate_field(
         disp,
         fixed_labels=None if inputs.fixed_labels is None else inputs.fixed_labels.data,
@@ -253,6 +254,7 @@ def evaluate(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int] | None =
         tre_order=tre_order,
         regularity=regularity,
         hd95=hd95,
+        warped_labels=warped_labels,
     )
 
 
@@ -407,14 +409,19 @@ def score_registration(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int
 
     ``before`` scores the identity (overlap and TRE only: its regularity is known, no folding and
     SDlogJ 0, and its HD95 costs seconds no one asked for), ``after`` every metric of ``disp``
-    (:func:`evaluate`); ``warped_labels`` is the moving label map warped by ``disp`` (nearest
-    neighbour, ``S``), ``None`` without label maps.
+    (:func:`evaluate`); ``warped_labels`` is the moving label map warped by ``disp`` as the
+    Learn2Reg evaluator warps it (:func:`dirio.evaluation.overlap.warp_labels`: nearest neighbour,
+    0 beyond the outermost voxel centres; ``S``), so the written map is the one scored; ``None``
+    without label maps.
     """
     warped_labels = None
-    if inputs.moving_labels is not None:
-        warped_labels = apply_field(inputs.moving_labels.data, disp, labels=True)
-    before = evaluate(inputs, np.zeros_like(disp), label_ids, tre_order, regularity=False, hd95=False)
-    after = evaluate(inputs, disp, label_ids, tre_order)
+    moving_labels = None if inputs.moving_labels is None else inputs.moving_labels.data
+    if moving_labels is not None:
+        warped_labels = warp_labels(moving_labels, disp)
+    # np.zeros: a float64 identity the scoring reads without converting it (and the moving map is its warp).
+    before = evaluate(inputs, np.zeros(np.shape(disp)), label_ids, tre_order, regularity=False, hd95=False,
+                      warped_labels=moving_labels)
+    after = evaluate(inputs, disp, label_ids, tre_order, warped_labels=warped_labels)
     return before, after, warped_labels
 
 

@@ -39,6 +39,7 @@ def evaluate_field(
     tre_order: int = 3,
     regularity: bool = True,
     hd95: bool = True,
+    warped_labels: np.ndarray | None = None,
 ) -> dict:
     """Every metric the inputs allow, as a JSON-ready dict.
 
@@ -64,6 +65,9 @@ def evaluate_field(
         regularity: include the Jacobian-based metrics (SDlogJ, folding, NDV); callers scoring
             the identity ("before registration") skip them, their values being known.
         hd95: include HD95 (the most expensive overlap metric).
+        warped_labels: ``moving_labels`` already warped by ``disp`` with
+            :func:`dirio.evaluation.overlap.warp_labels` (a caller that also writes them out);
+            computed here when ``None``.
     """
     field = as_field(disp)
     ndim = field.shape[-1]
@@ -78,7 +82,8 @@ def evaluate_field(
     with ThreadPoolExecutor(max_workers=2) as pool:
         regular = pool.submit(_regularity, field) if regularity else None
         if fixed_labels is not None:
-            result.update(_overlap(field, np.asarray(fixed_labels), np.asarray(moving_labels), labels, scale, hd95))
+            result.update(_overlap(field, np.asarray(fixed_labels), np.asarray(moving_labels), labels, scale, hd95,
+                                   warped_labels))
         if fixed_points is not None:
             result.update(_tre(field, fixed_points, moving_points, scale, tre_order))
         if regular is not None:
@@ -86,10 +91,14 @@ def evaluate_field(
     return result
 
 
-def _overlap(field: np.ndarray, fixed: np.ndarray, moving: np.ndarray, labels, scale: np.ndarray, hd95: bool) -> dict:
-    """Dice (and HD95) of the moving labels warped by ``field`` against the fixed ones."""
+def _overlap(field: np.ndarray, fixed: np.ndarray, moving: np.ndarray, labels, scale: np.ndarray, hd95: bool,
+             warped: np.ndarray | None = None) -> dict:
+    """Dice (and HD95) of the moving labels warped by ``field`` (``warped``, when given) against the fixed ones."""
     result: dict = {}
-    warped = warp_labels(moving, field)
+    if warped is None:
+        warped = warp_labels(moving, field)
+    elif np.shape(warped) != np.shape(moving):
+        raise ValueError(f"warped labels of shape {np.shape(warped)} do not match the moving labels {np.shape(moving)}")
     if labels is None:
         labels = labels_present(fixed, moving)
     dice = dice_per_label(fixed, warped, labels, moving_labels=moving)
