@@ -309,6 +309,18 @@ def determinant_of_entries(matrix):
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
+def adjugate_of_entries(matrix):
+    """Adjugate (transposed cofactor matrix) of a 2x2 or 3x3 matrix given entry by entry, as
+    :func:`determinant_of_entries`: ``adj[r][c] = d det / d matrix[c][r]``, and ``matrix^-1 = adj / det``."""
+    if len(matrix) == 2:
+        (a, b), (c, d) = matrix
+        return [[d, -b], [-c, a]]
+    (a, b, c), (d, e, f), (g, h, i) = matrix
+    return [[e * i - f * h, c * h - b * i, b * f - c * e],
+            [f * g - d * i, a * i - c * g, c * d - a * f],
+            [d * h - e * g, b * g - a * h, a * e - b * d]]
+
+
 def determinant(jac: torch.Tensor) -> torch.Tensor:
     """Determinant of ``(B, n, n, *S)`` matrices, returned as ``(B, *S)`` (n = 2 or 3)."""
     n = jac.shape[1]

@@ -33,7 +33,8 @@ from typing import Sequence
 
 import torch
 
-from dirio.core.fields import compose, determinant, identity_grid, integrate_velocity, jacobian_matrix, sample, warp
+from dirio.core.fields import (adjugate_of_entries, compose, determinant, identity_grid, integrate_velocity,
+                               jacobian_matrix, sample, warp)
 
 # Default stopping rule of the fixed-point iteration: at most this many iterations, fewer once the
 # change of ``v`` in one iteration (= the residual of the previous iterate) is below the tolerance
@@ -172,14 +173,7 @@ def _newton_step(jac: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """
     n = residual.shape[1]
     det = determinant(jac)
-    if n == 2:
-        a, b, c, d = jac[:, 0, 0], jac[:, 0, 1], jac[:, 1, 0], jac[:, 1, 1]
-        adjugate = [[d, -b], [-c, a]]
-    else:
-        (a, b, c), (d, e, f), (g, h, i) = ([jac[:, r, k] for k in range(3)] for r in range(3))
-        adjugate = [[e * i - f * h, c * h - b * i, b * f - c * e],
-                    [f * g - d * i, a * i - c * g, c * d - a * f],
-                    [d * h - e * g, b * g - a * h, a * e - b * d]]
+    adjugate = adjugate_of_entries([[jac[:, r, k] for k in range(n)] for r in range(n)])
     safe = det > NEWTON_MIN_DET
     scale = torch.where(safe, 1.0 / torch.where(safe, det, torch.ones_like(det)), torch.zeros_like(det))
     newton = torch.stack([sum(adjugate[r][k] * residual[:, k] for k in range(n)) * scale for r in range(n)], dim=1)

@@ -5,7 +5,7 @@ regularizers (:mod:`dirio.losses.regularizers`) only discourage folds through la
 everywhere; :class:`Folding` penalises the determinant itself, and only where it falls below a
 margin, so it leaves an unfolded field alone. Its gradient is non-zero at those few voxels only,
 so the backward pass visits just them (:class:`_FoldingHinge`): the cofactors of the Jacobian at
-each active voxel, scattered onto the displacement through the difference stencil.
+each active voxel (its adjugate, :func:`dirio.core.fields.adjugate_of_entries`), scattered onto the displacement through the difference stencil.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from dirio.core.fields import determinant_of_entries
+from dirio.core.fields import adjugate_of_entries, determinant_of_entries
 from dirio.losses.field_regularizer import Regularizer, check_field, spacing_tuple
 
 __all__ = ["Folding", "stencil_determinant", "STENCILS"]
@@ -48,20 +48,6 @@ def _interior_jacobian(disp: torch.Tensor, steps: Sequence[float], stencil: str)
                 derivative = derivative.narrow(2 + b, 1, disp.shape[2 + b] - 2)
         columns.append(derivative)
     return [[columns[a][:, c] + (1.0 if a == c else 0.0) for a in range(ndim)] for c in range(ndim)]
-
-
-def _cofactors(jac) -> list[list[torch.Tensor]]:
-    """``d det / d jac[c][a]`` (the cofactor matrix) for a nested list of tensors (2 or 3)."""
-    if len(jac) == 2:
-        return [[jac[1][1], -jac[1][0]], [-jac[0][1], jac[0][0]]]
-    cof = [[None] * 3 for _ in range(3)]
-    for c in range(3):
-        for a in range(3):
-            rows = [r for r in range(3) if r != c]
-            cols = [k for k in range(3) if k != a]
-            minor = jac[rows[0]][cols[0]] * jac[rows[1]][cols[1]] - jac[rows[0]][cols[1]] * jac[rows[1]][cols[0]]
-            cof[c][a] = minor if (c + a) % 2 == 0 else -minor
-    return cof
 
 
 def stencil_determinant(disp: torch.Tensor, spacing: float | Sequence[float] | None = None,
@@ -147,12 +133,12 @@ class _FoldingHinge(torch.autograd.Function):
             if index[0].numel() == 0:
                 continue
             plus, minus, divisor = STENCILS[stencil]
-            cof = _cofactors(jac)
+            adjugate = adjugate_of_entries(jac)  # d det / d jac[c][a] = adjugate[a][c]
             batch, spatial = index[0], [i + 1 for i in index[1:]]  # interior -> full-grid indices
             for c in range(ndim):
                 for a in range(ndim):
                     # d value / d u_c[x + plus e_a] = -cof / (divisor h_a N); the minus voxel the opposite
-                    weight = cof[c][a] * (-grad / (ctx.count * divisor * steps[a]))
+                    weight = adjugate[a][c] * (-grad / (ctx.count * divisor * steps[a]))
                     channel = torch.full_like(batch, c)
                     for offset, sign in ((plus, 1.0), (minus, -1.0)):
                         at = [p + offset if b == a else p for b, p in enumerate(spatial)]
