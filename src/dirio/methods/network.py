@@ -504,17 +504,9 @@ def network_stage(state, options: NetworkStage) -> None:
     residual = result.displacement
     if state.matrix is not None:
         result.displacement = compose_affine_field(state.matrix.to(fixed.device), residual)
-    result.history = [{"stage": options.mode, **row} for row in result.history]
-    state.records.append({"stage": options.mode, "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
-                          "iterations": sum(level["iterations_run"] for level in result.levels),
-                          "levels": result.levels})
-    results = getattr(state, "results", None)
-    if results is not None:
-        results.append((options.mode, result))
-    if state.stage_fields is not None:
-        state.stage_fields[options.mode] = field_to_numpy(result.displacement)
+    _keep_stage(state, options.mode, result, {"iterations": sum(level["iterations_run"] for level in result.levels),
+                                              "levels": result.levels})
     state.init = residual
-    state.result = result
     refine = options.config.refine(options.mode)
     if refine.iterations > 0:
         _refine_stage_field(state, options.mode, refine)
@@ -530,15 +522,21 @@ def _refine_stage_field(state, mode: str, refine: RefineConfig) -> None:
     if problem is not None:
         raise DirioError(f"the refinement of the {mode} field is unusable: {problem}; run without it "
                          f"(`network_refine` 0); no field was written")
-    refined.history = [{"stage": "refine", **row} for row in refined.history]
-    state.records.append({"stage": "refine", "seconds": refined.seconds, "peak_memory_mb": refined.peak_memory_mb,
-                          "iterations": refine.iterations})
-    results = getattr(state, "results", None)
-    if results is not None:
-        results.append(("refine", refined))
+    _keep_stage(state, "refine", refined, {"iterations": refine.iterations})
     # the engine returns the composite field; a dense stage after this one starts from the residual
     state.init = (refined.displacement if state.matrix is None else
                   refined.transform.dense.displacement(tuple(state.fixed.shape[2:])).detach())
-    state.result = refined
+
+
+def _keep_stage(state, name: str, result, record: dict) -> None:
+    """Make ``result`` the pipeline's current result as stage ``name``: its history rows tagged with the
+    stage, its record (time, memory and ``record``) in ``state.records``, its field in
+    ``state.stage_fields`` when kept, and the result in ``state.results`` when the caller collects them."""
+    result.history = [{"stage": name, **row} for row in result.history]
+    state.records.append({"stage": name, "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb, **record})
+    results = getattr(state, "results", None)
+    if results is not None:
+        results.append((name, result))
     if state.stage_fields is not None:
-        state.stage_fields["refine"] = field_to_numpy(refined.displacement)
+        state.stage_fields[name] = field_to_numpy(result.displacement)
+    state.result = result
