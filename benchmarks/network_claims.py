@@ -41,6 +41,14 @@ Pairs (fixed <- moving; ``benchmarks/network_io.py`` builds the first three):
 Every finished run (and probe) is appended at once as one JSON line to ``OUT/results.jsonl``, so
 partial results survive a stopped run; ``--summary FILE`` prints the Markdown table.
 
+Resuming (IO modes): with ``--checkpoint-every K`` an IO run saves the network's weights, the
+optimiser's state (AMSGrad's moments and step count) and its elapsed time every ``K`` steps to
+``OUT/checkpoints/``. Started again with the same arguments, it goes on from the last of them, so a
+full-resolution run of hours (a step costs about 4 CPU minutes there) may span several stopped
+sessions. IO's learning rate is constant and its loss has no randomness, so the resumed run takes
+the same steps as an unbroken one; its times add the stopped parts' times (each part's setup
+included) and its row says where it resumed (``resumed_at``).
+
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/network_claims.py --scale half \\
         --plan oasisA:direct,oasisA:nio,oasisA:io-pcgrad --threads 1
 """
@@ -63,6 +71,7 @@ from dirio.api import register
 from dirio.core.context import LevelContext
 from dirio.core.fields import field_to_numpy
 from dirio.methods import network as network_methods
+from dirio.optim import pyramid as pyramid_module
 from dirio.transforms.network import NETWORK_FIXED, NETWORK_MOVING
 
 NAME = "network_claims"
@@ -135,19 +144,24 @@ class Probe:
     Installed by wrapping :func:`dirio.methods.network.make_transform`: the transform's
     ``after_step`` counts steps per pyramid level and, at a probe point, computes the field a run
     stopped there would return (the last level's network levels, on the network's own inputs).
+    ``offset`` steps of level 0 ran before (a resumed run); ``on_step(transform, steps)`` is called
+    after every step (a checkpoint).
     """
 
-    def __init__(self, points, on_probe):
+    def __init__(self, points, on_probe, offset=0, on_step=None):
         self.points = set(points)
         self.on_probe = on_probe
+        self.on_step = on_step
         self.paused_wall = 0.0
         self.paused_cpu = 0.0
-        self.steps: dict[int, int] = {}
+        self.steps: dict[int, int] = {0: offset} if offset else {}
+        self.transform = None  # the run's transform, once made
         self._original = network_methods.make_transform
 
     def __enter__(self):
         def make(model, options):
             transform = self._original(model, options)
+            self.transform = transform
             after_step = transform.after_step
 
             def counted(ctx):
@@ -155,6 +169,8 @@ class Probe:
                 self.steps[ctx.level] = self.steps.get(ctx.level, 0) + 1
                 if (ctx.level, self.steps[ctx.level]) in self.points:
                     self._probe(transform, ctx)
+                if self.on_step is not None:
+                    self._paused(self.on_step, transform, dict(self.steps))
 
             transform.after_step = counted
             return transform
@@ -165,17 +181,68 @@ class Probe:
     def __exit__(self, *exc):
         network_methods.make_transform = self._original
 
-    def _probe(self, transform, ctx):
+    def _paused(self, call, *args):
+        """Run ``call(*args)`` off the clock."""
         wall, cpu = time.perf_counter(), time.process_time()
-        fixed, moving = ctx.extra[NETWORK_FIXED], ctx.extra[NETWORK_MOVING]
-        final = LevelContext(level=99, shape=tuple(fixed.shape[2:]), full_shape=tuple(fixed.shape[2:]),
-                             fixed=fixed, moving=moving, extra=ctx.extra)
-        with torch.no_grad():
-            disp = field_to_numpy(transform.field(final))
-        steps = dict(self.steps)
-        self.on_probe(disp, steps, self.paused_wall, self.paused_cpu)
+        call(*args)
         self.paused_wall += time.perf_counter() - wall
         self.paused_cpu += time.process_time() - cpu
+
+    def _probe(self, transform, ctx):
+        def score():
+            fixed, moving = ctx.extra[NETWORK_FIXED], ctx.extra[NETWORK_MOVING]
+            final = LevelContext(level=99, shape=tuple(fixed.shape[2:]), full_shape=tuple(fixed.shape[2:]),
+                                 fixed=fixed, moving=moving, extra=ctx.extra)
+            with torch.no_grad():
+                disp = field_to_numpy(transform.field(final))
+            self.on_probe(disp, dict(self.steps), self.paused_wall, self.paused_cpu)
+
+        self._paused(score)
+
+
+class Resume:
+    """Saves and restores an IO run's state, so that a stopped run goes on where it was.
+
+    A checkpoint holds the transform's weights, the optimiser's state, the steps done and the time
+    spent (wall and CPU seconds, off-the-clock work left out). Used as a context, it patches the
+    engine's optimiser factory: when the run's optimiser is made (inside the network stage, after
+    the pretrained weights were saved for restoring), the checkpoint's weights and optimiser state
+    are loaded into the run's transform (``probe.transform``).
+    """
+
+    def __init__(self, path: Path, every: int, probe: Probe | None = None):
+        self.path = path
+        self.every = every
+        self.probe = probe
+        self.state = torch.load(path, weights_only=False) if every and path.exists() else None
+        self.done = self.state["steps"] if self.state else 0
+        self.optimizer = None
+        self._original = pyramid_module.make_optimizer
+
+    def __enter__(self):
+        def make(name, groups, lr, **options):
+            self.optimizer = self._original(name, groups, lr, **options)
+            if self.state is not None:
+                self.probe.transform.load_state_dict(self.state["transform"])
+                self.optimizer.load_state_dict(self.state["optimizer"])
+            return self.optimizer
+
+        pyramid_module.make_optimizer = make
+        return self
+
+    def __exit__(self, *exc):
+        pyramid_module.make_optimizer = self._original
+
+    def save(self, transform, steps: int, seconds: float, cpu_seconds: float) -> None:
+        """Write the checkpoint atomically (a stopped write leaves the previous one)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save({"transform": transform.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds}, partial)
+        partial.replace(self.path)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def run_one(pair_name, pair, mode, args, write) -> None:
@@ -202,25 +269,48 @@ def run_one(pair_name, pair, mode, args, write) -> None:
               else list(NIO_PROBES) if mode == "nio"
               else [(level, n) for level in range(len(args.budget_iterations)) for n in args.io_probes
                     if n < args.budget_iterations[level]] if mode == "nio-budget" else [])
+    every = args.checkpoint_every if io else 0
+    resume = Resume(Path(args.out) / "checkpoints" / f"{args.scale}-{pair_name}-{mode}-{args.io_steps}-"
+                    f"{args.io_lr:g}.pt", every)
+    if resume.done:
+        if resume.done >= args.io_steps:
+            raise SystemExit(f"{NAME}: {resume.path} has {resume.done} steps, not fewer than --io-steps")
+        overrides["network_iterations"] = (args.io_steps - resume.done,)
+        base["resumed_at"] = resume.done
+        print(f"[{NAME}] resuming at step {resume.done} from {resume.path}", file=sys.stderr, flush=True)
+    before_wall = resume.state["seconds"] if resume.state else 0.0
+    before_cpu = resume.state["cpu_seconds"] if resume.state else 0.0
     rss = C.reset_peak_rss()
     start_wall, start_cpu = time.perf_counter(), time.process_time()
 
+    def elapsed(paused_wall, paused_cpu):
+        return (before_wall + time.perf_counter() - start_wall - paused_wall,
+                before_cpu + time.process_time() - start_cpu - paused_cpu)
+
     def on_probe(disp, steps, paused_wall, paused_cpu):
+        seconds, cpu_seconds = elapsed(paused_wall, paused_cpu)
         row = {**base, "probe": True, "steps": [steps.get(k, 0) for k in range(max(steps) + 1)],
                **NIO_PAIRS.score(disp, fixed_seg, moving_seg, label_ids),
-               "seconds": time.perf_counter() - start_wall - paused_wall,
-               "cpu_seconds": time.process_time() - start_cpu - paused_cpu,
-               "peak_memory_mb": C.process_peak_rss_mb()}
+               "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_memory_mb": C.process_peak_rss_mb()}
         write(row)
 
-    with Probe(points, on_probe) as probe:
-        result = register(fixed, moving, preset=preset, device=args.device, progress=False, **overrides)
+    def checkpoint(transform, steps):
+        if steps[0] % every == 0 and steps[0] < args.io_steps:
+            resume.save(transform, steps[0], *elapsed(probe.paused_wall, probe.paused_cpu))
+
+    with Probe(points, on_probe, offset=resume.done, on_step=checkpoint if every else None) as probe:
+        resume.probe = probe
+        with resume:
+            result = register(fixed, moving, preset=preset, device=args.device, progress=False, **overrides)
     steps = [level["iterations_run"] for level in result.levels] if result.history else [0]
+    if resume.done:
+        steps[0] += resume.done
+    seconds, cpu_seconds = elapsed(probe.paused_wall, probe.paused_cpu)
     write({**base, "probe": False, "steps": steps, **NIO_PAIRS.score(result.disp, fixed_seg, moving_seg, label_ids),
-           "seconds": time.perf_counter() - start_wall - probe.paused_wall,
-           "cpu_seconds": time.process_time() - start_cpu - probe.paused_cpu,
+           "seconds": seconds, "cpu_seconds": cpu_seconds,
            "optimisation_seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
            "rss_at_start_mb": rss, "device": result.device})
+    resume.finish()
 
 
 def parse_plan(text: str) -> list[tuple[str, str]]:
@@ -286,6 +376,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-refine", type=int, default=0, help="nio-budget: --network-refine steps")
     parser.add_argument("--budget-resolution", type=C.int_list, default=(2, 2, 1),
                         help="nio-budget: loss grid shrink factor per level")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="IO modes: save the run's state every K steps and resume from it when started again")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(C.OUT_ROOT / NAME))
