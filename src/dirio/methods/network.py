@@ -52,6 +52,7 @@ from dirio.optim.pyramid import OptimizerConfig, PyramidConfig, PyramidResult, r
 from dirio.transforms.affine import affine_displacement, compose_affine_field
 from dirio.transforms.base import restored
 from dirio.transforms.network import AxisMap, LevelwiseNetworkTransform, NetworkTransform, network_extra
+from dirio.transforms.networks.layout import channels_last_3d
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,8 @@ def load_model(config: NetworkConfig, device: torch.device) -> torch.nn.Module:
 
     The cached module is the one every pair fine-tunes; the stages restore its weights after each
     pair (:func:`dirio.transforms.base.restored`), so the next pair starts from the checkpoint.
+    On the CPU its 3D convolution weights are stored channels-last
+    (:func:`dirio.transforms.networks.layout.channels_last_3d`: about a quarter less time per step).
 
     Raises:
         DirioError: one line naming a missing or unreadable checkpoint.
@@ -310,6 +313,8 @@ def load_model(config: NetworkConfig, device: torch.device) -> torch.nn.Module:
             model = build_icon_network(config.network_architecture, path, device=device)
         else:
             model = build_network(path, architecture=config.network_architecture, device=device)
+    if torch.device(device).type == "cpu":  # oneDNN's faster kernels (dirio.transforms.networks.layout)
+        channels_last_3d(model)
     while len(_MODEL_CACHE) >= _CACHE_SIZE:
         _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
     _MODEL_CACHE[key] = model
