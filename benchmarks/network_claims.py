@@ -42,11 +42,11 @@ Every finished run (and probe) is appended at once as one JSON line to ``OUT/res
 partial results survive a stopped run; ``--summary FILE`` prints the Markdown table.
 
 Resuming (IO modes): with ``--checkpoint-every K`` an IO run saves the network's weights, the
-optimiser's state (AMSGrad's moments and step count) and its elapsed time every ``K`` steps to
+optimiser's state (AMSGrad's moments and step count), the state of pcgrad's random generator (it
+draws which gradient of a conflicting pair is projected) and its elapsed time every ``K`` steps to
 ``OUT/checkpoints/``. Started again with the same arguments, it goes on from the last of them, so a
-full-resolution run of hours (a step costs about 4 CPU minutes there) may span several stopped
-sessions. IO's learning rate is constant and its loss has no randomness, so the resumed run takes
-the same steps as an unbroken one; its times add the stopped parts' times (each part's setup
+full-resolution run of hours (a step costs several CPU minutes there) may span several stopped
+sessions. IO's learning rate is constant, so the resumed run takes the same steps as an unbroken one; its times add the stopped parts' times (each part's setup
 included) and its row says where it resumed (``resumed_at``).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/network_claims.py --scale half \\
@@ -217,27 +217,37 @@ class Resume:
         self.state = torch.load(path, weights_only=False) if every and path.exists() else None
         self.done = self.state["steps"] if self.state else 0
         self.optimizer = None
-        self._original = pyramid_module.make_optimizer
+        self.generator = None  # the combination rule's (pcgrad draws which gradient it projects)
+        self._originals = pyramid_module.make_optimizer, pyramid_module.make_combine_rule
 
     def __enter__(self):
-        def make(name, groups, lr, **options):
-            self.optimizer = self._original(name, groups, lr, **options)
+        make_optimizer, make_rule = self._originals
+
+        def optimizer(name, groups, lr, **options):
+            self.optimizer = make_optimizer(name, groups, lr, **options)
             if self.state is not None:
                 self.probe.transform.load_state_dict(self.state["transform"])
                 self.optimizer.load_state_dict(self.state["optimizer"])
             return self.optimizer
 
-        pyramid_module.make_optimizer = make
+        def rule(name, **options):
+            self.generator = options.get("generator")
+            if self.state is not None and self.generator is not None and self.state.get("generator") is not None:
+                self.generator.set_state(self.state["generator"])  # absent: a checkpoint of an older version
+            return make_rule(name, **options)
+
+        pyramid_module.make_optimizer, pyramid_module.make_combine_rule = optimizer, rule
         return self
 
     def __exit__(self, *exc):
-        pyramid_module.make_optimizer = self._original
+        pyramid_module.make_optimizer, pyramid_module.make_combine_rule = self._originals
 
     def save(self, transform, steps: int, seconds: float, cpu_seconds: float) -> None:
         """Write the checkpoint atomically (a stopped write leaves the previous one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
         torch.save({"transform": transform.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "generator": None if self.generator is None else self.generator.get_state(),
                     "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds}, partial)
         partial.replace(self.path)
 
