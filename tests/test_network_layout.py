@@ -35,9 +35,16 @@ def test_the_layout_changes_the_storage_order_not_the_values():
     assert all(s[1] == 1 for s in strides)  # the channel is the fastest-varying axis
 
 
-def test_the_field_and_the_gradients_agree_with_the_contiguous_network():
-    fixed, moving = pair()
-    plain, fast = lapirn(), channels_last_3d(lapirn())
+def unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(ndim=3, encoder_channels=(4, 8), decoder_channels=(8, 8), final_channels=(8,), init_std=0.1)
+
+
+@pytest.mark.parametrize("build", [lapirn, unet], ids=["lapirn", "unet"])
+def test_the_field_and_the_gradients_agree_with_the_contiguous_network(build):
+    fixed, moving = pair(shape=(16, 20, 24))
+    plain, fast = build(), channels_last_3d(build())
+    assert is_channels_last_3d(fast)
     fields = []
     for model in (plain, fast):
         disp = model(fixed, moving)

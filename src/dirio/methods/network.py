@@ -286,7 +286,8 @@ def load_model(config: NetworkConfig, device: torch.device) -> torch.nn.Module:
 
     The cached module is the one every pair fine-tunes; the stages restore its weights after each
     pair (:func:`dirio.transforms.base.restored`), so the next pair starts from the checkpoint.
-    On the CPU its 3D convolution weights are stored channels-last
+    On the CPU the 3D convolution weights of dirio's own networks (LapIRN, the U-Net; not the ICON
+    adapters' third-party code) are stored channels-last
     (:func:`dirio.transforms.networks.layout.channels_last_3d`: about a quarter less time per step).
 
     Raises:
@@ -304,16 +305,20 @@ def load_model(config: NetworkConfig, device: torch.device) -> torch.nn.Module:
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, config.network_architecture, str(device))
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
+    third_party = False
     if config.model is None:
         model = default_brain_model(device)
     else:
         from dirio.transforms.networks.icon import ICON_ARCHITECTURES, build_icon_network
 
-        if config.network_architecture in ICON_ARCHITECTURES:
+        third_party = config.network_architecture in ICON_ARCHITECTURES
+        if third_party:
             model = build_icon_network(config.network_architecture, path, device=device)
         else:
             model = build_network(path, architecture=config.network_architecture, device=device)
-    if torch.device(device).type == "cpu":  # oneDNN's faster kernels (dirio.transforms.networks.layout)
+    if torch.device(device).type == "cpu" and not third_party:
+        # oneDNN's faster kernels (dirio.transforms.networks.layout); dirio's own networks only:
+        # code that reshapes activations with .view() may not accept another memory layout.
         channels_last_3d(model)
     while len(_MODEL_CACHE) >= _CACHE_SIZE:
         _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
