@@ -60,7 +60,7 @@ def test_dirio_allocator_system_keeps_glibcs_defaults():
     assert faults > 10 * 16384 * 0.8
 
 
-def test_the_register_command_keeps_freed_memory_for_dense_methods_only(monkeypatch):
+def test_the_register_command_keeps_freed_memory_for_dense_methods_and_the_cpu_network_budget(monkeypatch):
     from dirio.apps import cli
     from dirio.config.settings import make_settings
 
@@ -68,5 +68,9 @@ def test_the_register_command_keeps_freed_memory_for_dense_methods_only(monkeypa
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(True) or True)
     cli.keep_freed_memory_for(make_settings("brain-mri"))
     assert calls == [True]
-    cli.keep_freed_memory_for(make_settings(None, method="nio"))
+    for method in ("nio", "network-io", "network+dense"):
+        cli.keep_freed_memory_for(make_settings(None, method=method))
     assert calls == [True]
+    for method in ("nio", "network-io"):
+        cli.keep_freed_memory_for(make_settings(None, method=method, network_budget="cpu"))
+    assert calls == [True, True, True]

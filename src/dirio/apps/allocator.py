@@ -14,8 +14,10 @@ medians of 4 interleaved runs; benchmarks/RESULTS.md): 9.4 -> 3.1 s of system ti
 wall, peak resident memory 1.66 -> 2.2-3.1 GB (freed blocks stay mapped). The trade is the one
 PyTorch's CPU performance guide makes with jemalloc or tcmalloc: speed for resident memory.
 
-Only the command line calls it, and only for dense registrations (the network methods' 13 GB
-peaks at full resolution were not measured with it). Library users keep their process's settings;
+Only the command line calls it, for dense registrations and for the network stages under
+``--network-budget cpu`` (on the brain pair: NIO 81.5 -> 70.3 s, peak 5.7 -> 6.8 GB; IO 78.1 ->
+70.1 s, peak 10.9 -> 13.0 GB; the same outputs). The papers' network schedules, whose full-resolution
+steps hold 13-15 GB, keep glibc's defaults. Library users keep their process's settings;
 so does anyone who set the allocator through the environment (``MALLOC_*`` variables or
 ``GLIBC_TUNABLES``), which this module then leaves alone, and ``DIRIO_ALLOCATOR=system`` keeps glibc's
 defaults (less resident memory, more time).
