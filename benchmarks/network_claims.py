@@ -51,12 +51,18 @@ included) and its row says where it resumed (``resumed_at``).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/network_claims.py --scale half \\
         --plan oasisA:direct,oasisA:nio,oasisA:io-pcgrad --threads 1
+
+With ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=268435456`` in the environment, glibc keeps freed
+memory for reuse as the command line does (:mod:`dirio.apps.allocator`): 15-20 % of a run's CPU time
+is the kernel zeroing fresh pages otherwise, at about a fifth more peak memory. Each row records the
+``MALLOC_*`` settings it ran with (``malloc``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -273,7 +279,9 @@ def run_one(pair_name, pair, mode, args, write) -> None:
     base = {"pair": pair_name, "scale": args.scale, "mode": mode, "shape": list(fixed.shape), "axes": axes,
             "dice_before": before, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                  for k, v in overrides.items()},
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            # glibc's allocator settings, when set (they change the system time: dirio.apps.allocator)
+            "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     io = mode.startswith("io-")
     points = ([(0, n) for n in args.io_probes if n < args.io_steps] if io
               else list(NIO_PROBES) if mode == "nio"
