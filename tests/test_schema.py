@@ -119,3 +119,20 @@ def test_every_registration_option_is_a_command_line_flag_with_its_help():
 def test_the_schema_speaks_of_keys_not_flags():
     for option in OPTIONS:
         assert "--" not in (option.help or ""), option.key
+
+
+def test_a_presets_combination_rule_applies_to_its_dense_stage_not_to_network_methods():
+    """brain-mri projects the regularizer's gradient in its dense stage; a network method run with
+    the preset keeps the sum (the papers' IO and NIO losses) unless the rule is given explicitly."""
+    from dirio.config.settings import make_settings
+
+    for method in (None, "network+dense"):
+        optimization = make_settings("brain-mri", method=method).optimization
+        assert (optimization.combine, optimization.combine_options) == ("pcgrad", {"project": "regularizer"})
+    for method in ("nio", "network-io"):
+        optimization = make_settings("brain-mri", method=method).optimization
+        assert (optimization.combine, optimization.combine_options) == ("sum", {})
+    explicit = make_settings("brain-mri", method="network-io", combine="pcgrad").optimization
+    assert (explicit.combine, explicit.combine_options) == ("pcgrad", {})
+    settings = settings_from_values({"method": "nio", "combine": "surgery"}, preset="brain-mri")
+    assert settings.optimization.combine == "surgery"

@@ -289,6 +289,14 @@ def make_settings(preset: str | None = None, **overrides) -> Settings:
         overrides = {**overrides, "compose_every": 0}
     layers.append(overrides)
     settings = apply_overrides(Settings(), layers)
+    if preset is not None and "combine" in PRESETS[preset] and "dense" not in settings.stages:
+        # A preset's combination rule (and its options) was chosen for its dense stage: a method
+        # without one (network IO, NIO) keeps the defaults of what is not given explicitly.
+        defaults = Settings().optimization
+        if overrides.get("combine") is None:
+            settings.optimization.combine = defaults.combine
+        if overrides.get("combine_options") is None:
+            settings.optimization.combine_options = dict(defaults.combine_options)
     if preset is not None and overrides.get("similarity_options") is None and "levels" in PRESETS[preset]:
         # A preset's per-level similarity options follow an override of its levels by shrink factor
         # (dirio.losses.by_level.align_to_levels); options given explicitly must fit as they are.
