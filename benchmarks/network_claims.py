@@ -213,14 +213,20 @@ class Resume:
     spent (wall and CPU seconds, off-the-clock work left out). Used as a context, it patches the
     engine's optimiser factory: when the run's optimiser is made (inside the network stage, after
     the pretrained weights were saved for restoring), the checkpoint's weights and optimiser state
-    are loaded into the run's transform (``probe.transform``).
+    are loaded into the run's transform (``probe.transform``: the run's :class:`Probe`, given
+    before the context is entered). ``load``: go on from an existing checkpoint.
     """
 
-    def __init__(self, path: Path, every: int, probe: Probe | None = None):
+    def __init__(self, path: Path, load: bool):
         self.path = path
-        self.every = every
-        self.probe = probe
-        self.state = torch.load(path, weights_only=False) if every and path.exists() else None
+        self.probe: Probe | None = None
+        self.state = None
+        if load and path.exists():
+            try:
+                self.state = torch.load(path, weights_only=False)
+            except Exception as error:  # noqa: BLE001  one line naming the file, not a traceback
+                raise SystemExit(f"{NAME}: {path}: unreadable checkpoint ({type(error).__name__}); remove it "
+                                 "to start the run again") from None
         self.done = self.state["steps"] if self.state else 0
         self.optimizer = None
         self.generator = None  # the combination rule's (pcgrad draws which gradient it projects)
@@ -288,8 +294,9 @@ def run_one(pair_name, pair, mode, args, write) -> None:
               else [(level, n) for level in range(len(args.budget_iterations)) for n in args.io_probes
                     if n < args.budget_iterations[level]] if mode == "nio-budget" else [])
     every = args.checkpoint_every if io else 0
+    lam = "" if args.network_lambda is None else f"-lambda{args.network_lambda:g}"  # a run of another loss
     resume = Resume(Path(args.out) / "checkpoints" / f"{args.scale}-{pair_name}-{mode}-{args.io_steps}-"
-                    f"{args.io_lr:g}.pt", every)
+                    f"{args.io_lr:g}{lam}.pt", load=bool(every))
     if resume.done:
         if resume.done >= args.io_steps:
             raise SystemExit(f"{NAME}: {resume.path} has {resume.done} steps, not fewer than --io-steps")
@@ -401,6 +408,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(C.OUT_ROOT / NAME))
     parser.add_argument("--summary", metavar="RESULTS_JSONL", help="print the table of a results file and exit")
     args = parser.parse_args(argv)
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every must be 0 (off) or a positive number of steps, got {args.checkpoint_every}")
     if args.summary:
         print(summary(Path(args.summary)))
         return
