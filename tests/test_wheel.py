@@ -15,9 +15,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -64,14 +66,17 @@ def wheel(dist) -> Path:
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory, wheel) -> Path:
+def venv(tmp_path_factory, wheel) -> Iterator[Path]:
     """A fresh virtual environment with nothing but the wheel and its dependencies (pinned versions):
     ``pip install dirio-*.whl`` as a user would type it."""
     root = tmp_path_factory.mktemp("venv")
     _run([sys.executable, "-m", "venv", root / "env"])
     python = root / "env" / "bin" / "python"
-    _run([python, "-m", "pip", "install", "--quiet", "-c", REPOSITORY / "constraints.txt", wheel])
-    return root / "env"
+    # No pip cache: the environment is about 2 GB (torch) and is removed after the module, so that
+    # pytest's kept base folders of earlier runs do not fill the disk.
+    _run([python, "-m", "pip", "install", "--quiet", "--no-cache-dir", "-c", REPOSITORY / "constraints.txt", wheel])
+    yield root / "env"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _env() -> dict:
