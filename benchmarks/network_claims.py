@@ -16,8 +16,8 @@ Modes (``--modes``; each a set of :func:`dirio.api.register` overrides):
 * ``nio``: ``--method nio`` with the paper's schedule (every default);
 * ``nio-cpu``, ``network-io-cpu``: the ``--network-budget cpu`` settings
   (:data:`dirio.methods.network.NETWORK_BUDGETS`; IO with the sum);
-* ``nio-budget``: NIO with ``--budget-iterations``, ``--budget-levels``, ``--budget-resolution`` and
-  ``--budget-refine`` (candidates for the CPU setting; probes at ``--io-probes`` steps of each level).
+* ``nio-budget``: NIO with ``--budget-iterations``, ``--budget-levels``, ``--budget-resolution``,
+  ``--budget-lr`` and ``--budget-refine`` (candidates for the CPU setting; probes at ``--io-probes`` steps of each level).
 
 Probes: the optimising modes are also scored part way (``--probes``, e.g. IO after 10, 25 and 50
 of 100 steps; NIO at the end of each level), which is exactly what a run stopped there returns
@@ -267,6 +267,18 @@ class Resume:
         self.path.unlink(missing_ok=True)
 
 
+def steps_run(history: list[dict]) -> tuple[list[int], int]:
+    """The optimising steps of a run, counted in its history rows: per level of the optimising stage
+    (the network's, for the network modes), and the steps of the refinement that ends a network
+    stage (0 without one). A run with no history (direct): ``([0], 0)``."""
+    refine = sum(1 for row in history if row.get("stage") == "refine")
+    rows = [row for row in history if row.get("stage") != "refine"]
+    if not rows:
+        return [0], refine
+    levels = sorted({row["level"] for row in rows})
+    return [sum(1 for row in rows if row["level"] == level) for level in range(levels[-1] + 1)], refine
+
+
 def run_one(pair_name, pair, mode, args, write) -> None:
     fixed, moving, fixed_seg, moving_seg, label_ids, axes = pair
     overrides = dict(MODES[mode])
@@ -279,6 +291,8 @@ def run_one(pair_name, pair, mode, args, write) -> None:
     if mode == "nio-budget":
         overrides.update(network_iterations=args.budget_iterations, network_levels=args.budget_levels,
                          network_resolution=args.budget_resolution, network_refine=args.budget_refine)
+        if args.budget_lr is not None:
+            overrides["network_lr"] = args.budget_lr
     if args.network_lambda is not None and overrides["method"] in ("nio", "network-io"):
         overrides["network_lambda"] = args.network_lambda
     before = NIO_PAIRS.score(np.zeros(fixed.shape + (3,), np.float32), fixed_seg, moving_seg, label_ids)["dice"]
@@ -327,11 +341,12 @@ def run_one(pair_name, pair, mode, args, write) -> None:
         resume.probe = probe
         with resume:
             result = register(fixed, moving, preset=preset, device=args.device, progress=False, **overrides)
-    steps = [level["iterations_run"] for level in result.levels] if result.history else [0]
+    steps, refine_steps = steps_run(result.history)
     if resume.done:
         steps[0] += resume.done
     seconds, cpu_seconds = elapsed(probe.paused_wall, probe.paused_cpu)
-    write({**base, "probe": False, "steps": steps, **NIO_PAIRS.score(result.disp, fixed_seg, moving_seg, label_ids),
+    write({**base, "probe": False, "steps": steps, "refine_steps": refine_steps,
+           **NIO_PAIRS.score(result.disp, fixed_seg, moving_seg, label_ids),
            "seconds": seconds, "cpu_seconds": cpu_seconds,
            "optimisation_seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb,
            "rss_at_start_mb": rss, "device": result.device})
@@ -378,7 +393,12 @@ def summary(path: Path) -> str:
         if "error" in r:
             body.append([r["scale"], r["pair"], r["mode"], "error", r["error"], *[""] * 6])
             continue
-        steps = ",".join(str(s) for s in r["steps"]) + (" (probe)" if r["probe"] else "")
+        steps = ",".join(str(s) for s in r["steps"])
+        if r.get("refine_steps"):  # rows before refine_steps was recorded counted the refinement's steps
+            steps += f" + refine {r['refine_steps']}"
+        if r["mode"] == "nio-budget" and "network_lr" in r["overrides"]:
+            steps += f", lr {r['overrides']['network_lr']:g}"
+        steps += " (probe)" if r["probe"] else ""
         body.append([r["scale"], r["pair"], r["mode"], steps, f"{r['dice']:.3f} ({r['dice_before']:.3f})",
                      f"{r['ndv_percent']:.3f}", f"{r['sdlogj']:.3f}", f"{r['det_nonpositive_percent']:.3f}",
                      f"{r['seconds']:.0f}", f"{r['cpu_seconds']:.0f}", f"{r['peak_memory_mb']:.0f}"])
@@ -401,6 +421,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-refine", type=int, default=0, help="nio-budget: --network-refine steps")
     parser.add_argument("--budget-resolution", type=C.int_list, default=(2, 2, 1),
                         help="nio-budget: loss grid shrink factor per level")
+    parser.add_argument("--budget-lr", type=float, default=None, help="nio-budget: --network-lr (default: NIO's)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="IO modes: save the run's state every K steps and resume from it when started again")
     parser.add_argument("--threads", type=int, default=1)

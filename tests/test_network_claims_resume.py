@@ -65,3 +65,12 @@ def test_a_stopped_and_resumed_io_run_ends_where_the_unbroken_run_ends(claims, t
     assert again["resumed_at"] == 2
     assert metrics(again) == metrics(unbroken)
     assert not list((resumed / "checkpoints").iterdir())  # a finished run removes its checkpoint
+
+
+def test_a_row_counts_the_network_steps_per_level_and_the_refinement_apart(claims):
+    history = ([{"stage": "nio", "level": 0, "iteration": i} for i in range(1, 4)]
+               + [{"stage": "nio", "level": 1, "iteration": i} for i in range(1, 3)]
+               + [{"stage": "refine", "level": 0, "iteration": i} for i in range(1, 6)])
+    assert claims.steps_run(history) == ([3, 2], 5)
+    assert claims.steps_run([{"level": 0}, {"level": 2}, {"level": 2}]) == ([1, 0, 2], 0)
+    assert claims.steps_run([]) == ([0], 0)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +46,7 @@ from dirio.errors import DirioError
 from dirio.losses.regularizers import make_regularizer
 from dirio.losses.similarity import make_similarity
 from dirio.losses.terms import InverseConsistencyTerm, RegularizerTerm, Role, SimilarityTerm, Term
+from dirio.methods.network_fit import coarse_fit
 from dirio.methods.refine import RefineConfig, refine_field
 from dirio.optim.optimizers import OPTIMIZERS
 from dirio.optim.pyramid import OptimizerConfig, PyramidConfig, PyramidResult, run_pyramid
@@ -99,14 +100,19 @@ MODE_DEFAULTS = {
 #: full-resolution pass; an IO step always runs the whole network at full resolution, so IO keeps
 #: a single step. Both then refine the field for 10 full-resolution steps (``refine``,
 #: :mod:`dirio.methods.refine`: about 20 s), which removes most of the folds LapIRN's full-resolution
-#: level makes (optimising that level's weights costs about 2 minutes a step there). What this keeps
-#: of the full schedule's gain is in docs/how-to/networks.md.
+#: level makes (optimising that level's weights costs about 2 minutes a step there).
+#: NIO's ``shifted`` schedule replaces those steps for a pair whose coarsest LapIRN field fits worse
+#: than no deformation (:mod:`dirio.methods.network_fit`; images unlike LapIRN's training data):
+#: 10 level-1 and 20 level-2 steps at 3e-4 (chosen at half resolution on the inverted contrast and
+#: ``oasisA`` among 1e-4, 3e-4, 1e-3 and level 2 alone; at full resolution 0.583 against 0.313 on the
+#: inverted contrast, in 168 s, but 0.002-0.013 lower than level 1 alone on the four pairs LapIRN
+#: fits). What this keeps of the full schedule's gain is in docs/how-to/networks.md.
 NETWORK_BUDGETS = {
     "paper": MODE_DEFAULTS,
     "cpu": {
         "network-io": {**MODE_DEFAULTS["network-io"], "iterations": (1,), "refine": 10},
         "nio": {**MODE_DEFAULTS["nio"], "iterations": (25, 0, 0), "levels": (1,), "resolution": (2.0, 2.0, 1.0),
-                "refine": 10},
+                "refine": 10, "shifted": {"iterations": (10, 20, 0), "levels": (1, 2), "lr": 3e-4}},
     },
 }
 
@@ -225,6 +231,19 @@ class NetworkConfig:
                                  f"{_listed(self.option(mode, 'iterations'))}")
             self.pyramid(mode).validate()
             self.optimizer(mode).validate()
+
+    def shifted_schedule(self, mode: str) -> dict | None:
+        """The budget's schedule for a pair its network does not fit (:mod:`dirio.methods.network_fit`),
+        as ``{option: value}`` without the ``network_`` prefix; ``None`` when the budget has none for
+        ``mode`` or the schedule was given (``network_iterations`` or ``network_levels`` set)."""
+        if self.network_iterations is not None or self.network_levels is not None:
+            return None
+        return NETWORK_BUDGETS.get(self.network_budget, {}).get(mode, {}).get("shifted")
+
+    def with_schedule(self, schedule: dict) -> NetworkConfig:
+        """A copy whose options left at ``None`` take ``schedule``'s values (given options win)."""
+        return replace(self, **{f"network_{name}": value for name, value in schedule.items()
+                                if getattr(self, f"network_{name}") is None})
 
     def refine(self, mode: str) -> RefineConfig:
         """The refinement after stage ``mode`` (``iterations`` 0: none)."""
@@ -505,6 +524,7 @@ def network_stage(state, options: NetworkStage) -> None:
             moving_mask = warp(moving_mask, affine_disp, padding="zeros")
         if inputs is not None:
             inputs = (inputs[0], warp(inputs[1], affine_disp))
+    options, schedule = _schedule_for_pair(options, fixed, moving, inputs, state.fixed_mask, moving_mask)
     result = register_network(fixed, moving, options, network_inputs=inputs, fixed_mask=state.fixed_mask,
                               moving_mask=moving_mask, spacing=state.spacing, seed=state.seed,
                               progress=state.progress)
@@ -515,11 +535,39 @@ def network_stage(state, options: NetworkStage) -> None:
     if state.matrix is not None:
         result.displacement = compose_affine_field(state.matrix.to(fixed.device), residual)
     _keep_stage(state, options.mode, result, {"iterations": sum(level["iterations_run"] for level in result.levels),
-                                              "levels": result.levels})
+                                              "levels": result.levels, **schedule})
     state.init = residual
     refine = options.config.refine(options.mode)
     if refine.iterations > 0:
         _refine_stage_field(state, options.mode, refine)
+
+
+def _schedule_for_pair(options: NetworkStage, fixed, moving, inputs, fixed_mask, moving_mask) -> tuple[NetworkStage, dict]:
+    """The stage's options for this pair, and what the stage's record says about the choice.
+
+    A budget with a ``shifted`` schedule (NIO under ``cpu``) checks first whether the network's
+    coarsest field fits the pair better than no deformation (:func:`dirio.methods.network_fit.coarse_fit`);
+    when it does not, the shifted schedule fills the options the user left out, and a warning says so.
+    """
+    shifted = options.config.shifted_schedule(options.mode)
+    if shifted is None:
+        return options, {}
+    options.validate()
+    model = load_model(options.config, fixed.device)
+    check_model_fits(model, options, fixed.dim() - 2)
+    fit = coarse_fit(make_transform(model, options), options.config.terms()[0], fixed, moving,
+                     options.config.pyramid(options.mode).levels[0], network_inputs=inputs,
+                     fixed_mask=fixed_mask, moving_mask=moving_mask)
+    if fit.fits:
+        return options, {"schedule": "budget", "coarse_fit": fit.record()}
+    config = options.config.with_schedule(shifted)
+    logger.warning("the coarsest field of %s fits these images worse than no deformation (%s %.3f against "
+                   "%.3f): they are unlike its training images; %s optimises network levels %s for %s steps at "
+                   "learning rate %g (the %s budget's schedule for such pairs)", model_name(config),
+                   config.network_similarity, fit.network, fit.identity, options.mode,
+                   _listed(config.option(options.mode, "levels")), _listed(config.option(options.mode, "iterations")),
+                   float(config.option(options.mode, "lr")), config.network_budget)
+    return replace(options, config=config), {"schedule": "shifted", "coarse_fit": fit.record()}
 
 
 def _refine_stage_field(state, mode: str, refine: RefineConfig) -> None:
