@@ -86,7 +86,8 @@ def test_the_shifted_schedule_fills_only_what_the_user_left_out():
     assert stage(method="nio", network_budget="cpu", network_iterations=(5, 0, 0)).config.shifted_schedule("nio") is None
     assert stage(method="nio", network_budget="cpu", network_levels=(1,)).config.shifted_schedule("nio") is None
     assert stage(method="nio").config.shifted_schedule("nio") is None  # the papers' schedule has none
-    assert stage(method="network-io", network_budget="cpu").config.shifted_schedule("network-io") is None
+    # IO is checked, with nothing to switch to (a warning only)
+    assert stage(method="network-io", network_budget="cpu").config.shifted_schedule("network-io") == {}
 
 
 def _blob_pair(size=16, shift=1.5):
@@ -105,7 +106,7 @@ def test_nio_with_the_cpu_budget_takes_the_shifted_schedule_only_when_the_coarse
     clear_model_cache()
     checked = []
 
-    def fake_fit(transform, similarity, fixed, moving, factor, **_):
+    def fake_fit(transform, similarity, fixed, moving, factor=2.0, **_):
         checked.append((transform.schedule, similarity.name, factor, tuple(fixed.shape)))
         return CoarseFit(identity=-0.5, network=-0.6 if fits else -0.4)
 
@@ -130,6 +131,25 @@ def test_nio_with_the_cpu_budget_takes_the_shifted_schedule_only_when_the_coarse
         assert nio_rows[0]["lr"] == pytest.approx(3e-4)
         assert "worse than no deformation" in caplog.text and "levels 1,2" in caplog.text
     assert [row["stage"] for row in result.history[len(nio_rows):]] == ["refine"] * 10
+
+
+def test_io_with_the_cpu_budget_warns_on_a_pair_the_network_does_not_fit_and_keeps_its_schedule(
+        tmp_path, monkeypatch, caplog):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, LapIRN(start_channel=2))
+    clear_model_cache()
+    monkeypatch.setattr(network_module, "coarse_fit", lambda *a, **k: CoarseFit(identity=-0.5, network=-0.4))
+    fixed, moving = _blob_pair()
+    try:
+        with caplog.at_level("WARNING", logger="dirio.methods.network"):
+            result = register(fixed, moving, method="network-io", network_budget="cpu", model=str(path),
+                              device="cpu", progress=False)
+    finally:
+        clear_model_cache()
+    assert [row["stage"] for row in result.history] == ["network-io"] + ["refine"] * 10  # 1 IO step, as budgeted
+    assert result.stages[0]["coarse_fit"]["fits"] is False and result.stages[0]["schedule"] == "budget"
+    assert "worse than no deformation" in caplog.text and "--method nio --network-budget cpu adapts" in caplog.text
 
 
 def test_nio_with_the_cpu_budget_steps_only_the_coarsest_level_and_leaves_the_others_pretrained(tmp_path,

@@ -385,7 +385,7 @@ OPTIONS: tuple[Option, ...] = (
            "nio 100,60,30 steps on every level, IO 50 steps) or cpu (about 3 minutes per brain on a CPU: "
            "nio optimises LapIRN's coarsest level only, 25 steps on a half resolution loss grid, or levels 1 and 2 "
            "(10 and 20 steps at 3e-4) when LapIRN's coarsest field fits the pair worse than no deformation; "
-           "IO 1 step; both then refine the field for 10 steps)", NETWORK, choices=("paper", "cpu")),
+           "IO 1 step, with a warning on such pairs; both then refine the field for 10 steps)", NETWORK, choices=("paper", "cpu")),
     Option("network_refine", integer, "full-resolution steps that refine the network's field and remove its "
            "folds (LNCC, diffusion and a folding penalty on the field itself; default 0; 10 with the cpu network "
            "budget)", NETWORK, metavar="N"),

@@ -110,7 +110,8 @@ MODE_DEFAULTS = {
 NETWORK_BUDGETS = {
     "paper": MODE_DEFAULTS,
     "cpu": {
-        "network-io": {**MODE_DEFAULTS["network-io"], "iterations": (1,), "refine": 10},
+        # IO has no affordable schedule for such pairs (a step costs a minute): the check only warns
+        "network-io": {**MODE_DEFAULTS["network-io"], "iterations": (1,), "refine": 10, "shifted": {}},
         "nio": {**MODE_DEFAULTS["nio"], "iterations": (25, 0, 0), "levels": (1,), "resolution": (2.0, 2.0, 1.0),
                 "refine": 10, "shifted": {"iterations": (10, 20, 0), "levels": (1, 2), "lr": 3e-4}},
     },
@@ -235,7 +236,8 @@ class NetworkConfig:
     def shifted_schedule(self, mode: str) -> dict | None:
         """The budget's schedule for a pair its network does not fit (:mod:`dirio.methods.network_fit`),
         as ``{option: value}`` without the ``network_`` prefix; ``None`` when the budget has none for
-        ``mode`` or the schedule was given (``network_iterations`` or ``network_levels`` set)."""
+        ``mode`` or the schedule was given (``network_iterations`` or ``network_levels`` set); ``{}``
+        when the budget checks the pair but has no other schedule (IO: a warning only)."""
         if self.network_iterations is not None or self.network_levels is not None:
             return None
         return NETWORK_BUDGETS.get(self.network_budget, {}).get(mode, {}).get("shifted")
@@ -404,11 +406,18 @@ def make_transform(model: torch.nn.Module, options: NetworkStage) -> NetworkTran
         if not hasattr(model, "level_parameters"):
             raise DirioError(f"nio optimises a multi-level network level by level (LapIRN); "
                              f"{type(model).__name__} has no level_parameters(k): use --method network-io")
-        levels = tuple(range(1, int(getattr(model, "num_levels", 3)) + 1))
         chosen = config.option(options.mode, "levels")
-        optimised = tuple(chosen) if chosen is not None else levels
-        return LevelwiseNetworkTransform(model, schedule=levels, optimised=optimised, **common)
+        return _levelwise_transform(model, config, tuple(chosen) if chosen is not None else None)
     return NetworkTransform(model, **common)
+
+
+def _levelwise_transform(model: torch.nn.Module, config: NetworkConfig,
+                         optimised: Sequence[int] | None = None) -> LevelwiseNetworkTransform:
+    """LapIRN level by level (every level scheduled), optimising ``optimised`` (``None``: all)."""
+    levels = tuple(range(1, int(getattr(model, "num_levels", 3)) + 1))
+    return LevelwiseNetworkTransform(model, schedule=levels, optimised=optimised or levels, axes=config.network_axes,
+                                     normalise=config.network_normalise,
+                                     mixed_precision=config.network_mixed_precision)
 
 
 def _freeze_for_io(model: torch.nn.Module, levels: Sequence[int] | None) -> None:
@@ -545,9 +554,10 @@ def network_stage(state, options: NetworkStage) -> None:
 def _schedule_for_pair(options: NetworkStage, fixed, moving, inputs, fixed_mask, moving_mask) -> tuple[NetworkStage, dict]:
     """The stage's options for this pair, and what the stage's record says about the choice.
 
-    A budget with a ``shifted`` schedule (NIO under ``cpu``) checks first whether the network's
-    coarsest field fits the pair better than no deformation (:func:`dirio.methods.network_fit.coarse_fit`);
-    when it does not, the shifted schedule fills the options the user left out, and a warning says so.
+    A budget with a ``shifted`` entry (``cpu``) checks first whether a multi-level network's coarsest
+    field fits the pair better than no deformation (:func:`dirio.methods.network_fit.coarse_fit`).
+    When it does not, a warning says so and the shifted schedule (NIO's; IO has none) fills the
+    options the user left out.
     """
     shifted = options.config.shifted_schedule(options.mode)
     if shifted is None:
@@ -555,18 +565,25 @@ def _schedule_for_pair(options: NetworkStage, fixed, moving, inputs, fixed_mask,
     options.validate()
     model = load_model(options.config, fixed.device)
     check_model_fits(model, options, fixed.dim() - 2)
-    fit = coarse_fit(make_transform(model, options), options.config.terms()[0], fixed, moving,
-                     options.config.pyramid(options.mode).levels[0], network_inputs=inputs,
-                     fixed_mask=fixed_mask, moving_mask=moving_mask)
+    if not hasattr(model, "level_parameters"):  # no coarsest level to test (a U-Net, an ICON adapter)
+        return options, {}
+    fit = coarse_fit(_levelwise_transform(model, options.config), options.config.terms()[0], fixed, moving,
+                     network_inputs=inputs, fixed_mask=fixed_mask, moving_mask=moving_mask)
     if fit.fits:
         return options, {"schedule": "budget", "coarse_fit": fit.record()}
     config = options.config.with_schedule(shifted)
-    logger.warning("the coarsest field of %s fits these images worse than no deformation (%s %.3f against "
-                   "%.3f): they are unlike its training images; %s optimises network levels %s for %s steps at "
-                   "learning rate %g (the %s budget's schedule for such pairs)", model_name(config),
-                   config.network_similarity, fit.network, fit.identity, options.mode,
-                   _listed(config.option(options.mode, "levels")), _listed(config.option(options.mode, "iterations")),
-                   float(config.option(options.mode, "lr")), config.network_budget)
+    found = (f"the coarsest field of {model_name(config)} fits these images worse than no deformation "
+             f"({config.network_similarity} {fit.network:.3f} against {fit.identity:.3f}): they are unlike its "
+             f"training images")
+    if not shifted:
+        logger.warning("%s; %s under the %s budget has no schedule for such pairs (a few steps will not register "
+                       "them): --method nio --network-budget %s adapts its schedule, the dense method does not "
+                       "use the network", found, options.mode, config.network_budget, config.network_budget)
+        return options, {"schedule": "budget", "coarse_fit": fit.record()}
+    logger.warning("%s; %s optimises network levels %s for %s steps at learning rate %g (the %s budget's "
+                   "schedule for such pairs)", found, options.mode, _listed(config.option(options.mode, "levels")),
+                   _listed(config.option(options.mode, "iterations")), float(config.option(options.mode, "lr")),
+                   config.network_budget)
     return replace(options, config=config), {"schedule": "shifted", "coarse_fit": fit.record()}
 
 

@@ -1,11 +1,12 @@
 """Does a pretrained multi-level network fit a pair? The check behind the ``cpu`` budget's NIO schedule.
 
 LapIRN's coarsest level carries a pair's large-scale alignment. When the field it predicts matches
-the images *worse than no deformation at all*, by the stage's own similarity on the grid of its
-first level's loss, the network has not learned images like these (an inverted contrast, another
+the images *worse than no deformation at all*, by the stage's own similarity on the half-resolution
+grid, the network has not learned images like these (an inverted contrast, another
 modality). Its weights then have to move further than for a pair it fits, so the ``cpu`` budget
 also optimises LapIRN's level 2 (its ``shifted`` schedule,
-:data:`dirio.methods.network.NETWORK_BUDGETS`).
+:data:`dirio.methods.network.NETWORK_BUDGETS`); IO under that budget only warns (one IO step will
+not register such a pair: 0.090 on the inverted pair, as direct inference).
 
 The test has no threshold to tune: the network's coarsest field against the identity. Measured at
 full resolution (160 x 192 x 224, NIO's LNCC loss, window 7, lower is better, on the half-resolution
@@ -48,9 +49,14 @@ class CoarseFit:
         return {"identity": self.identity, "network": self.network, "fits": self.fits}
 
 
+#: Shrink factor of the grid the check compares on: half resolution (the NIO ``cpu`` budget's first
+#: loss grid, where the separation above was measured), whatever the stage's own grids.
+CHECK_FACTOR = 2.0
+
+
 def coarse_fit(transform: LevelwiseNetworkTransform, similarity: Term, fixed: torch.Tensor, moving: torch.Tensor,
-               factor: float, *, network_inputs: tuple | None = None, fixed_mask: torch.Tensor | None = None,
-               moving_mask: torch.Tensor | None = None) -> CoarseFit:
+               factor: float = CHECK_FACTOR, *, network_inputs: tuple | None = None,
+               fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> CoarseFit:
     """How well the network's coarsest level fits ``moving`` to ``fixed``, against no deformation.
 
     Args:
@@ -59,7 +65,7 @@ def coarse_fit(transform: LevelwiseNetworkTransform, similarity: Term, fixed: to
         similarity: the stage's similarity term (evaluated as the engine evaluates it, masks included).
         fixed, moving: ``(1, 1, *S)`` images the terms see; ``network_inputs`` what the network sees
             instead, when the stage gives it its own (see :func:`dirio.methods.network.register_network`).
-        factor: shrink factor of the first level's loss grid (``network_resolution[0]``).
+        factor: shrink factor of the grid the losses are computed on (default :data:`CHECK_FACTOR`).
     Returns:
         The two losses (Python floats).
     """
