@@ -258,6 +258,31 @@ def test_one_sided_stencils_see_the_odd_even_fold_the_central_one_misses():
     assert float(Folding()(u)) == pytest.approx(2 * 0.5 * (0.1 + 0.6), rel=1e-12)
 
 
+def test_corner_stencils_see_an_oscillation_of_one_axis_against_another_the_others_miss():
+    """u_0 = -u_1 = 0.3 s with s = (-1)^(x_0 + x_1): the central determinant is 1, the all-forward and
+    all-backward ones 1 + 2 s (u_0 + u_1 amplitudes) = 1; the corners forward along one of the two axes
+    and backward along the other are 1 -+ 1.2 s, so they fold (-0.2) at every other voxel.
+    ``corners`` sums the central and the 8 corner hinges."""
+    from dirio.losses.folding import corner_stencils
+
+    shape = (6, 6, 6)
+    parity = (torch.arange(shape[0]).view(-1, 1, 1) + torch.arange(shape[1]).view(1, -1, 1)) % 2
+    sign = (1.0 - 2.0 * parity.double()).expand(shape)
+    u = torch.zeros((1, 3, *shape), dtype=torch.float64)
+    u[0, 0], u[0, 1] = 0.3 * sign, -0.3 * sign
+    for stencil in ("central", "forward", "backward"):
+        assert float(stencil_determinant(u, stencil=stencil).min()) > 0
+    assert float(Folding()(u)) == 0.0
+    corners = corner_stencils(3)
+    assert len(corners) == 8 and ("forward",) * 3 in corners and ("backward",) * 3 in corners
+    folded = [c for c in corners if float(stencil_determinant(u, stencil=c).min()) <= 0]
+    assert folded == [c for c in corners if c[0] != c[1]]  # the mixed ones in the plane of the oscillation
+    for c in folded:
+        assert float(stencil_determinant(u, stencil=c).min()) == pytest.approx(-0.2)
+    # 4 folding corners, each below the 0.1 margin by 0.3 at half of the interior voxels
+    assert float(Folding(stencils="corners")(u)) == pytest.approx(4 * 0.5 * 0.3, rel=1e-12)
+
+
 def test_stencil_determinant_is_the_evaluators_on_the_interior():
     """Central differences as the Learn2Reg evaluator's Jacobian, which crops one voxel more."""
     from dirio.evaluation.jacobian import jacobian_determinant_l2r
@@ -284,13 +309,15 @@ def test_folding_rejects_bad_margins_and_tiny_grids():
         Folding(margin=0.0)
     with pytest.raises(ValueError, match="stencils"):
         Folding(stencils="sideways")
+    with pytest.raises(ValueError, match="stencil"):
+        stencil_determinant(torch.zeros((1, 3, 5, 5, 5)), stencil=("forward", "sideways", "forward"))
     with pytest.raises(ValueError, match="3 voxels"):
         Folding()(torch.zeros((1, 3, 2, 5, 5)))
     assert isinstance(make_regularizer("folding", margin=0.2), Folding)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("stencils", ["all", "central", "forward", "backward"])
+@pytest.mark.parametrize("stencils", ["all", "corners", "central", "forward", "backward"])
 @pytest.mark.parametrize("slab_elements", [1, 60, 1 << 18])
 def test_folding_sparse_backward_equals_plain_autograd(monkeypatch, ndim, stencils, slab_elements):
     """The slab-by-slab forward and the backward over the active voxels only give the plain-autograd

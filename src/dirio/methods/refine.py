@@ -11,7 +11,10 @@ itself instead, starting from the network's, for a few full-resolution steps of 
   parameter smoothing (smoothing the parameters would blur the network's field at the first step);
 * the loss is LNCC + diffusion (as the ``brain-mri`` preset at full resolution) plus the
   :class:`~dirio.losses.regularizers.Folding` hinge, which is 0 wherever the map keeps at least a
-  tenth of the local volume, so it acts at the folds only;
+  tenth of the local volume, so it acts at the folds only. It sums the central and every corner
+  determinant (``stencils="corners"``): with the central, forward and backward ones only, the
+  unsmoothed field grew oscillations that fold the mixed corners (about 1 % of the voxels of the
+  synthetic brain pair, 0.09-0.16 % non-diffeomorphic volume) while no voxel had ``det <= 0``;
 * Adam with a small, decaying step (:data:`REFINE_LR` voxels per step), because the field starts
   close to the answer.
 
@@ -69,7 +72,8 @@ class RefineConfig:
         return [
             Term("lncc", Role.SIMILARITY, SimilarityTerm(make_similarity("lncc", window=int(self.window))), 1.0),
             Term("diffusion", Role.REGULARIZER, RegularizerTerm(make_regularizer("diffusion")), float(self.diffusion)),
-            Term("folding", Role.REGULARIZER, RegularizerTerm(make_regularizer("folding")), float(self.folding)),
+            Term("folding", Role.REGULARIZER, RegularizerTerm(make_regularizer("folding", stencils="corners")),
+                 float(self.folding)),
         ]
 
     def stage(self) -> DenseStage:
