@@ -275,8 +275,8 @@ def steps_run(history: list[dict]) -> tuple[list[int], int]:
     rows = [row for row in history if row.get("stage") != "refine"]
     if not rows:
         return [0], refine
-    levels = sorted({row["level"] for row in rows})
-    return [sum(1 for row in rows if row["level"] == level) for level in range(levels[-1] + 1)], refine
+    last = max(row["level"] for row in rows)
+    return [sum(1 for row in rows if row["level"] == level) for level in range(last + 1)], refine
 
 
 def run_one(pair_name, pair, mode, args, write) -> None:

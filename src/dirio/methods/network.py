@@ -401,24 +401,27 @@ def clear_model_cache() -> None:
 def make_transform(model: torch.nn.Module, options: NetworkStage) -> NetworkTransform:
     """The transform a stage optimises: the whole network, or LapIRN level by level (``nio``)."""
     config = options.config
-    common = {"axes": config.network_axes, "normalise": config.network_normalise,
-              "mixed_precision": config.network_mixed_precision}
     if options.mode == "nio":
         if not hasattr(model, "level_parameters"):
             raise DirioError(f"nio optimises a multi-level network level by level (LapIRN); "
                              f"{type(model).__name__} has no level_parameters(k): use --method network-io")
         chosen = config.option(options.mode, "levels")
         return _levelwise_transform(model, config, tuple(chosen) if chosen is not None else None)
-    return NetworkTransform(model, **common)
+    return NetworkTransform(model, **_transform_options(config))
+
+
+def _transform_options(config: NetworkConfig) -> dict:
+    """The network transform's options from the settings (axis map, input normalisation, autocast)."""
+    return {"axes": config.network_axes, "normalise": config.network_normalise,
+            "mixed_precision": config.network_mixed_precision}
 
 
 def _levelwise_transform(model: torch.nn.Module, config: NetworkConfig,
                          optimised: Sequence[int] | None = None) -> LevelwiseNetworkTransform:
     """LapIRN level by level (every level scheduled), optimising ``optimised`` (``None``: all)."""
     levels = tuple(range(1, int(getattr(model, "num_levels", 3)) + 1))
-    return LevelwiseNetworkTransform(model, schedule=levels, optimised=optimised or levels, axes=config.network_axes,
-                                     normalise=config.network_normalise,
-                                     mixed_precision=config.network_mixed_precision)
+    return LevelwiseNetworkTransform(model, schedule=levels, optimised=optimised or levels,
+                                     **_transform_options(config))
 
 
 def _freeze_for_io(model: torch.nn.Module, levels: Sequence[int] | None) -> None:
