@@ -130,9 +130,9 @@ def _slab_rows(disp: torch.Tensor) -> int:
 class _FoldingHinge(torch.autograd.Function):
     """``sum_stencils mean_x relu(margin - det)`` with a backward pass over the active voxels only.
 
-    The forward (slab by slab along the first spatial axis) keeps, per stencil, the interior
-    indices where ``det < margin`` and the Jacobian there; the backward scatters
-    ``-grad / N * cofactor`` onto the two voxels of each difference.
+    The forward (slab by slab along the first spatial axis) keeps, per stencil, the flat grid
+    indices of the interior voxels where ``det < margin`` and the Jacobian there; the backward adds
+    ``-grad / N * cofactor`` onto the two voxels of each difference (one ``index_add_`` per stencil).
     """
 
     @staticmethod
@@ -140,8 +140,9 @@ class _FoldingHinge(torch.autograd.Function):
         interior = (disp.shape[0], *(n - 2 for n in disp.shape[2:]))
         count = math.prod(interior)
         total = disp.new_zeros((), dtype=torch.float64)
-        found = {stencil: [] for stencil in stencils}  # (index, jac at index) per slab
+        found = {stencil: [] for stencil in stencils}  # (flat index, jac at it) per slab
         rows = _slab_rows(disp)
+        grid_strides = _contiguous_strides(disp.shape)
         with torch.no_grad():
             # slabs of interior rows along the first spatial axis (with a one-row halo each side),
             # so that the ~20 temporaries of a determinant stay small and are reused
@@ -155,17 +156,14 @@ class _FoldingHinge(torch.autograd.Function):
                     if not bool(active.any()):
                         continue
                     total += (margin - det[active]).sum(dtype=torch.float64)
-                    index = list(active.nonzero(as_tuple=True))
-                    values = [[j[tuple(index)] for j in row] for row in jac]
-                    index[1] = index[1] + start
-                    found[stencil].append((index, values))
+                    local, grid = _active_indices(active, start, grid_strides)
+                    found[stencil].append((grid, [[torch.take(j, local) for j in row] for row in jac]))
         saved = []
         for stencil, parts in found.items():
             if parts:
-                index = tuple(torch.cat([p[0][k] for p in parts]) for k in range(len(parts[0][0])))
                 ndim = len(parts[0][1])
                 values = [[torch.cat([p[1][c][a] for p in parts]) for a in range(ndim)] for c in range(ndim)]
-                saved.append((stencil, index, values))
+                saved.append((stencil, torch.cat([p[0] for p in parts]), values))
         ctx.saved = saved
         ctx.steps, ctx.count, ctx.shape = steps, count, disp.shape
         return (total / count).to(disp.dtype)
@@ -176,21 +174,41 @@ class _FoldingHinge(torch.autograd.Function):
         shape, steps = ctx.shape, ctx.steps
         ndim = len(shape) - 2
         out = grad.new_zeros(shape)
+        strides = _contiguous_strides(shape)
         for stencil, index, jac in ctx.saved:
-            if index[0].numel() == 0:
-                continue
             axes = _axis_stencils(stencil, ndim)
             adjugate = adjugate_of_entries(jac)  # d det / d jac[c][a] = adjugate[a][c]
-            batch, spatial = index[0], [i + 1 for i in index[1:]]  # interior -> full-grid indices
+            targets, weights = [], []
             for c in range(ndim):
+                at_channel = index + c * strides[1]
                 for a, (plus, minus, divisor) in enumerate(axes):
                     # d value / d u_c[x + plus e_a] = -cof / (divisor h_a N); the minus voxel the opposite
                     weight = adjugate[a][c] * (-grad / (ctx.count * divisor * steps[a]))
-                    channel = torch.full_like(batch, c)
-                    for offset, sign in ((plus, 1.0), (minus, -1.0)):
-                        at = [p + offset if b == a else p for b, p in enumerate(spatial)]
-                        out.index_put_((batch, channel, *at), sign * weight, accumulate=True)
+                    targets += [at_channel + plus * strides[2 + a], at_channel + minus * strides[2 + a]]
+                    weights += [weight, -weight]
+            out.view(-1).index_add_(0, torch.cat(targets), torch.cat(weights))
         return out, None, None, None
+
+
+def _contiguous_strides(shape) -> list[int]:
+    """Element strides of a contiguous tensor of ``shape``."""
+    strides = [1] * len(shape)
+    for k in range(len(shape) - 2, -1, -1):
+        strides[k] = strides[k + 1] * shape[k + 1]
+    return strides
+
+
+def _active_indices(active: torch.Tensor, start: int, strides: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of a slab's active interior voxels: into the slab's (contiguous) determinant,
+    and into the whole ``(B, ndim, *S)`` field at channel 0; the slab begins at interior row ``start``."""
+    index = active.nonzero(as_tuple=True)
+    local = torch.zeros_like(index[0])
+    grid = index[0] * strides[0]
+    for k, (position, size) in enumerate(zip(index, active.shape)):
+        local = local * size + position
+        if k:
+            grid = grid + (position + 1 + (start if k == 1 else 0)) * strides[k + 1]
+    return local, grid
 
 
 class Folding(Regularizer):

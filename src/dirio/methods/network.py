@@ -105,7 +105,7 @@ MODE_DEFAULTS = {
 #: than no deformation (:mod:`dirio.methods.network_fit`; images unlike LapIRN's training data):
 #: 10 level-1 and 20 level-2 steps at 3e-4 (chosen at half resolution on the inverted contrast and
 #: ``oasisA`` among 1e-4, 3e-4, 1e-3 and level 2 alone; at full resolution 0.583 against 0.313 on the
-#: inverted contrast, in 168 s (184 s with the refinement's corner hinge), but 0.002-0.013 lower
+#: inverted contrast, the whole command in 145 s, but 0.002-0.013 lower
 #: than level 1 alone on the four pairs LapIRN fits). What this keeps of the full schedule's gain
 #: is in docs/how-to/networks.md.
 NETWORK_BUDGETS = {
