@@ -151,3 +151,24 @@ def test_each_optimizer_lowers_the_similarity(name):
                           progress=False)
     history = optimise(fixed, moving, objectives(), config).history
     assert history[-1]["mse"] < 0.7 * history[0]["mse"]
+
+
+def test_the_last_step_of_a_cosine_decay_is_logged_without_a_backward_pass_and_changes_nothing():
+    """Its learning rate is 0, so it cannot move the field: the run skips its backward pass and logs
+    its loss. The field equals a run whose last rate is tiny but not 0 (a full step)."""
+    import numpy as np
+
+    from dirio.api import register
+
+    rng = np.random.default_rng(1)
+    fixed = rng.random((14, 16, 12), dtype=np.float32)
+    moving = np.roll(fixed, 1, axis=1)
+    common = dict(levels=(2, 1), iterations=(3, 4), lr=0.5, progress=False, combine="pcgrad")
+    skipped = register(fixed, moving, schedule="cosine", **common)
+    stepped = register(fixed, moving, schedule="cosine", schedule_options={"final": 1e-30}, **common)
+    np.testing.assert_allclose(skipped.disp, stepped.disp, atol=1e-6)
+    last, full = skipped.history[-1], stepped.history[-1]
+    assert last["lr"] == 0.0 and full["lr"] > 0.0
+    assert last["loss"] == pytest.approx(full["loss"], abs=1e-6)
+    assert "conflict_rate" not in last and "conflict_rate" in full
+    assert "conflict_rate" in skipped.history[-2]

@@ -216,7 +216,9 @@ def run_sweep(
         row = {"rule": rule, "weight": weight, "seconds": seconds,
                "similarity": full_resolution_similarity(fixed, moving, result.disp, run_settings, fixed_mask)}
         row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        row["conflict_rate"] = float(result.history[-1].get("conflict_rate", float("nan"))) if result.history else float("nan")
+        # the running rate of the last row that has one (a run's last, step-less row has none)
+        rates = [r["conflict_rate"] for r in result.history if "conflict_rate" in r]
+        row["conflict_rate"] = float(rates[-1]) if rates else float("nan")
         rows.append(row)
         if log is not None:
             shown = "-" if math.isnan(weight) else f"{weight:g}"

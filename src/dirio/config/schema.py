@@ -9,7 +9,8 @@ parses its value, its choices, help text and default, and where it goes:
   :func:`dirio.config.settings.make_settings` of their own name; a few are combined:
   ``regularizer`` + ``weight`` -> ``regularizers``, ``grid_spacing`` (one value or one per level),
   ``affine_levels`` / ``affine_iterations`` / ``affine_lr`` -> ``affine_options``, ``convex_*``
-  -> ``convex``, ``quiet`` -> ``progress``.
+  -> ``convex``, ``final_smoothing`` + ``final_smoothing_options`` -> ``final_smoothing``, ``quiet`` ->
+  ``progress``.
 * ``target="run"``: options of a run that are no settings (``device``, ``itk_field``,
   ``label_ids``, ``use_masks``, ``resample``, ``tre_order``).
 
@@ -331,6 +332,11 @@ OPTIONS: tuple[Option, ...] = (
            OPTIMISATION, choices=("none", "plateau")),
     Option("early_stop_options", key_values, "e.g. window=10,tolerance=0.01,min_iterations=20 for plateau",
            OPTIMISATION, metavar="K=V,..."),
+    Option("final_smoothing", text, "smooth the dense stage's final field by a Gaussian: auto (when smoothing it "
+           "raises the similarity loss by at most a tolerance: the images do not need its finest detail), always, "
+           "or off (brain-mri default: auto)", OPTIMISATION, choices=("off", "auto", "always")),
+    Option("final_smoothing_options", key_values, "sigma=1.5 (voxels), probe_sigma=1.5, tolerance=0.02 (rise of the "
+           "similarity loss)", OPTIMISATION, metavar="K=V,..."),
     Option("seed", integer, None, OPTIMISATION),
     Option("device", text, "auto (CUDA when present), cpu, cuda, cuda:N", OPTIMISATION, default="auto",
            target="run"),
@@ -416,7 +422,8 @@ _AFFINE = {"affine_levels": "levels", "affine_iterations": "iterations", "affine
 _CONVEX = {"convex_spacing": "grid_spacing", "convex_radius": "radius", "convex_coupling": "coupling",
            "convex_symmetric": "symmetric", "convex_memory": "memory_mb", "convex_borders": "borders"}
 # Options of target "settings" that do not set the flat key of their own name.
-_COMBINED = {"preset", "regularizer", "weight", "grid_spacing", "compose_every", "quiet", *_AFFINE, *_CONVEX}
+_COMBINED = {"preset", "regularizer", "weight", "grid_spacing", "compose_every", "quiet", "final_smoothing",
+             "final_smoothing_options", *_AFFINE, *_CONVEX}
 
 
 def option(key: str) -> Option:
@@ -474,6 +481,7 @@ def settings_overrides(values: Mapping[str, Any], preset: str | None = None) -> 
         compose_every=compose_every,
         affine_options={name: values.get(key) for key, name in _AFFINE.items()},
         convex=convex,
+        final_smoothing={**(values.get("final_smoothing_options") or {}), "mode": values.get("final_smoothing")},
     )
     if values.get("quiet") is not None:
         overrides["progress"] = not values["quiet"]

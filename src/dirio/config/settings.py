@@ -10,7 +10,9 @@ A :class:`Settings` object holds every choice of one registration, by section:
 * ``network`` (:class:`dirio.methods.network.NetworkConfig`): the network stages (model, axes,
   their optimiser and loss);
 * ``stages``: the stage pipeline, names of :data:`dirio.methods.stages.STAGES` in order, with the
-  options of the ``affine`` (``affine_family``, ``affine_options``) and ``convex`` stages.
+  options of the ``affine`` (``affine_family``, ``affine_options``) and ``convex`` stages;
+* ``final_smoothing`` (:class:`dirio.methods.final_smoothing.FinalSmoothing`): the dense stage's
+  adaptive smoothing of its final field.
 
 Every section field is also a *flat key* (``lr``, ``levels``, ``similarity``...; the names are
 unique across sections), which is what presets, the API's keyword overrides, configuration files
@@ -33,6 +35,7 @@ from dirio.losses.terms import RegularizerTerm, Role, SimilarityTerm, Term
 from dirio.methods.affine import AffineConfig
 from dirio.methods.convex import ConvexConfig
 from dirio.methods.dense import DenseStage
+from dirio.methods.final_smoothing import FinalSmoothing
 from dirio.methods.network import METHODS, NETWORK_STAGES, NetworkConfig, NetworkStage
 from dirio.methods.stages import STAGES, AffineStage
 from dirio.optim.pyramid import OptimizerConfig, PyramidConfig
@@ -154,6 +157,7 @@ class Settings:
     affine_family: str = "affine"
     affine_options: AffineConfig = field(default_factory=AffineConfig)
     convex: ConvexConfig = field(default_factory=ConvexConfig)
+    final_smoothing: FinalSmoothing = field(default_factory=FinalSmoothing)
     seed: int = 0
     progress: bool = True
 
@@ -183,7 +187,8 @@ class Settings:
                             log_every=o.log_every)
 
     def dense_stage(self) -> DenseStage:
-        return DenseStage(transform=self.transform, pyramid=self.pyramid, optimizer=self.optimization)
+        return DenseStage(transform=self.transform, pyramid=self.pyramid, optimizer=self.optimization,
+                          final_smoothing=self.final_smoothing)
 
     def stage_options(self, name: str) -> Any:
         """The options object of stage ``name``."""
@@ -246,7 +251,7 @@ SECTIONS = {
     "network": NetworkConfig,
 }
 # Settings fields holding a nested stage configuration: overrides give them as dicts of field values.
-NESTED = {"affine_options": AffineConfig, "convex": ConvexConfig}
+NESTED = {"affine_options": AffineConfig, "convex": ConvexConfig, "final_smoothing": FinalSmoothing}
 TOP_LEVEL = ("seed", "progress", "stages", "affine_family")
 # The flat keys that edit the stage list.
 STAGE_KEYS = ("affine", "init", "method")

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from dirio.losses.terms import Term
+from dirio.methods.final_smoothing import FinalSmoothing
 from dirio.optim.pyramid import OptimizerConfig, PyramidConfig, PyramidResult, run_pyramid
 from dirio.transforms.affine import AffineThenDense
 from dirio.transforms.dense import DenseConfig
@@ -16,16 +17,19 @@ from dirio.transforms.dense import DenseConfig
 
 @dataclass
 class DenseStage:
-    """Options of the dense stage: the transform, the pyramid and the optimiser."""
+    """Options of the dense stage: the transform, the pyramid, the optimiser and the final smoothing
+    of its field (:mod:`dirio.methods.final_smoothing`)."""
 
     transform: DenseConfig = field(default_factory=DenseConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    final_smoothing: FinalSmoothing = field(default_factory=FinalSmoothing)
 
     def validate(self) -> None:
         self.pyramid.validate()
         self.transform.validate(len(self.pyramid.levels))
         self.optimizer.validate()
+        self.final_smoothing.validate()
 
 
 def register_dense(

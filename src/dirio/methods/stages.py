@@ -20,6 +20,7 @@ Stages of dirio (their options objects in brackets):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,10 +33,13 @@ from dirio.errors import DirioError
 from dirio.losses.terms import Term
 from dirio.methods.affine import AffineConfig, register_affine
 from dirio.methods.convex import ConvexConfig, convex_initialisation
+from dirio.losses.by_level import at_level
 from dirio.methods.dense import DenseStage, register_dense
+from dirio.methods.final_smoothing import choose_final_smoothing
 from dirio.methods.network import NETWORK_STAGES, network_stage
 from dirio.optim.pyramid import PyramidResult
-from dirio.transforms.affine import affine_displacement, compose_affine_field
+from dirio.transforms.affine import AffineThenDense, affine_displacement, compose_affine_field
+from dirio.transforms.fixed import FixedDisplacement
 
 
 @dataclass
@@ -138,11 +142,44 @@ def dense_stage(state: PairState, options: DenseStage) -> None:
         o = options.optimizer
         raise DirioError(f"the dense stage's field is unusable: {problem}; the optimisation diverged: lower "
                          f"`lr` ({o.optimizer}, {o.lr:g}); no field was written")
-    state.records.append({"stage": "dense", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb})
+    record = {"stage": "dense", "seconds": result.seconds, "peak_memory_mb": result.peak_memory_mb}
+    if options.final_smoothing.mode != "off":
+        result, smoothing = _smooth_final_field(state, options, result)
+        record["final_smoothing"] = smoothing
+        record["seconds"] += smoothing["seconds"]
+    state.records.append(record)
     state.result = result
     state.results.append(("dense", result))
     if state.stage_fields is not None:
         state.stage_fields["dense"] = field_to_numpy(result.displacement)
+
+
+def _smooth_final_field(state: PairState, options: DenseStage, result: PyramidResult) -> tuple[PyramidResult, dict]:
+    """The dense result with its field smoothed or kept, as the stage's final smoothing decides, and
+    the choice's record
+    (:func:`dirio.methods.final_smoothing.choose_final_smoothing`, on the full-resolution level's
+    similarity on the full grid; a moving mask pulled back by the unsmoothed field, so that both
+    losses count the same voxels). A smoothed field's transform is a plain displacement: its inverse
+    is iterative."""
+    similarity = at_level(state.terms[0].function.similarity, len(options.pyramid.levels) - 1)
+    mask = state.fixed_mask
+    if state.moving_mask is not None:
+        with torch.no_grad():
+            moved = warp(state.moving_mask.float(), result.displacement, padding="zeros")
+        mask = moved if mask is None else mask * moved
+    residual = recompose = None
+    if isinstance(result.transform, AffineThenDense):  # smooth the residual, keep the affine
+        shape = tuple(state.fixed.shape[2:])
+        residual = result.transform.dense.displacement(shape).detach()
+        matrix = result.transform.matrix
+
+        def recompose(field):
+            return compose_affine_field(matrix, field)
+    choice = choose_final_smoothing(state.fixed, state.moving, result.displacement.detach(), similarity,
+                                    options.final_smoothing, mask=mask, residual=residual, recompose=recompose)
+    transform = FixedDisplacement(choice.displacement) if choice.smoothed else result.transform
+    return (dataclasses.replace(result, transform=transform, displacement=choice.displacement),
+            choice.record(options.final_smoothing))
 
 
 STAGES: Registry[Callable[[PairState, Any], None]] = Registry("stage")

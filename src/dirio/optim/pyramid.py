@@ -247,7 +247,14 @@ def run_pyramid(
                 meta = {"level": level_index, "iteration": iteration, "lr": lr}
                 read = (iteration + 1) % log_every == 0 or iteration == iterations - 1
                 check = (lambda losses, meta=meta: log.check_finite(meta, losses)) if read else None
-                losses, diagnostics = step(transform, ctx, optimizer, params, spatial, check=check)
+                if lr == 0.0 and level_index == len(pyramid.levels) - 1 and iteration == iterations - 1:
+                    # The run's last step cannot move the parameters (a cosine decay ends at 0) and no
+                    # step follows: its loss is logged without the backward pass (same field, no
+                    # rule diagnostics in that row).
+                    losses, diagnostics = step.evaluate(transform, ctx), {}
+                    check(losses)
+                else:
+                    losses, diagnostics = step(transform, ctx, optimizer, params, spatial, check=check)
                 transform.after_step(ctx)
                 log.add(meta, losses, diagnostics)
                 bar.update(1)

@@ -72,6 +72,12 @@ class Step:
         optimizer.step()
         return detached, diagnostics
 
+    @torch.no_grad()
+    def evaluate(self, transform: Transform, ctx: LevelContext) -> dict[str, torch.Tensor]:
+        """Every term's loss on the transform as it is, without gradients and without a step (the
+        log row of a step that could not move the parameters)."""
+        return evaluate_terms(self.terms, Evaluation(ctx, None, transform))
+
     def total(self, values: dict[str, float]) -> float:
         """The weighted sum of a row's term values (the log's ``loss`` column)."""
         return sum(self.weights[name] * value for name, value in values.items())
