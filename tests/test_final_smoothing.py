@@ -114,6 +114,8 @@ def test_the_options_are_checked_with_one_line_reasons():
         FinalSmoothing(probe_sigma=float("nan")).validate()
     with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
         FinalSmoothing(tolerance=-0.1).validate()
+    with pytest.raises(ValueError, match="sigma must be a positive number of voxels, got 'wide'"):
+        FinalSmoothing(sigma="wide").validate()
     with pytest.raises(DirioError, match="unknown final_smoothing setting 'sigmas'"):
         settings_from_values({"final_smoothing_options": "sigmas=2"})
     with pytest.raises(DirioError, match="final_smoothing"):

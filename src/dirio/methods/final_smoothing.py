@@ -18,8 +18,10 @@ docs/concepts/final-smoothing.md.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+
 import torch
 
 from dirio.core.filters import gaussian_smooth
@@ -52,11 +54,22 @@ class FinalSmoothing:
         if self.mode not in FINAL_SMOOTHING_MODES:
             raise ValueError(f"final smoothing must be one of {', '.join(FINAL_SMOOTHING_MODES)}, got {self.mode!r}")
         for name in ("sigma", "probe_sigma"):
-            value = float(getattr(self, name))
-            if not value > 0.0 or value != value or value == float("inf"):
-                raise ValueError(f"final smoothing {name} must be a positive number of voxels, got {value!r}")
-        if not float(self.tolerance) >= 0.0 or float(self.tolerance) == float("inf"):
+            value = _number(getattr(self, name))
+            if value is None or not 0.0 < value < math.inf:
+                raise ValueError(f"final smoothing {name} must be a positive number of voxels, got {getattr(self, name)!r}")
+        value = _number(self.tolerance)
+        if value is None or not 0.0 <= value < math.inf:
             raise ValueError(f"final smoothing tolerance must be a finite number >= 0, got {self.tolerance!r}")
+
+
+def _number(value) -> float | None:
+    """``value`` as a float, or None when it is not a number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
