@@ -14,7 +14,7 @@ from dirio.config.settings import make_settings
 from dirio.core.fields import field_from_numpy, warp
 from dirio.errors import DirioError
 from dirio.losses.similarity import make_similarity
-from dirio.methods.final_smoothing import FinalSmoothing, choose_final_smoothing, smooth_displacement
+from dirio.methods.final_smoothing import FinalSmoothing, choose_final_smoothing, describe_choice, smooth_displacement
 from dirio.transforms.affine import compose_affine_field
 from dirio.transforms.fixed import FixedDisplacement
 
@@ -163,3 +163,22 @@ def test_a_fixed_displacement_is_itself_on_its_grid_and_resampled_on_another():
     assert transform.displacement((6, 7, 8)) is transform.fixed_displacement
     assert tuple(transform.displacement((3, 4, 4)).shape) == (1, 3, 3, 4, 4)
     assert list(transform.parameters()) == []
+
+
+def test_the_choice_is_described_in_one_line_for_the_figure():
+    from dirio.apps.workflow import figure_notes
+
+    kept = {"mode": "auto", "smoothed": False, "sigma": 1.5, "probe_sigma": 1.5, "tolerance": 0.02,
+            "loss": -0.332, "probe_loss": -0.288, "increase": 0.0438, "seconds": 0.6}
+    assert describe_choice(kept) == ("final smoothing (auto): field kept (similarity loss rise 0.0438 under sigma "
+                                     "1.5 > 0.02)")
+    smoothed = {**kept, "smoothed": True, "increase": 0.0083}
+    assert describe_choice(smoothed).startswith("final smoothing (auto): smoothed, sigma 1.5 voxels (")
+    assert describe_choice({"mode": "always", "smoothed": True, "sigma": 2.0, "seconds": 0.1}) == (
+        "final smoothing (always): smoothed, sigma 2 voxels")
+
+    class Result:
+        stages = [{"stage": "dense", "final_smoothing": kept}]
+        inverse = None
+
+    assert figure_notes(Result()) == [describe_choice(kept)]

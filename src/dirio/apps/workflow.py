@@ -313,13 +313,18 @@ def write_inverse_outputs(paths: dict[str, Path], result: RegistrationResult, af
 
 
 def figure_notes(result: RegistrationResult) -> list[str]:
-    """Lines the registration figure prints under its title (the inverse consistency, when computed)."""
+    """Lines the registration figure prints under its title: the dense stage's final smoothing and
+    the inverse consistency, when there are."""
+    from dirio.methods.final_smoothing import describe_choice
+
+    notes = [describe_choice(stage["final_smoothing"]) for stage in getattr(result, "stages", None) or []
+             if "final_smoothing" in stage]
     if result.inverse is None:
-        return []
+        return notes
     record = result.inverse
-    return [f"inverse ({record['method']}): consistency |u(x) + u_inv(x + u(x))| mean "
-            f"{record['inverse_consistency_mm_mean']:.3f} mm, p95 {record['inverse_consistency_mm_p95']:.3f} mm; "
-            f"residual mean {record['residual_voxels_mean']:.2g} voxels"]
+    return notes + [f"inverse ({record['method']}): consistency |u(x) + u_inv(x + u(x))| mean "
+                    f"{record['inverse_consistency_mm_mean']:.3f} mm, p95 {record['inverse_consistency_mm_p95']:.3f} "
+                    f"mm; residual mean {record['residual_voxels_mean']:.2g} voxels"]
 
 
 def history_csv(history: list[dict]) -> str:

@@ -28,7 +28,7 @@ from dirio.core.filters import gaussian_smooth
 from dirio.core.fields import warp
 
 __all__ = ["FINAL_SMOOTHING_MODES", "FinalSmoothing", "SmoothingChoice", "choose_final_smoothing",
-           "similarity_losses", "smooth_displacement"]
+           "describe_choice", "similarity_losses", "smooth_displacement"]
 
 FINAL_SMOOTHING_MODES = ("off", "auto", "always")
 
@@ -159,3 +159,14 @@ def choose_final_smoothing(fixed: torch.Tensor, moving: torch.Tensor, disp: torc
         with torch.no_grad():
             probe = total(smooth_displacement(base, options.sigma))
     return SmoothingChoice(probe, True, loss, probe_loss, time.perf_counter() - start)
+
+
+def describe_choice(record: dict) -> str:
+    """One line on a :meth:`SmoothingChoice.record` (the figure's notes, the report)."""
+    sigma = f"sigma {record['sigma']:g} voxels"
+    if "increase" not in record:
+        return f"final smoothing ({record['mode']}): smoothed, {sigma}"
+    rise = f"similarity loss rise {record['increase']:.4f} under sigma {record['probe_sigma']:g}"
+    if record["smoothed"]:
+        return f"final smoothing (auto): smoothed, {sigma} ({rise} <= {record['tolerance']:g})"
+    return f"final smoothing (auto): field kept ({rise} > {record['tolerance']:g})"
