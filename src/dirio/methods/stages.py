@@ -30,10 +30,10 @@ from dirio.core.field_checks import field_problem
 from dirio.core.fields import field_to_numpy, warp
 from dirio.core.registry import Registry
 from dirio.errors import DirioError
+from dirio.losses.by_level import at_level
 from dirio.losses.terms import Term
 from dirio.methods.affine import AffineConfig, register_affine
 from dirio.methods.convex import ConvexConfig, convex_initialisation
-from dirio.losses.by_level import at_level
 from dirio.methods.dense import DenseStage, register_dense
 from dirio.methods.final_smoothing import choose_final_smoothing
 from dirio.methods.network import NETWORK_STAGES, network_stage
@@ -155,12 +155,12 @@ def dense_stage(state: PairState, options: DenseStage) -> None:
 
 
 def _smooth_final_field(state: PairState, options: DenseStage, result: PyramidResult) -> tuple[PyramidResult, dict]:
-    """The dense result with its field smoothed or kept, as the stage's final smoothing decides, and
-    the choice's record
-    (:func:`dirio.methods.final_smoothing.choose_final_smoothing`, on the full-resolution level's
-    similarity on the full grid; a moving mask pulled back by the unsmoothed field, so that both
-    losses count the same voxels). A smoothed field's transform is a plain displacement: its inverse
-    is iterative."""
+    """The dense result with its field smoothed or kept, as the stage's final smoothing decides
+    (:func:`dirio.methods.final_smoothing.choose_final_smoothing`), and the choice's record.
+
+    The probe uses the last pyramid level's similarity on the full grid, and a moving mask pulled
+    back by the unsmoothed field, so that both losses count the same voxels. A smoothed field's
+    transform is a plain displacement: its inverse is iterative."""
     similarity = at_level(state.terms[0].function.similarity, len(options.pyramid.levels) - 1)
     mask = state.fixed_mask
     if state.moving_mask is not None:
