@@ -14,7 +14,8 @@ from dirio.config.settings import make_settings
 from dirio.core.fields import field_from_numpy, warp
 from dirio.errors import DirioError
 from dirio.losses.similarity import make_similarity
-from dirio.methods.final_smoothing import FinalSmoothing, choose_final_smoothing, describe_choice, smooth_displacement
+from dirio.core.filters import gaussian_smooth
+from dirio.methods.final_smoothing import FinalSmoothing, choose_final_smoothing, describe_choice
 from dirio.transforms.affine import compose_affine_field
 from dirio.transforms.fixed import FixedDisplacement
 
@@ -24,7 +25,7 @@ SHAPE = (24, 24, 24)
 def _texture(seed: int, sigma: float) -> torch.Tensor:
     """A ``(1, 1, *SHAPE)`` random texture smoothed by ``sigma`` voxels, in [0, 1]."""
     noise = torch.rand((1, 1, *SHAPE), generator=torch.Generator().manual_seed(seed))
-    image = smooth_displacement(noise, sigma)
+    image = gaussian_smooth(noise, sigma)
     return (image - image.min()) / (image.max() - image.min())
 
 
@@ -53,7 +54,7 @@ def test_detail_the_images_need_is_kept_and_noise_they_do_not_is_smoothed():
     noise = 0.3 * torch.randn((1, 3, *SHAPE), generator=torch.Generator().manual_seed(2))
     smoothed = choose_final_smoothing(smooth_image, smooth_image, noise, lncc, options)
     assert smoothed.smoothed and smoothed.increase < 0
-    torch.testing.assert_close(smoothed.displacement, smooth_displacement(noise, 1.5))
+    torch.testing.assert_close(smoothed.displacement, gaussian_smooth(noise, 1.5))
     record = smoothed.record(options)
     assert record["smoothed"] and record["loss"] == smoothed.loss and record["increase"] == smoothed.increase
 
@@ -72,7 +73,7 @@ def test_the_tolerance_decides_and_the_modes_off_and_always_skip_the_probe():
     assert off.displacement is ripple and not off.smoothed and off.loss is None
     always = choose_final_smoothing(fixed, moving, ripple, lncc, FinalSmoothing(mode="always", sigma=2.0))
     assert always.smoothed and always.loss is None and "increase" not in always.record(FinalSmoothing("always"))
-    torch.testing.assert_close(always.displacement, smooth_displacement(ripple, 2.0))
+    torch.testing.assert_close(always.displacement, gaussian_smooth(ripple, 2.0))
 
 
 def test_a_probe_sigma_other_than_sigma_probes_with_one_and_smooths_with_the_other():
@@ -81,8 +82,8 @@ def test_a_probe_sigma_other_than_sigma_probes_with_one_and_smooths_with_the_oth
     lncc = make_similarity("lncc", window=5)
     choice = choose_final_smoothing(smooth_image, smooth_image, noise, lncc,
                                     FinalSmoothing(mode="auto", sigma=2.0, probe_sigma=1.0, tolerance=1.0))
-    torch.testing.assert_close(choice.displacement, smooth_displacement(noise, 2.0))
-    probe = warp(smooth_image, smooth_displacement(noise, 1.0))
+    torch.testing.assert_close(choice.displacement, gaussian_smooth(noise, 2.0))
+    probe = warp(smooth_image, gaussian_smooth(noise, 1.0))
     assert choice.probe_loss == pytest.approx(float(lncc(smooth_image, probe)), rel=1e-6)
 
 
@@ -100,9 +101,9 @@ def test_an_affine_is_kept_and_only_the_residual_is_smoothed():
     total = recompose(residual)
     choice = choose_final_smoothing(image, image, total, lncc, FinalSmoothing(mode="always"), residual=residual,
                                     recompose=recompose)
-    torch.testing.assert_close(choice.displacement, recompose(smooth_displacement(residual, 1.5)))
+    torch.testing.assert_close(choice.displacement, recompose(gaussian_smooth(residual, 1.5)))
     # smoothing the total field instead would bend the affine at the border (replicated edges)
-    assert (choice.displacement - smooth_displacement(total, 1.5)).abs().max() > 0.01
+    assert (choice.displacement - gaussian_smooth(total, 1.5)).abs().max() > 0.01
 
 
 def test_the_options_are_checked_with_one_line_reasons():
@@ -134,12 +135,12 @@ def test_brain_mri_smooths_automatically_and_the_options_override_it():
 
 def test_the_stage_returns_the_smoothed_field_records_the_choice_and_inverts_the_smoothed_field():
     rng = np.random.default_rng(0)
-    fixed = np.asarray(smooth_displacement(torch.from_numpy(rng.random((1, 1, 20, 22, 18), dtype=np.float32)), 1.5)[0, 0])
+    fixed = np.asarray(gaussian_smooth(torch.from_numpy(rng.random((1, 1, 20, 22, 18), dtype=np.float32)), 1.5)[0, 0])
     moving = np.roll(fixed, 1, axis=0)
     common = dict(levels=(2, 1), iterations=(4, 3), lr=0.5, progress=False, regularizers={"diffusion": 0.1})
     plain = register(fixed, moving, **common)
     smoothed = register(fixed, moving, final_smoothing={"mode": "always", "sigma": 1.0}, inverse=True, **common)
-    expected = smooth_displacement(field_from_numpy(plain.disp), 1.0)
+    expected = gaussian_smooth(field_from_numpy(plain.disp), 1.0)
     np.testing.assert_allclose(smoothed.disp, np.moveaxis(expected[0].numpy(), 0, -1), atol=1e-6)
     dense = [stage for stage in smoothed.stages if stage["stage"] == "dense"][0]
     assert dense["final_smoothing"]["smoothed"] and dense["final_smoothing"]["sigma"] == 1.0
@@ -153,7 +154,7 @@ def test_the_stage_returns_the_smoothed_field_records_the_choice_and_inverts_the
     assert record["loss"] == pytest.approx(loss, abs=1e-5)
     assert record["smoothed"] == (record["increase"] <= 0.0)
     expected = plain.disp if not record["smoothed"] else np.moveaxis(
-        smooth_displacement(field_from_numpy(plain.disp), 1.5)[0].numpy(), 0, -1)
+        gaussian_smooth(field_from_numpy(plain.disp), 1.5)[0].numpy(), 0, -1)
     np.testing.assert_allclose(auto.disp, expected, atol=1e-6)
 
 

@@ -372,6 +372,7 @@ def test_figure_notes_state_the_inverse_consistency():
     from dirio.apps.workflow import figure_notes
 
     class Result:
+        stages = [{"stage": "dense"}]
         inverse = {"method": "exact", "inverse_consistency_mm_mean": 0.0123, "inverse_consistency_mm_p95": 0.0456,
                    "residual_voxels_mean": 0.001}
 

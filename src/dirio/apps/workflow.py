@@ -34,6 +34,7 @@ from dirio.io.manifest import (INCOMPLETE_MARKER, RUN_MANIFEST, check_replaceabl
                                replace_earlier_outputs, sign_record)
 from dirio.evaluation.evaluate import evaluate_field
 from dirio.evaluation.overlap import warp_labels
+from dirio.methods.final_smoothing import describe_choice
 from dirio.config.settings import Settings
 
 
@@ -315,10 +316,7 @@ def write_inverse_outputs(paths: dict[str, Path], result: RegistrationResult, af
 def figure_notes(result: RegistrationResult) -> list[str]:
     """Lines the registration figure prints under its title: the dense stage's final smoothing and
     the inverse consistency, when there are."""
-    from dirio.methods.final_smoothing import describe_choice
-
-    notes = [describe_choice(stage["final_smoothing"]) for stage in getattr(result, "stages", None) or []
-             if "final_smoothing" in stage]
+    notes = [describe_choice(stage["final_smoothing"]) for stage in result.stages if "final_smoothing" in stage]
     if result.inverse is None:
         return notes
     record = result.inverse

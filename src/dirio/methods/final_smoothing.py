@@ -28,7 +28,7 @@ from dirio.core.filters import gaussian_smooth
 from dirio.core.fields import warp
 
 __all__ = ["FINAL_SMOOTHING_MODES", "FinalSmoothing", "SmoothingChoice", "choose_final_smoothing",
-           "describe_choice", "similarity_losses", "smooth_displacement"]
+           "describe_choice", "similarity_losses"]
 
 FINAL_SMOOTHING_MODES = ("off", "auto", "always")
 
@@ -104,12 +104,6 @@ class SmoothingChoice:
         return out
 
 
-def smooth_displacement(disp: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Each component of a ``(B, ndim, *S)`` field smoothed by a Gaussian of ``sigma`` voxels
-    (edge values repeated beyond the grid)."""
-    return gaussian_smooth(disp, sigma)
-
-
 @torch.no_grad()
 def similarity_losses(fixed: torch.Tensor, moving: torch.Tensor, fields: list[torch.Tensor], similarity,
                       mask: torch.Tensor | None = None) -> list[float]:
@@ -151,13 +145,13 @@ def choose_final_smoothing(fixed: torch.Tensor, moving: torch.Tensor, disp: torc
     loss = probe_loss = probe = None
     if options.mode == "auto":
         with torch.no_grad():
-            probe = total(smooth_displacement(base, options.probe_sigma))
+            probe = total(gaussian_smooth(base, options.probe_sigma))
         loss, probe_loss = similarity_losses(fixed, moving, [disp, probe], similarity, mask)
         if probe_loss - loss > options.tolerance:
             return SmoothingChoice(disp, False, loss, probe_loss, time.perf_counter() - start)
     if probe is None or float(options.probe_sigma) != float(options.sigma):
         with torch.no_grad():
-            probe = total(smooth_displacement(base, options.sigma))
+            probe = total(gaussian_smooth(base, options.sigma))
     return SmoothingChoice(probe, True, loss, probe_loss, time.perf_counter() - start)
 
 
