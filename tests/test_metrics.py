@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from dirio.evaluation import evaluate, jacobian, landmarks, overlap, surface
+from dirio.evaluation import _checks, evaluate, jacobian, landmarks, overlap, surface
 
 
 def zero_field(shape):
@@ -453,6 +453,55 @@ def test_bounding_box_is_the_extent_of_the_true_voxels(shape):
         mask[tuple(rng.integers(0, n, size=3) for n in shape)] = True
         expected = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
         assert surface._bounding_box(mask) == expected
+
+
+def _blob_labels(rng, shape, count):
+    """A label map of ``count`` smoothed random blobs (labels 1..count, some may vanish), as uint8."""
+    noise = ndimage.gaussian_filter(rng.normal(size=(count + 1, *shape)), (0,) + (1.5,) * len(shape))
+    return np.argmax(noise, axis=0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(17, 19), (12, 14, 16)])
+def test_scores_in_label_boxes_equal_the_whole_map_scores(shape):
+    """Dice and HD95 (voxels and mm) of integer maps, computed in each label's box, equal the scores of
+    the whole maps to the last bit, missing labels included: absent from the fixed map, from the
+    moving map, or warped out of the image."""
+    rng = np.random.default_rng(len(shape))
+    for _ in range(4):
+        fixed, moving, warped = (_blob_labels(rng, shape, 6) for _ in range(3))
+        fixed[fixed == 5] = 0          # absent from the fixed map
+        moving[moving == 4] = 0        # absent from the moving map
+        warped[warped == 3] = 0        # warped out of the image
+        labels = [1, 2, 3, 4, 5, 6, 9]  # 9: absent everywhere
+        spacing = (1.5, 0.7, 2.0)[: len(shape)]
+        scorers = [overlap._dice, lambda a, b: surface.robust_hausdorff(a, b),
+                   lambda a, b: surface.robust_hausdorff(a, b, 95.0, spacing)]
+        for score in scorers:
+            for asked, reference in ((labels, moving), (None, moving), (labels, None)):
+                boxed = _checks.scores_per_label(fixed, warped, asked, reference, score)
+                whole = _checks._scores_of_whole_maps(fixed, warped, warped if reference is None else reference,
+                                                      asked, score)
+                assert list(boxed) == list(whole)
+                assert np.array_equal(np.array(list(boxed.values())), np.array(list(whole.values())), equal_nan=True)
+        assert math.isnan(overlap.dice_per_label(fixed, warped, labels, moving_labels=moving)[4])
+        assert overlap.dice_per_label(fixed, warped, labels, moving_labels=moving)[3] == 0.0
+
+
+def test_label_boxes_index_integer_maps_only():
+    """Boxes of the positive labels of integer and boolean maps; float maps and negative labels are
+    left to the whole-map comparison (None), as is a label 0 asked for."""
+    labels = np.zeros((5, 6, 7), np.int16)
+    labels[1:3, 2:5, 0:1] = 2
+    labels[4, 5, 6] = 7
+    assert _checks.label_boxes(labels) == {2: (slice(1, 3), slice(2, 5), slice(0, 1)),
+                                           7: (slice(4, 5), slice(5, 6), slice(6, 7))}
+    assert _checks.label_boxes(labels > 0) == {1: (slice(1, 5), slice(2, 6), slice(0, 7))}
+    assert _checks.label_boxes(labels.astype(np.float32)) is None
+    negative = labels.copy()
+    negative[0, 0, 0] = -1
+    assert _checks.label_boxes(negative) is None
+    background = overlap.dice_per_label(labels, labels, labels=[0, 2])
+    assert background == {0: 1.0, 2: 1.0}
 
 
 def test_ndv_in_slabs_equals_the_whole_grid_definition(monkeypatch):

@@ -162,11 +162,46 @@ def load_inputs(
     """
     check_given_in_pairs(fixed_labels=fixed_labels, moving_labels=moving_labels,
                          fixed_keypoints=fixed_keypoints, moving_keypoints=moving_keypoints)
-    fixed_image = load_image(fixed, ndim=ndim)
-    check_grid_size(fixed_image.shape, str(fixed))
-    moving_image = load_image(moving, ndim=ndim)
+    side_files = {"fixed_labels": fixed_labels, "moving_labels": moving_labels,
+                  "fixed_mask": fixed_mask, "moving_mask": moving_mask}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # The files are read side by side (decompression releases the GIL); each is checked, and
+        # its error raised, in the order below, as if read one after the other.
+        reading = {"fixed": pool.submit(load_image, fixed, ndim=ndim),
+                   "moving": pool.submit(load_image, moving, ndim=ndim)}
+        reading.update({attribute: pool.submit(load_image, path, labels=True, ndim=ndim)
+                        for attribute, path in side_files.items() if path is not None})
+        try:
+            inputs = _checked_inputs(reading, str(fixed), str(moving), side_files, resample)
+        finally:
+            for future in reading.values():
+                future.cancel()
+    fixed_image = inputs.fixed
+    if fixed_keypoints is not None:
+        inputs.fixed_points = load_keypoints(fixed_keypoints, shape=fixed_image.shape, ndim=ndim)
+        # Moving keypoints are in the moving image's voxel coordinates (the Learn2Reg convention);
+        # with resampling they are mapped into the fixed grid through the two affines.
+        moving_image = reading["moving"].result()
+        inputs.moving_points = load_keypoints(moving_keypoints, shape=moving_image.shape, ndim=ndim)
+        if resample:
+            inputs.moving_points = map_points(inputs.moving_points, moving_image.affine, fixed_image.affine)
+        if len(inputs.fixed_points) != len(inputs.moving_points):
+            raise DirioError(
+                f"{fixed_keypoints} has {len(inputs.fixed_points)} keypoints but {moving_keypoints} has "
+                f"{len(inputs.moving_points)}; they must correspond row by row"
+            )
+    return inputs
+
+
+def _checked_inputs(reading: dict, fixed: str, moving: str, side_files: dict, resample: bool) -> Inputs:
+    """The pair's images and side maps from :func:`load_inputs`'s reads (futures by attribute name;
+    ``fixed`` and ``moving`` the paths as given), checked in order: grid sizes, then every side map on
+    the fixed grid (moving-side maps resampled with ``resample``)."""
+    fixed_image = reading["fixed"].result()
+    check_grid_size(fixed_image.shape, fixed)
+    moving_image = reading["moving"].result()
     if not resample:
-        check_grid_size(moving_image.shape, str(moving))
+        check_grid_size(moving_image.shape, moving)
 
     def on_fixed_grid(image: Image, what: str, labels: bool, moving_side: bool) -> Image:
         """Moving-side files are resampled when asked; everything else must share the fixed grid."""
@@ -176,28 +211,11 @@ def load_inputs(
         return image
 
     inputs = Inputs(fixed_image, on_fixed_grid(moving_image, "moving", labels=False, moving_side=True))
-    for attribute, path in (
-        ("fixed_labels", fixed_labels),
-        ("moving_labels", moving_labels),
-        ("fixed_mask", fixed_mask),
-        ("moving_mask", moving_mask),
-    ):
-        if path is not None:
-            image = load_image(path, labels=True, ndim=ndim)
+    for attribute in side_files:
+        if attribute in reading:
+            image = reading[attribute].result()
             what = attribute.replace("_", " ")
             setattr(inputs, attribute, on_fixed_grid(image, what, labels=True, moving_side=attribute.startswith("moving")))
-    if fixed_keypoints is not None:
-        inputs.fixed_points = load_keypoints(fixed_keypoints, shape=fixed_image.shape, ndim=ndim)
-        # Moving keypoints are in the moving image's voxel coordinates (the Learn2Reg convention);
-        # with resampling they are mapped into the fixed grid through the two affines.
-        inputs.moving_points = load_keypoints(moving_keypoints, shape=moving_image.shape, ndim=ndim)
-        if resample:
-            inputs.moving_points = map_points(inputs.moving_points, moving_image.affine, fixed_image.affine)
-        if len(inputs.fixed_points) != len(inputs.moving_points):
-            raise DirioError(
-                f"{fixed_keypoints} has {len(inputs.fixed_points)} keypoints but {moving_keypoints} has "
-                f"{len(inputs.moving_points)}; they must correspond row by row"
-            )
     return inputs
 
 
