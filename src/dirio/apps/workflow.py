@@ -437,6 +437,7 @@ def score_registration(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int
     """
     warped_labels = None
     moving_labels = None if inputs.moving_labels is None else inputs.moving_labels.data
+    disp = np.asarray(disp, dtype=np.float64)  # the scoring's dtype, converted once for both uses
     if moving_labels is not None:
         warped_labels = warp_labels(moving_labels, disp)
     # np.zeros: a float64 identity the scoring reads without converting it (and the moving map is its warp).
