@@ -17,6 +17,7 @@ import torch
 from dirio.core.context import LevelContext
 from dirio.errors import DirioError
 from dirio.losses.terms import Evaluation, Role, Term, evaluate_terms, ordered
+from dirio.optim.adam import Adam
 from dirio.transforms.base import Transform, parameter_flags
 
 
@@ -46,7 +47,7 @@ class Step:
         for term in self.terms:
             term.prepare(ctx)
 
-    def __call__(self, transform: Transform, ctx: LevelContext, optimizer: torch.optim.Optimizer,
+    def __call__(self, transform: Transform, ctx: LevelContext, optimizer: Adam | torch.optim.Optimizer,
                  params: Sequence[torch.Tensor], spatial: Sequence[bool] | None = None,
                  check: Callable[[dict[str, torch.Tensor]], None] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -46,6 +46,7 @@ from dirio.errors import DirioError
 from dirio.io.atomic import write_text
 from dirio.io.checkpoints import save_checkpoint
 from dirio.losses.terms import Term
+from dirio.optim.adam import Adam
 from dirio.optim.combine import make_combine_rule
 from dirio.optim.optimizers import make_optimizer
 from dirio.optim.schedules import make_schedule
@@ -207,7 +208,7 @@ class _ScaledTerm:
 class _ScaledOptimizer:
     """``step()`` through the gradient scaler (unscale, skip on inf/NaN, update the scale)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
+    def __init__(self, optimizer: Adam | torch.optim.Optimizer, scaler: torch.amp.GradScaler):
         self.optimizer = optimizer
         self.scaler = scaler
 
