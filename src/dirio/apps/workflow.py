@@ -32,7 +32,7 @@ from dirio.io.fields import load_field_and_affine, save_field
 from dirio.io.keypoints import load_keypoints
 from dirio.io.manifest import (INCOMPLETE_MARKER, RUN_MANIFEST, check_replaceable, earlier_outputs,
                                replace_earlier_outputs, sign_record)
-from dirio.evaluation.evaluate import evaluate_field
+from dirio.evaluation.evaluate import evaluate_field, regularity_metrics
 from dirio.evaluation.overlap import warp_labels
 from dirio.methods.final_smoothing import describe_choice
 from dirio.config.settings import Settings
@@ -437,13 +437,18 @@ def score_registration(inputs: Inputs, disp: np.ndarray, label_ids: Sequence[int
     """
     warped_labels = None
     moving_labels = None if inputs.moving_labels is None else inputs.moving_labels.data
-    disp = np.asarray(disp, dtype=np.float64)  # the scoring's dtype, converted once for both uses
-    if moving_labels is not None:
-        warped_labels = warp_labels(moving_labels, disp)
-    # np.zeros: a float64 identity the scoring reads without converting it (and the moving map is its warp).
-    before = evaluate(inputs, np.zeros(np.shape(disp)), label_ids, tre_order, regularity=False, hd95=False,
-                      warped_labels=moving_labels)
-    after = evaluate(inputs, disp, label_ids, tre_order, warped_labels=warped_labels)
+    disp = np.asarray(disp, dtype=np.float64)  # the scoring's dtype, converted once for every use
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The Jacobian metrics (numpy, mostly outside the GIL) run beside the label warp and the
+        # overlap scores, which use one core between them.
+        regular = pool.submit(regularity_metrics, disp)
+        if moving_labels is not None:
+            warped_labels = warp_labels(moving_labels, disp)
+        # np.zeros: a float64 identity the scoring reads without converting it (and the moving map is its warp).
+        before = evaluate(inputs, np.zeros(np.shape(disp)), label_ids, tre_order, regularity=False, hd95=False,
+                          warped_labels=moving_labels)
+        after = evaluate(inputs, disp, label_ids, tre_order, regularity=False, warped_labels=warped_labels)
+        after.update(regular.result())
     return before, after, warped_labels
 
 

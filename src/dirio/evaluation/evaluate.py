@@ -80,7 +80,7 @@ def evaluate_field(
     # The label metrics and the Jacobian ones are independent and spend their time in numpy and
     # scipy code that releases the GIL: two threads take ~half the time on two cores.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        regular = pool.submit(_regularity, field) if regularity else None
+        regular = pool.submit(regularity_metrics, field) if regularity else None
         if fixed_labels is not None:
             result.update(_overlap(field, np.asarray(fixed_labels), np.asarray(moving_labels), labels, scale, hd95,
                                    warped_labels))
@@ -130,8 +130,10 @@ def _tre(field: np.ndarray, fixed_points, moving_points, scale: np.ndarray, tre_
     }
 
 
-def _regularity(field: np.ndarray) -> dict:
-    """SDlogJ (Learn2Reg's and the plain one), % det <= 0 and the non-diffeomorphic volume."""
+def regularity_metrics(disp: np.ndarray) -> dict:
+    """SDlogJ (Learn2Reg's and the plain one), % det <= 0 and the non-diffeomorphic volume of a
+    ``(*S, ndim)`` field in voxels: the Jacobian metrics of :func:`evaluate_field`, in its keys and order."""
+    field = as_field(disp)
     det = jacobian_determinant_l2r(field)  # once for the three Jacobian summaries
     volume = non_diffeomorphic_volume_map(field)
     return {
