@@ -31,10 +31,6 @@ import torch
 
 __all__ = ["Adam"]
 
-# The hyperparameters of a group, with the defaults a group takes when it does not set them.
-_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
-
-
 class Adam:
     """Adam (Kingma & Ba), or AMSGrad with ``amsgrad=True``; see the module docstring.
 
@@ -117,13 +113,11 @@ class Adam:
     def state_dict(self) -> dict[str, Any]:
         """``{"state": {index: moments}, "param_groups": [hyperparameters with "params": indices]}``,
         parameters numbered in group order (PyTorch's layout; the tensors are not copied)."""
-        index: dict[int, int] = {}
+        index: dict[int, int] = {}  # a parameter is in one group only (checked when the groups are made)
         groups = []
         for group in self.param_groups:
-            numbers = []
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-                numbers.append(index[id(p)])
+            numbers = list(range(len(index), len(index) + len(group["params"])))
+            index.update(zip((id(p) for p in group["params"]), numbers))
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": numbers})
         state = {index[id(p)]: dict(moments) for p, moments in self.state.items()}
         return {"state": state, "param_groups": groups}
